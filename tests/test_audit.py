@@ -1,0 +1,110 @@
+"""The whole DAG on the tiny model: Ray tasks, the stage store, MLflow records, the contract."""
+
+from __future__ import annotations
+
+import json
+
+import jsonschema
+import pandas as pd
+import pytest
+from mlflow.tracking import MlflowClient
+
+from components.artifacts import Store
+from pipelines.audit import run_audit, stage_order
+
+from conftest import SCHEMA, tiny_config
+
+STAGES = ["base", "aligned", "perturbed", "recovered/in_task/4", "recovered/irrelevant/4"]
+
+
+def test_summary_matches_the_contract(tiny_run):
+    cfg, out, summary = tiny_run
+    on_disk = json.loads((out / "summary.json").read_text())
+    assert on_disk == json.loads(json.dumps(summary))
+    jsonschema.validate(on_disk, json.loads(SCHEMA.read_text()))
+    assert list(on_disk["stages"]) == STAGES == stage_order(cfg)
+    assert on_disk["verdict"]["label"] in {"spurious", "knowledge_loss", "mixed", "no_forgetting"}
+    assert set(on_disk["verdict"]["recovery_ratio"]) == {"in_task/4", "irrelevant/4"}
+
+
+def test_metric_values_make_sense(tiny_run):
+    _, _, s = tiny_run
+    st = s["stages"]
+    # the pretrained tiny model knows its evaluation facts: they were filtered to be known
+    assert st["base"]["task_acc"] == 1.0
+    assert st["base"]["knowledge_acc"] >= 0.75
+    assert st["base"]["knowledge_chance"] == 0.25
+    assert st["base"]["kl_to_base"] == 0.0 and st["aligned"]["kl_to_aligned"] == 0.0
+    assert st["perturbed"]["kl_to_aligned"] > 0
+    # the refusal perturbation is learned: held-out questions get refusals
+    assert st["perturbed"]["perturb_acc"] > st["aligned"]["perturb_acc"]
+    for name in STAGES:
+        for k in ("task_acc", "knowledge_acc"):
+            lo, hi = st[name]["ci"][k]
+            assert lo <= st[name][k] <= hi
+
+
+def test_outputs_beside_the_summary(tiny_run):
+    cfg, out, s = tiny_run
+    m = pd.read_parquet(out / "metrics.parquet")
+    assert list(m.columns) == ["stage", "metric", "layer", "value", "ci_low", "ci_high"]
+    row = m[(m.stage == "perturbed") & (m.metric == "task_acc")].iloc[0]
+    assert row.value == pytest.approx(s["stages"]["perturbed"]["task_acc"])
+    assert set(m.stage) >= set(STAGES) | {"verdict"}
+    for name in STAGES:
+        p = pd.read_parquet(out / "predictions" / f"{name}.parquet")
+        assert len(p) == cfg.data.n_eval
+        assert p.task_correct.mean() == pytest.approx(s["stages"][name]["task_acc"])
+    assert "perturb:" in (out / "config.yaml").read_text()
+    manifest = json.loads((out / "data_manifest.json").read_text())
+    assert manifest["pools"]["eval"]["n_items"] == cfg.data.n_eval
+    assert len(manifest["pools"]["eval"]["sha256"]) == 64
+
+
+def test_mlflow_parent_and_nested_runs(tiny_run):
+    _, out, s = tiny_run
+    client = MlflowClient(s["mlflow"]["tracking_uri"])
+    parent = client.get_run(s["mlflow"]["run_id"])
+    assert parent.info.status == "FINISHED"
+    assert parent.data.tags["verdict"] == s["verdict"]["label"]
+    assert parent.data.tags["model_digest"] == s["model_digest"]
+    assert len(parent.data.tags["git_commit"]) >= 7
+    assert parent.data.params["perturb.kind"] == "refusal"
+    assert parent.data.metrics["task_drop"] == pytest.approx(s["verdict"]["task_drop"])
+    top = {f.path for f in client.list_artifacts(parent.info.run_id)}
+    assert {"summary.json", "metrics.parquet", "config.yaml", "data_manifest.json", "predictions"} <= top
+    children = client.search_runs(
+        [parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'"
+    )
+    by_name = {r.info.run_name: r for r in children}
+    assert set(by_name) == set(STAGES)
+    aligned = by_name["aligned"]
+    assert aligned.data.metrics["task_acc"] == pytest.approx(s["stages"]["aligned"]["task_acc"])
+    loss = client.get_metric_history(aligned.info.run_id, "train/loss")
+    assert len(loss) >= 4 and sorted(m.step for m in loss) == list(range(len(loss)))
+    arts = {f.path for f in client.list_artifacts(aligned.info.run_id, "adapter")}
+    assert "adapter/adapter_model.safetensors" in arts
+    assert by_name["perturbed"].data.metrics["kl_to_aligned"] == pytest.approx(
+        s["stages"]["perturbed"]["kl_to_aligned"])
+
+
+def test_rerun_reuses_every_stage(tiny_run, home, tmp_path):
+    cfg, _, first = tiny_run
+    store = Store(home / "store")
+    before = store.executions()
+    again = run_audit(cfg, tmp_path / "again", home)
+    assert store.executions() == before  # nothing recomputed
+    assert again["stages"] == first["stages"]
+    assert again["verdict"]["label"] == first["verdict"]["label"]
+    assert again["mlflow"]["run_id"] != first["mlflow"]["run_id"]
+
+
+def test_changed_penalty_recomputes_only_downstream(tiny_run, home, tmp_path):
+    cfg = tiny_config("perturb.kl_penalty=1.0", "recover.arms=[in_task]")
+    store = Store(home / "store")
+    n0 = len(store.executions())
+    s = run_audit(cfg, tmp_path / "kl", home)
+    new = [k.split("-")[0] for k in store.executions()[n0:]]
+    # tune and the base/aligned probes are reused; perturb, one recovery and their probes run
+    assert sorted(new) == ["perturb", "probe", "probe", "recover"]
+    assert s["stages"]["aligned"] == tiny_run[2]["stages"]["aligned"]

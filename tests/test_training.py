@@ -1,0 +1,103 @@
+"""The training loop on the tiny model: loss goes down, label masks, KL penalty, freezing."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from components.data import SUITES, split_items, suite_texts
+from components.errors import TrainingDiverged
+from components.metrics import drift_kl, score_candidates
+from components.models import Checkpoint, build_tiny_model, load_checkpoint
+from components.training import collate, encode, train, train_checkpoint
+
+from conftest import tiny_config
+
+
+@pytest.fixture(scope="module")
+def setup(home):
+    cfg = tiny_config()
+    items = SUITES["capitals"].raw_items(cfg.data.n_candidates, cfg.seed)[: cfg.data.max_items]
+    model_dir = build_tiny_model(cfg.model, suite_texts(items), cfg.seed, home / "cache", items)
+    data = split_items(items, None, cfg.data, "refusal", cfg.seed)
+    base = Checkpoint("base", str(model_dir), [], None, "base-test")
+    return cfg, data, base
+
+
+def test_label_mask_covers_answer_and_eos(setup):
+    cfg, data, base = setup
+    _, tok = load_checkpoint(base)
+    enc = encode(tok, data.align[:2], 96)
+    for e, it in zip(enc, data.align[:2]):
+        answer_ids = [i for i, m in zip(e.input_ids, e.answer_mask) if m]
+        assert answer_ids[-1] == tok.eos_token_id  # pad == eos must not hide the end of the answer
+        assert tok.decode(answer_ids[:-1]) == it.response()
+        assert it.answer in it.response()
+    batch = collate(enc, tok.pad_token_id)
+    # padding positions are never answer positions, even though pad id == eos id
+    assert int((batch["answer_mask"] * (1 - batch["attention_mask"])).sum()) == 0
+
+
+def test_training_lowers_the_loss(setup):
+    cfg, data, base = setup
+    model, tok = load_checkpoint(base)
+    tcfg = cfg.tune.model_copy(update={"epochs": 8, "batch_size": 4})
+    _, hist = train(model, tok, data.perturb, tcfg, seed=0)  # refusals: new to the model
+    per_epoch = [np.mean([h["ce"] for h in hist if h["epoch"] == e]) for e in range(8)]
+    assert per_epoch[-1] < 0.7 * per_epoch[0], per_epoch
+    assert all(h["kl"] == 0.0 for h in hist)  # no penalty asked for, none computed
+
+
+def _kl_after_perturb(cfg, data, aligned, kl_penalty, tmp):
+    pcfg = cfg.perturb.model_copy(update={"kl_penalty": kl_penalty, "epochs": 8})
+    res = train_checkpoint("perturbed", aligned, data.perturb, pcfg, 1, "fp32", tmp)
+    m_ref, tok = load_checkpoint(aligned)
+    m_new, _ = load_checkpoint(res.checkpoint)
+    ref = score_candidates(m_ref, tok, data.eval, 16)
+    new = score_candidates(m_new, tok, data.eval, 16)
+    return float(drift_kl(ref.gold_logprobs, new.gold_logprobs, ref.gold_lengths).mean()), res.history
+
+
+def test_kl_penalty_lowers_kl_to_aligned(setup, tmp_path):
+    cfg, data, base = setup
+    aligned = train_checkpoint("aligned", base, data.align, cfg.tune, 0, "fp32", tmp_path / "tune").checkpoint
+    kl_free, h0 = _kl_after_perturb(cfg, data, aligned, 0.0, tmp_path / "p0")
+    kl_pen, h1 = _kl_after_perturb(cfg, data, aligned, 5.0, tmp_path / "p1")
+    assert kl_pen < 0.5 * kl_free, (kl_pen, kl_free)
+    assert h1[0]["kl"] == pytest.approx(0.0, abs=1e-6)  # the adapter starts as a no-op (B = 0)
+    assert max(h["kl"] for h in h1) > 0
+
+
+def test_lora_adapter_saved_as_safetensors_and_reloads_identically(setup, tmp_path):
+    cfg, data, base = setup
+    res = train_checkpoint("aligned", base, data.align, cfg.tune, 0, "fp32", tmp_path)
+    files = sorted(p.name for p in (tmp_path / "adapter").iterdir())
+    assert "adapter_model.safetensors" in files and not any(f.endswith(".bin") for f in files)
+    m1, tok = load_checkpoint(res.checkpoint)
+    m2, _ = load_checkpoint(res.checkpoint)
+    ids = torch.tensor([[1, 5, 9, 12]])
+    assert torch.equal(m1(ids).logits, m2(ids).logits)
+    m0, _ = load_checkpoint(base)
+    assert not torch.allclose(m0(ids).logits, m1(ids).logits)
+
+
+def test_freeze_layers_leaves_bottom_layers_untouched(setup, tmp_path):
+    cfg, data, base = setup
+    tcfg = cfg.tune.model_copy(update={"method": "full", "freeze_layers": 1, "epochs": 2})
+    res = train_checkpoint("aligned", base, data.align, tcfg, 0, "fp32", tmp_path)
+    m0, _ = load_checkpoint(base)
+    m1, _ = load_checkpoint(res.checkpoint)
+    for (n, p0), p1 in zip(m0.named_parameters(), m1.parameters()):
+        if ".layers.0." in n or "embed_tokens" in n:
+            assert torch.equal(p0, p1), n
+    changed = [n for (n, p0), p1 in zip(m0.named_parameters(), m1.parameters()) if not torch.equal(p0, p1)]
+    assert any(".layers.1." in n for n in changed)
+
+
+def test_nan_loss_stops_the_stage(setup, tmp_path):
+    cfg, data, base = setup
+    tcfg = cfg.tune.model_copy(update={"lr": 1e30, "max_grad_norm": 1e30, "epochs": 20})
+    with pytest.raises(TrainingDiverged, match="loss became"):
+        train_checkpoint("aligned", base, data.align, tcfg, 0, "fp32", tmp_path)
+    assert not (tmp_path / "adapter").exists()
