@@ -359,9 +359,22 @@ def load_config(
     if quick:
         tree = _deep_merge(tree, _deep_merge(quick_tree, user_quick))
     tree["suite"] = suite
+    source = str(config_file) if config_file is not None else str(base_path)
+    return config_from_tree(tree, overrides, source)
+
+
+def config_from_tree(tree: dict, overrides: list[str] | None = None, source: str = "config") -> AuditConfig:
+    """Validate a config mapping (e.g. a resolved ``config.yaml``), after ``--set`` overrides.
+
+    The same path as :func:`load_config` without the suite's YAML: a Kubeflow component
+    receives the resolved config as a pipeline parameter and resolves it here.
+
+    Raises:
+        UserError: unknown key or invalid value, naming ``source`` and the field.
+    """
+    tree = copy.deepcopy(tree)
     for key, value in parse_set(overrides or []):
         _set_dotted(tree, key, value, "--set")
-    source = str(config_file) if config_file is not None else str(base_path)
     if overrides:
         source = f"{source} + --set"
     try:

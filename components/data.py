@@ -133,6 +133,22 @@ class SuiteData:
         blob = json.dumps({k: [i.to_dict() for i in v] for k, v in self.pools().items()}, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()
 
+    def to_dict(self) -> dict:
+        """A JSON-able form of every pool and setting (inverse: :meth:`from_dict`)."""
+        return {
+            **{k: [i.to_dict() for i in v] for k, v in self.pools().items()},
+            "task_matcher": self.task_matcher, "perturb_matcher": self.perturb_matcher, "notes": self.notes,
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "SuiteData":
+        """Rebuild a split from :meth:`to_dict` output; ``digest()`` is unchanged."""
+        pools = ("eval", "align", "perturb", "perturb_eval", "recover", "irrelevant")
+        return cls(
+            **{k: [Item(**i) for i in d[k]] for k in pools},
+            task_matcher=d["task_matcher"], perturb_matcher=d["perturb_matcher"], notes=dict(d.get("notes", {})),
+        )
+
     def manifest(self) -> dict:
         """Per pool: item count and sha256 of its items (the data manifest)."""
         out = {}

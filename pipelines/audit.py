@@ -68,8 +68,15 @@ def run_audit(
     home: Path | None = None,
     tracking_uri: str | None = None,
     progress: Callable[[str], None] | None = None,
+    execute: Callable[..., dict] | None = None,
 ) -> dict:
     """Run one audit end to end and write the output contract into ``out_dir``.
+
+    ``execute(cfg, home, on_event)`` produces the stage results and reports each one
+    through ``on_event`` as it finishes; the default is the Ray DAG
+    (:func:`pipelines.dag.run_dag`). The Kubeflow pipeline's last component passes one
+    that reads the stage results from its input artifacts, so both routes write the
+    same files and MLflow records from the same code.
 
     Returns:
         The ``summary.json`` content.
@@ -131,7 +138,7 @@ def run_audit(
         )
 
     try:
-        results = run_dag(cfg, home, on_event)
+        results = (execute or run_dag)(cfg, home, on_event)
     except BaseException as e:
         if tracker.parent_id is not None:
             tracker.client.set_terminated(tracker.parent_id, status="FAILED")

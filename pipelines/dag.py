@@ -28,11 +28,18 @@ TASK_ENV = {
 
 
 def _set_threads() -> None:
+    """Inside a Ray task, as many torch threads as the task's CPUs.
+
+    Outside Ray (a Kubeflow component) the caller's setting is kept: asking Ray for the
+    runtime context there would start a local Ray instance.
+    """
     import torch
 
+    if not ray.is_initialized():
+        return
     try:
         n = int(ray.get_runtime_context().get_assigned_resources().get("CPU", 1))
-    except Exception:  # noqa: BLE001 - outside a Ray task
+    except Exception:  # noqa: BLE001 - the driver, not a Ray task
         n = os.cpu_count() or 1
     torch.set_num_threads(max(1, n))
 
