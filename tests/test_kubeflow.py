@@ -1,0 +1,156 @@
+"""The Kubeflow pipeline: compiled YAML, and a real local run (kfp.local) on the tiny model
+whose numbers equal those of `cl-audit run` with the same config and seed."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import warnings
+
+import pandas as pd
+import yaml
+
+from components.config import config_from_tree
+from pipelines.kubeflow import build_pipeline, compile_pipeline, default_image
+
+from conftest import ROOT, tiny_config
+
+COMMITTED = ROOT / "infra" / "kubeflow" / "audit-pipeline.yaml"
+# How infra/kubeflow/audit-pipeline.yaml was made (infra/README.md says the same).
+COMMITTED_ARGS = ["compile", "capitals", "--tracking-uri", "http://mlflow.cl-audit.svc.cluster.local:5000"]
+
+
+def _component_of(spec: dict, task: str) -> dict:
+    ref = spec["root"]["dag"]["tasks"][task]["componentRef"]["name"]
+    return spec["components"][ref]
+
+
+def test_compiled_pipeline_loads_back_with_typed_artifacts(tmp_path):
+    from kfp import components
+
+    cfg = tiny_config()
+    path = compile_pipeline(cfg, tmp_path / "p.yaml")
+    loaded = components.load_component_from_file(str(path))
+    assert loaded.name == "cl-audit"
+    spec = yaml.safe_load(path.read_text())
+    tasks = spec["root"]["dag"]["tasks"]
+    assert {"prepare-data", "tune", "perturb", "probe", "verdict", "for-loop-1"} <= set(tasks)
+    out = lambda task, name: _component_of(spec, task)["outputDefinitions"]["artifacts"][name]["artifactType"]  # noqa: E731
+    assert out("prepare-data", "data")["schemaTitle"] == "system.Dataset"
+    assert out("prepare-data", "base_model")["schemaTitle"] == "system.Model"
+    assert out("tune", "aligned")["schemaTitle"] == "system.Model"
+    assert out("perturb", "perturbed")["schemaTitle"] == "system.Model"
+    assert out("probe", "metrics")["schemaTitle"] == "system.Metrics"
+    assert out("verdict", "metrics")["schemaTitle"] == "system.Metrics"
+    # the recovered checkpoints and their probes reach the verdict as collected lists
+    vin = _component_of(spec, "verdict")["inputDefinitions"]["artifacts"]
+    assert vin["recovered"]["isArtifactList"] and vin["recovered_probes"]["isArtifactList"]
+    # the parameters are the audit config: the default resolves to the same config
+    params = spec["root"]["inputDefinitions"]["parameters"]
+    assert params["config"]["parameterType"] == "STRUCT"
+    assert config_from_tree(params["config"]["defaultValue"]).digest() == cfg.digest()
+    assert params["overrides"]["parameterType"] == "LIST"
+    images = {e["container"]["image"] for e in spec["deploymentSpec"]["executors"].values()}
+    assert images == {default_image()} == {"cl-audit:0.1.0"}
+    # resources from the config's ray section
+    tune_exec = spec["deploymentSpec"]["executors"][_component_of(spec, "tune")["executorLabel"]]
+    assert tune_exec["container"]["resources"]["resourceCpuLimit"] == "1"
+
+
+def test_committed_pipeline_is_what_compile_writes(tmp_path):
+    out = tmp_path / "audit-pipeline.yaml"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    r = subprocess.run([sys.executable, "-m", "pipelines.cli", *COMMITTED_ARGS, "--out", str(out)],
+                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert f"Wrote {out}" in r.stdout
+    assert yaml.safe_load(out.read_text()) == yaml.safe_load(COMMITTED.read_text()), (
+        "infra/kubeflow/audit-pipeline.yaml is stale: run cl-audit " + " ".join(COMMITTED_ARGS))
+
+
+def test_compile_bad_override_is_one_line(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "pipelines.cli", "compile", "--set", "probe.n_bootstrap=1",
+                        "--out", str(tmp_path / "p.yaml")], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2
+    assert r.stderr.strip().startswith("error: ") and "probe.n_bootstrap" in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "p.yaml").exists()
+
+
+def test_local_pipeline_run_equals_cl_audit_run(tiny_run, home, tmp_path, monkeypatch):
+    """kfp.local runs every component as a subprocess (the same stage functions, a fresh
+    stage store); its summary and metrics equal the Ray DAG's for the same config."""
+    from kfp import local
+
+    cfg, ref_dir, ref = tiny_run
+    kfp_home = tmp_path / "home"
+    kfp_home.mkdir()
+    # the tiny base model is shared (built once per session); the stage store is not, so
+    # every stage is computed again inside the pipeline's components
+    (kfp_home / "cache").symlink_to(home / "cache", target_is_directory=True)
+    monkeypatch.setenv("CL_AUDIT_HOME", str(kfp_home))
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
+    root = tmp_path / "root"
+    local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(root), raise_on_error=True)
+    uri = f"sqlite:///{kfp_home / 'mlflow.db'}"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # "non-Python base image": the image has Python
+        build_pipeline(cfg, tracking_uri=uri)()
+
+    (run,) = [p for p in root.iterdir() if p.name.startswith("cl-audit-")]
+    out = run / "verdict" / "audit"
+    got = json.loads((out / "summary.json").read_text())
+    computed = [line.split()[1].split("-")[0] for line in (kfp_home / "store" / "executions.log").read_text().splitlines()]
+    assert sorted(computed) == sorted(["filter", "tune", "perturb", "recover", "recover"] + ["probe"] * 5)
+    for k in ("config_digest", "model_digest", "data_digest", "seed"):
+        assert got[k] == ref[k]
+    assert got["stages"] == ref["stages"]  # every metric, CI and drift value of every checkpoint
+    assert got["verdict"] == ref["verdict"]
+    assert got["verdict"]["task_drop"] == ref["verdict"]["task_drop"]
+    assert got["mlflow"]["tracking_uri"] == uri and got["mlflow"]["run_id"] != ref["mlflow"]["run_id"]
+    pd.testing.assert_frame_equal(pd.read_parquet(out / "metrics.parquet"), pd.read_parquet(ref_dir / "metrics.parquet"))
+    # the probe components' kfp Metrics carry the same values
+    probes = {}
+    for f in run.rglob("executor_output.json"):
+        arts = json.loads(f.read_text()).get("artifacts", {})
+        if "result" in arts and "metrics" in arts:
+            stage = arts["result"]["artifacts"][0]["metadata"]["stage"]
+            probes[stage] = arts["metrics"]["artifacts"][0]["metadata"]
+    assert set(probes) == set(ref["stages"])
+    for stage, m in probes.items():
+        assert m["task_acc"] == ref["stages"][stage]["task_acc"]
+        assert m["knowledge_acc"] == ref["stages"][stage]["knowledge_acc"]
+    verdict_metrics = json.loads((run / "verdict" / "executor_output.json").read_text())
+    vm = verdict_metrics["artifacts"]["metrics"]["artifacts"][0]["metadata"]
+    assert vm["task_drop"] == ref["verdict"]["task_drop"]
+    assert vm["perturbed/kl_to_aligned"] == ref["stages"]["perturbed"]["kl_to_aligned"]
+    # MLflow: the same parent/nested structure as cl-audit run
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(uri)
+    parent = client.get_run(got["mlflow"]["run_id"])
+    assert parent.info.status == "FINISHED" and parent.data.tags["verdict"] == ref["verdict"]["label"]
+    children = client.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    assert {c.info.run_name for c in children} == set(ref["stages"])
+
+
+def test_checkpoint_artifact_round_trip(tmp_path):
+    """A checkpoint artifact holds its adapters and JSON, with paths relative to itself."""
+    from pipelines.kubeflow_steps import export_checkpoint, import_checkpoint
+
+    a = tmp_path / "adapter"
+    a.mkdir()
+    (a / "adapter_model.safetensors").write_bytes(b"x")
+    ckpt = {"name": "aligned", "base_dir": "/b", "adapters": [str(a)], "full_dir": None, "digest": "tune-1"}
+    art = tmp_path / "aligned"
+    export_checkpoint(ckpt, art, {"history": [], "n_items": 3})
+    assert json.loads((art / "checkpoint.json").read_text())["adapters"] == ["adapters/0"]
+    moved = tmp_path / "elsewhere"
+    art.rename(moved)  # an artifact is read wherever the next component finds it
+    back = import_checkpoint(moved, tmp_path / "base")
+    assert back["adapters"] == [str(moved / "adapters" / "0")]
+    assert back["base_dir"] == str(tmp_path / "base" / "model") and back["digest"] == "tune-1"
+    assert (moved / "adapters" / "0" / "adapter_model.safetensors").read_bytes() == b"x"
+    assert json.loads((moved / "stage.json").read_text())["n_items"] == 3
