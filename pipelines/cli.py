@@ -127,6 +127,66 @@ def show(run_dir: Path = typer.Argument(..., help="A run folder with summary.jso
         console.print(line, highlight=False, markup=False)
 
 
+@app.command("compile")
+def compile_(
+    suite: Optional[str] = typer.Argument(None, help="Suite name (default: capitals, or the config's suite)."),
+    config: Optional[Path] = typer.Option(None, "--config", "-c", help="YAML config file to merge over the suite's."),
+    set_: list[str] = typer.Option([], "--set", help="Override a config field: --set perturb.kl_penalty=0.1"),
+    quick: bool = typer.Option(False, "--quick", help="Compile the small version of the audit."),
+    out: Path = typer.Option(Path("infra/kubeflow/audit-pipeline.yaml"), "--out", help="Pipeline YAML to write."),
+    image: Optional[str] = typer.Option(None, "--image", help="Image of every component (default: cl-audit:<version>)."),
+    tracking_uri: str = typer.Option(
+        "", "--tracking-uri", help="Default MLflow tracking URI of the pipeline run (empty: the pod's MLFLOW_TRACKING_URI)."
+    ),
+) -> None:
+    """Compile the audit to a Kubeflow Pipelines (kfp v2) pipeline YAML.
+
+    The config becomes the pipeline's default parameters; a run can override fields with
+    its `overrides` parameter (the names of --set).
+
+    Example: cl-audit compile capitals --image registry.example.com/cl-audit:0.1.0 --out pipeline.yaml
+    """
+    from components.config import load_config
+    from pipelines.kubeflow import compile_pipeline, default_image
+
+    cfg = load_config(suite, config, set_, quick)
+    path = compile_pipeline(cfg, out, image, tracking_uri)
+    console.print(
+        f"Wrote {path}: pipeline cl-audit ({cfg.suite}, config {cfg.digest()[:12]}), image {image or default_image()}",
+        highlight=False,
+    )
+
+
+@app.command()
+def submit(
+    args: Optional[list[str]] = typer.Argument(None, help="The cl-audit command to run, after --."),
+    address: str = typer.Option(
+        ..., "--address", envvar="RAY_API_SERVER_ADDRESS", help="Ray dashboard address, e.g. http://HOST:8265."
+    ),
+    env: list[str] = typer.Option([], "--env", help="Environment variable of the job: --env CL_AUDIT_HOME=/data/runs"),
+    working_dir: Path = typer.Option(Path("."), "--working-dir", help="The cl-audit checkout to upload."),
+) -> None:
+    """Run a cl-audit command on a Ray cluster through the Ray Jobs API.
+
+    Packages this checkout, submits, streams the logs and exits with the job's status.
+
+    The token of a cluster with token authentication is read from RAY_AUTH_TOKEN,
+    RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token. Paths in the command (--out, --config)
+    are resolved on the cluster, relative to the uploaded checkout.
+
+    Example: cl-audit submit --address http://127.0.0.1:8265 --env CL_AUDIT_HOME=/data/runs -- run capitals --quick
+    """
+    from pipelines.submit import parse_env
+    from pipelines.submit import submit as submit_job
+
+    args = list(args or [])
+    if args and args[0] not in {c.name or c.callback.__name__ for c in app.registered_commands}:
+        raise UserError(f"submit: '{args[0]}' is not a cl-audit command; e.g. -- run capitals --quick")
+    _, _, code = submit_job(address, args, working_dir, parse_env(env))
+    if code:
+        sys.exit(code)
+
+
 @app.command()
 def suites() -> None:
     """List the built-in suites.
