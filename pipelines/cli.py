@@ -51,6 +51,10 @@ def stage_table(summary: dict) -> Table:
     return t
 
 
+def _ci(ci) -> str:
+    return "[n/a]" if not ci or ci[0] is None else f"[{ci[0]:.3f}, {ci[1]:.3f}]"
+
+
 def verdict_lines(summary: dict) -> list[str]:
     v = summary["verdict"]
     ch = summary["stages"]["base"].get("knowledge_chance")
@@ -58,13 +62,14 @@ def verdict_lines(summary: dict) -> list[str]:
     lines = [
         f"VERDICT: {v['label']}",
         f"  {v.get('reason', '')}",
-        f"  task_drop = {_fmt(v['task_drop'])} CI {v.get('task_drop_ci')}",
-        f"  knowledge_retention = {_fmt(v['knowledge_retention'])} CI {v.get('knowledge_retention_ci')}"
+        f"  task_drop = {_fmt(v['task_drop'])} CI {_ci(v.get('task_drop_ci'))}",
+        f"  knowledge_retention = {_fmt(v['knowledge_retention'])} CI {_ci(v.get('knowledge_retention_ci'))}"
         f" (knowledge chance level {_fmt(ch, 2)})",
     ]
     for k, r in v["recovery_ratio"].items():
         kar = v.get("knowledge_after_recovery", {}).get(k)
-        lines.append(f"  recovery_ratio[{k}] = {_fmt(r)}   knowledge_after_recovery[{k}] = {_fmt(kar)}")
+        rci = _ci(v.get("recovery_ratio_ci", {}).get(k))
+        lines.append(f"  recovery_ratio[{k}] = {_fmt(r)} CI {rci}   knowledge_after_recovery[{k}] = {_fmt(kar)}")
     for arm, ev in v.get("recovery_evidence", {}).items():
         lines.append(f"  recovery evidence, {arm}: {ev}")
     if th:
