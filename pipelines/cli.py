@@ -37,6 +37,10 @@ def _fmt(x, nd=3) -> str:
     return "-" if x is None else f"{x:.{nd}f}"
 
 
+def _fmt_ci(ci) -> str:
+    return "n/a" if not ci or ci[0] is None or ci[1] is None else f"[{ci[0]:.3f}, {ci[1]:.3f}]"
+
+
 def stage_table(summary: dict) -> Table:
     """The per-stage metrics table (value and 95% CI) of a summary."""
     t = Table(title=f"{summary['suite']} / {summary['model']}", show_lines=False)
@@ -63,8 +67,8 @@ def verdict_lines(summary: dict) -> list[str]:
     lines = [
         f"VERDICT: {v['label']}",
         f"  {v.get('reason', '')}",
-        f"  task_drop = {_fmt(v['task_drop'])} CI {v.get('task_drop_ci')}",
-        f"  knowledge_retention = {_fmt(v['knowledge_retention'])} CI {v.get('knowledge_retention_ci')}"
+        f"  task_drop = {_fmt(v['task_drop'])} CI {_fmt_ci(v.get('task_drop_ci'))}",
+        f"  knowledge_retention = {_fmt(v['knowledge_retention'])} CI {_fmt_ci(v.get('knowledge_retention_ci'))}"
         f" (knowledge chance level {_fmt(ch, 2)})",
     ]
     for k, r in v["recovery_ratio"].items():

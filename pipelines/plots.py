@@ -112,7 +112,7 @@ def decomposition_plot(summary: dict) -> Plot:
                             ha="left" if dx > 0 else "right", fontsize=8, color=color)
     if chance is not None:
         ax.axhline(chance, ls="--", color=CHANCE_COLOR, lw=1, zorder=1)
-        ax.text(len(names) - 0.5, chance, f"knowledge chance 1/K = {chance:.2f}", ha="right", va="bottom",
+        ax.text(-0.45, chance + 0.01, f"knowledge chance 1/K = {chance:.2f}", ha="left", va="bottom",
                 fontsize=8, color=CHANCE_COLOR)
     if len(main) < len(names):
         ax.axvspan(len(main) - 0.5, len(names) - 0.5, color="#f2f2f2", zorder=0)

@@ -120,17 +120,22 @@ def verdict_sentence(summary: dict) -> str:
     chance = st["base"].get("knowledge_chance")
     head = HEADLINES.get(v["label"], v["label"])
     ret = v.get("knowledge_retention")
-    ret_txt = (f"a knowledge retention of {_fmt(ret, 2)}{_ci_words(v.get('knowledge_retention_ci'))}, "
+    ret_txt = (f"giving a knowledge retention of {_fmt(ret, 2)}{_ci_words(v.get('knowledge_retention_ci'))}, "
                "where 1 means all above-chance knowledge was kept"
                if ret is not None else "knowledge retention is undefined (aligned knowledge at chance)")
     s = (
         f"{head}. Task accuracy {_went(al['task_acc'], pe['task_acc'])}, a drop of "
         f"{_fmt(v['task_drop'], 2)}{_ci_words(v.get('task_drop_ci'))}, while knowledge accuracy "
-        f"{_went(al['knowledge_acc'], pe['knowledge_acc'])} (chance {_fmt(chance, 2)}): {ret_txt}"
+        f"{_went(al['knowledge_acc'], pe['knowledge_acc'])} against a chance level of {_fmt(chance, 2)}, "
+        f"{ret_txt}"
     )
     best = _best_recovery(v)
-    if best:
+    target = v.get("thresholds", {}).get("recovery_target", 0.5)
+    if best and best[1] >= target:
         s += f"; {best[0]} recovery examples bring back {best[1]:.0%} of the lost task accuracy"
+    elif best:
+        s += (f"; no recovery arm brings the task back (the best, {best[0]} examples, recovers "
+              f"{max(best[1], 0):.0%} of the lost task accuracy)")
     return s + "."
 
 

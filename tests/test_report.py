@@ -103,8 +103,12 @@ def test_verdict_sentence_carries_the_numbers():
     text = verdict_sentence(synthetic_summary())
     assert text.startswith("Spurious forgetting: the fine-tune cost task alignment, not knowledge.")
     assert "from 0.95 (aligned) to 0.20 (perturbed), a drop of 0.75 (95% CI 0.60 to 0.90)" in text
-    assert "a knowledge retention of 0.91 (95% CI 0.80 to 1.00)" in text
+    assert "against a chance level of 0.25, giving a knowledge retention of 0.91 (95% CI 0.80 to 1.00)" in text
     assert text.endswith("; 10 in-task recovery examples bring back 93% of the lost task accuracy.")
+    s = synthetic_summary()
+    s["verdict"]["recovery_ratio"] = {"in_task/2": 0.1, "irrelevant/2": -0.2}
+    assert verdict_sentence(s).endswith(
+        "; no recovery arm brings the task back (the best, 2 in-task examples, recovers 10% of the lost task accuracy).")
 
 
 def test_flipped_items_match_the_predictions(tiny_run):
