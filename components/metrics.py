@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from contextlib import nullcontext
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 import torch
@@ -31,9 +32,12 @@ def _amp(precision: str):
 
 @torch.no_grad()
 def generate_answers(
-    model, tok, items: list[Item], batch_size: int, max_new_tokens: int, precision: str = "fp32"
+    model, tok, items: list[Item], batch_size: int, max_new_tokens: int, precision: str = "fp32",
+    on_batch: Callable[[int], None] | None = None,
 ) -> list[str]:
     """Greedy answers to each item's question, batched with left padding.
+
+    ``on_batch(k)`` is called after each batch with the number of items it answered.
 
     Returns:
         One decoded string per item (special tokens removed, stripped).
@@ -53,6 +57,8 @@ def generate_answers(
         texts = tok.batch_decode(gen[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
         for i, t in zip(idx, texts):
             out[i] = t.strip()
+        if on_batch is not None:
+            on_batch(len(idx))
     return out
 
 

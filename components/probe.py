@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import pandas as pd
@@ -16,9 +17,15 @@ from components.metrics import generate_answers, score_candidates, summarise
 from components.models import Checkpoint, load_checkpoint
 
 
-def probe(cfg: AuditConfig, ckpt: Checkpoint, data: SuiteData, out_dir: Path) -> dict:
+def probe(
+    cfg: AuditConfig, ckpt: Checkpoint, data: SuiteData, out_dir: Path,
+    on_progress: Callable[[int, int], None] | None = None,
+) -> dict:
     """Measure one checkpoint on the evaluation items (and ``perturb_acc`` on the held-out
     perturbation items).
+
+    ``on_progress(done, total)`` counts scored items over the passes (greedy answers,
+    candidate ranking, perturbation answers): ``total = 2 * len(eval) + len(perturb_eval)``.
 
     Writes into ``out_dir``: ``predictions.parquet`` (one row per evaluation item:
     response, task_correct, the K candidate log-probs, knowledge_correct,
@@ -33,13 +40,26 @@ def probe(cfg: AuditConfig, ckpt: Checkpoint, data: SuiteData, out_dir: Path) ->
     pc = cfg.probe
     model, tok = load_checkpoint(ckpt, cfg.model.trust_remote_code)
     torch.manual_seed(cfg.seed)
-    answers = generate_answers(model, tok, data.eval, pc.batch_size, pc.max_new_tokens, cfg.model.precision)
+    total = 2 * len(data.eval) + len(data.perturb_eval)
+    done = [0]
+
+    def tick(k: int) -> None:
+        done[0] += k
+        if on_progress is not None:
+            on_progress(done[0], total)
+
+    answers = generate_answers(
+        model, tok, data.eval, pc.batch_size, pc.max_new_tokens, cfg.model.precision, on_batch=tick
+    )
     task_match = MATCHERS[data.task_matcher]
     task_correct = np.array([task_match(a, it.answer) for a, it in zip(answers, data.eval)], dtype=float)
     scores = score_candidates(model, tok, data.eval, pc.batch_size, cfg.model.precision)
+    tick(len(data.eval))
     knowledge_correct = (scores.logprob.argmax(1) == 0).astype(float)
     K = scores.logprob.shape[1]
-    p_answers = generate_answers(model, tok, data.perturb_eval, pc.batch_size, pc.max_new_tokens, cfg.model.precision)
+    p_answers = generate_answers(
+        model, tok, data.perturb_eval, pc.batch_size, pc.max_new_tokens, cfg.model.precision, on_batch=tick
+    )
     p_match = MATCHERS[data.perturb_matcher]
     perturb_correct = np.array([p_match(a, it.answer) for a, it in zip(p_answers, data.perturb_eval)], dtype=float)
 

@@ -139,7 +139,8 @@ def train(
         items: the stage's training items (prompt + gold answer).
         cfg: the stage's :class:`TrainConfig`.
         precision: ``fp32`` or ``bf16`` (CPU autocast).
-        on_step: called after each optimiser step with the step's record.
+        on_step: called after each optimiser step with the step's record plus
+            ``total_steps`` (the number of steps of the whole stage), e.g. for progress.
 
     Returns:
         ``(model, history)``: the trained model (a ``PeftModel`` for LoRA) and one dict per
@@ -204,7 +205,7 @@ def train(
             }
             history.append(rec)
             if on_step is not None:
-                on_step(rec)
+                on_step({**rec, "total_steps": total})
             step += 1
     model.eval()
     return model, history

@@ -118,7 +118,7 @@ def compute_verdict(
         why = []
         if retained:
             why.append(f"knowledge retention {_fmt(ret)} {_fmt_ci(ret_ci)} >= {cfg.retention_threshold}")
-        if returned:
+        elif returned:
             why.append(f"knowledge returns after recovery on disjoint items ({', '.join(returned)})")
         if task_back:
             why.append(f"task performance returns with a few examples ({', '.join(task_back)})")

@@ -1,8 +1,9 @@
 """One audit from config to the files of the output contract and the MLflow records.
 
 ``run_audit`` wires the DAG (``pipelines.dag``), the MLflow tracker and the outputs:
-``summary.json``, ``metrics.parquet``, ``predictions/<stage>.parquet``, ``config.yaml``
-and ``data_manifest.json`` in the run folder (DESIGN.md, "Contract").
+``summary.json``, ``metrics.parquet``, ``predictions/<stage>.parquet``, ``config.yaml``,
+``data_manifest.json``, ``plots/*.png`` and ``report.html`` in the run folder (DESIGN.md,
+"Contract").
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from components.errors import UserError
 from components.metrics import drift_kl, summarise
 from components.models import check_model_id
 from components.verdict import compute_verdict
+from pipelines.report import write_report
 from pipelines.tracking import AuditTracker, resolve_tracking_uri
 
 STAGE_METRICS = ("task_acc", "knowledge_acc", "first_token_prob", "perturb_acc", "kl_to_base", "kl_to_aligned")
@@ -68,12 +70,18 @@ def run_audit(
     home: Path | None = None,
     tracking_uri: str | None = None,
     progress: Callable[[str], None] | None = None,
+    on_progress: Callable[[dict[str, dict]], None] | None = None,
     execute: Callable[..., dict] | None = None,
 ) -> dict:
     """Run one audit end to end and write the output contract into ``out_dir``.
 
-    ``execute(cfg, home, on_event)`` produces the stage results and reports each one
-    through ``on_event`` as it finishes; the default is the Ray DAG
+    ``progress(message)`` receives one line per finished stage; ``on_progress(state)``
+    the live step / item counts of every stage task (see :func:`pipelines.dag.run_dag`).
+    Last, the figures (``plots/*.png``) and ``report.html`` are written
+    (:func:`pipelines.report.write_report`) and logged on the parent MLflow run.
+
+    ``execute(cfg, home, on_event, on_progress)`` produces the stage results and
+    reports each one through ``on_event`` as it finishes; the default is the Ray DAG
     (:func:`pipelines.dag.run_dag`). The Kubeflow pipeline's last component passes one
     that reads the stage results from its input artifacts, so both routes write the
     same files and MLflow records from the same code.
@@ -138,7 +146,7 @@ def run_audit(
         )
 
     try:
-        results = (execute or run_dag)(cfg, home, on_event)
+        results = (execute or run_dag)(cfg, home, on_event, on_progress)
     except BaseException as e:
         if tracker.parent_id is not None:
             tracker.client.set_terminated(tracker.parent_id, status="FAILED")
@@ -218,6 +226,13 @@ def run_audit(
     atomic_write(out_dir / "data_manifest.json", json.dumps(manifest, indent=2))
     atomic_write(out_dir / "summary.json", json.dumps(summary, indent=2))
 
+    try:
+        say("writing the report")
+        write_report(out_dir)
+    except BaseException:
+        tracker.client.set_terminated(tracker.parent_id, status="FAILED")
+        raise
+
     vm = {"task_drop": verdict["task_drop"], "knowledge_retention": verdict["knowledge_retention"]}
     vm.update({f"recovery_ratio/{k}": v for k, v in verdict["recovery_ratio"].items()})
     for name, st in stages.items():
@@ -225,7 +240,7 @@ def run_audit(
     tracker.finish(
         vm,
         [out_dir / "summary.json", out_dir / "metrics.parquet", out_dir / "config.yaml",
-         out_dir / "data_manifest.json", out_dir / "predictions"],
+         out_dir / "data_manifest.json", out_dir / "predictions", out_dir / "plots", out_dir / "report.html"],
         {"verdict": verdict["label"]},
     )
     return summary

@@ -15,6 +15,7 @@ from typing import Optional
 
 import typer
 from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from components.errors import UserError
@@ -22,7 +23,11 @@ from components.errors import UserError
 app = typer.Typer(
     add_completion=False,
     no_args_is_help=True,
-    help="Audit a fine-tuning run for spurious forgetting: lost task alignment vs lost knowledge.",
+    help=(
+        "Audit a fine-tuning run for spurious forgetting: lost task alignment vs lost knowledge.\n\n"
+        "Example: cl-audit run capitals --quick, then open the report.html it names, or "
+        "cl-audit show RUN_DIR / cl-audit report RUN_DIR on a finished run."
+    ),
 )
 console = Console(stderr=False, width=None if sys.stdout.isatty() else 160)
 err_console = Console(stderr=True)
@@ -30,6 +35,10 @@ err_console = Console(stderr=True)
 
 def _fmt(x, nd=3) -> str:
     return "-" if x is None else f"{x:.{nd}f}"
+
+
+def _fmt_ci(ci) -> str:
+    return "n/a" if not ci or ci[0] is None or ci[1] is None else f"[{ci[0]:.3f}, {ci[1]:.3f}]"
 
 
 def stage_table(summary: dict) -> Table:
@@ -58,13 +67,14 @@ def verdict_lines(summary: dict) -> list[str]:
     lines = [
         f"VERDICT: {v['label']}",
         f"  {v.get('reason', '')}",
-        f"  task_drop = {_fmt(v['task_drop'])} CI {v.get('task_drop_ci')}",
-        f"  knowledge_retention = {_fmt(v['knowledge_retention'])} CI {v.get('knowledge_retention_ci')}"
+        f"  task_drop = {_fmt(v['task_drop'])} CI {_fmt_ci(v.get('task_drop_ci'))}",
+        f"  knowledge_retention = {_fmt(v['knowledge_retention'])} CI {_fmt_ci(v.get('knowledge_retention_ci'))}"
         f" (knowledge chance level {_fmt(ch, 2)})",
     ]
     for k, r in v["recovery_ratio"].items():
         kar = v.get("knowledge_after_recovery", {}).get(k)
-        lines.append(f"  recovery_ratio[{k}] = {_fmt(r)}   knowledge_after_recovery[{k}] = {_fmt(kar)}")
+        rci = _fmt_ci(v.get("recovery_ratio_ci", {}).get(k))
+        lines.append(f"  recovery_ratio[{k}] = {_fmt(r)} CI {rci}   knowledge_after_recovery[{k}] = {_fmt(kar)}")
     for arm, ev in v.get("recovery_evidence", {}).items():
         lines.append(f"  recovery evidence, {arm}: {ev}")
     if th:
@@ -91,22 +101,60 @@ def run(
     Example: cl-audit run capitals --quick --set perturb.kl_penalty=0.1
     """
     from components.config import load_config
-    from pipelines.audit import default_home, run_audit
+    from pipelines.audit import default_home, run_audit, stage_order
 
     cfg = load_config(suite, config, set_, quick)
     home = default_home()
     out_dir = out or home / "audits" / f"{cfg.suite}-{cfg.digest()[:12]}"
     t0 = time.time()
-    with console.status("[bold]auditing[/bold]") as status:
-        def progress(msg: str) -> None:
-            console.log(msg)
-            status.update(f"[bold]auditing[/bold] ({time.time() - t0:.0f} s)")
-
-        summary = run_audit(cfg, out_dir, home, tracking_uri, progress)
+    n_ckpt = len(stage_order(cfg))
+    with AuditProgress(console, n_tasks=2 * n_ckpt - 1) as display:
+        summary = run_audit(cfg, out_dir, home, tracking_uri, display.message, display.update)
     console.print(stage_table(summary))
     for line in verdict_lines(summary):
         console.print(line, highlight=False, markup=False)
     console.print(f"Wrote {out_dir}/summary.json in {time.time() - t0:.0f} s", highlight=False)
+    console.print(f"Report: {out_dir / 'report.html'}", highlight=False)
+
+
+class AuditProgress:
+    """Rich progress bars for one audit: an overall bar over the stage tasks, and one
+    bar per running task (optimiser steps of a training stage, scored items of a probe).
+
+    ``message`` prints a line above the bars; ``update`` takes the task state of
+    :func:`pipelines.dag.run_dag`'s ``on_progress``.
+    """
+
+    def __init__(self, console: Console, n_tasks: int):
+        self.progress = Progress(
+            SpinnerColumn(), TextColumn("{task.description:<34}"), BarColumn(bar_width=30), MofNCompleteColumn(),
+            TextColumn("{task.fields[unit]}"), TimeElapsedColumn(), console=console,
+        )
+        self.overall = self.progress.add_task("preparing the model and the facts", total=n_tasks, unit="stage tasks")
+        self.bars: dict[str, int] = {}
+
+    def __enter__(self) -> "AuditProgress":
+        self.progress.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.progress.stop()
+
+    def message(self, msg: str) -> None:
+        self.progress.console.log(msg)
+
+    def update(self, state: dict[str, dict]) -> None:
+        finished = sum(st["status"] in ("done", "reused") for st in state.values())
+        self.progress.update(self.overall, completed=finished, description="audit: stage tasks finished")
+        for key, st in state.items():
+            if st["status"] == "running" and key not in self.bars:
+                self.bars[key] = self.progress.add_task(f"  {key}", total=st["total"], unit=st["unit"])
+            if key not in self.bars:
+                continue
+            if st["status"] in ("done", "reused"):
+                self.progress.remove_task(self.bars.pop(key))
+            else:
+                self.progress.update(self.bars[key], completed=st["done"], total=st["total"])
 
 
 @app.command()
@@ -125,6 +173,25 @@ def show(run_dir: Path = typer.Argument(..., help="A run folder with summary.jso
     console.print(stage_table(summary))
     for line in verdict_lines(summary):
         console.print(line, highlight=False, markup=False)
+    if (run_dir / "report.html").exists():
+        console.print(f"Report: {run_dir / 'report.html'}", highlight=False)
+
+
+@app.command()
+def report(run_dir: Path = typer.Argument(..., help="A run folder with summary.json (what cl-audit run wrote).")) -> None:
+    """Write report.html and plots/ for a finished run.
+
+    The report holds the verdict and its evidence, the metrics per stage, the figures,
+    items that flipped, the config, digests and the MLflow run. The HTML file is
+    self-contained (figures embedded, no network).
+
+    Example: cl-audit report runs/audits/capitals-0123abcd
+    """
+    from pipelines.report import write_report
+
+    path = write_report(run_dir)
+    plots = sorted(p.name for p in (run_dir / "plots").glob("*.png"))
+    console.print(f"Wrote {path} ({len(plots)} figures: {', '.join(plots)})", highlight=False)
 
 
 @app.command("compile")

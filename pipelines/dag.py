@@ -95,35 +95,44 @@ def prepare(cfg: AuditConfig, home: Path) -> dict:
 
 
 def train_stage(kind: str, cfg: AuditConfig, home: Path, parent: dict, data: SuiteData,
-                arm: str | None = None, n: int | None = None) -> dict:
-    """Run (or reuse) one training stage; returns its stored result plus ``key`` and ``reused``."""
+                arm: str | None = None, n: int | None = None, hub=None) -> dict:
+    """Run (or reuse) one training stage; returns its stored result plus ``key`` and ``reused``.
+
+    ``hub``: an optional :class:`pipelines.progress.ProgressHub` that receives the
+    optimiser steps as they happen (``"train <checkpoint name>"``).
+    """
     from components.perturb import perturb
     from components.recover import recover, recovery_set
     from components.tune import tune
+    from pipelines.progress import TaskProgress
 
     parent_ckpt = Checkpoint(**parent["checkpoint"])
+    name = {"tune": "aligned", "perturb": "perturbed"}.get(kind, f"recovered/{arm}/{n}")
+    tracker = TaskProgress(hub, f"train {name}", "steps")
+    step = tracker.on_step
     store = Store(Path(home) / "store")
     common = {"seed": cfg.seed, "precision": cfg.model.precision}
     if kind == "tune":
         key = Store.key("tune", {**cfg.tune.model_dump(), **common}, [parent_ckpt.digest, _items_digest(data.align)])
-        run = lambda tmp: tune(cfg, parent_ckpt, data, tmp)  # noqa: E731
+        run = lambda tmp: tune(cfg, parent_ckpt, data, tmp, step)  # noqa: E731
     elif kind == "perturb":
         key = Store.key(
             "perturb", {**cfg.perturb.model_dump(), **common}, [parent_ckpt.digest, _items_digest(data.perturb)]
         )
-        run = lambda tmp: perturb(cfg, parent_ckpt, data, tmp)  # noqa: E731
+        run = lambda tmp: perturb(cfg, parent_ckpt, data, tmp, step)  # noqa: E731
     else:
         rc = cfg.recover.model_dump(exclude={"arms", "sizes"})
         key = Store.key(
             "recover", {**rc, **common, "arm": arm, "n": n},
             [parent_ckpt.digest, _items_digest(recovery_set(data, arm, n))],
         )
-        run = lambda tmp: recover(cfg, parent_ckpt, data, arm, n, tmp)  # noqa: E731
+        run = lambda tmp: recover(cfg, parent_ckpt, data, arm, n, tmp, step)  # noqa: E731
 
     def fn(tmp: Path) -> dict:
         _set_threads()
         t0 = time.time()
         res = run(tmp)
+        tracker.finish(*tracker.last)
         ckpt = res.checkpoint
         ckpt.digest = key
         return {
@@ -135,11 +144,13 @@ def train_stage(kind: str, cfg: AuditConfig, home: Path, parent: dict, data: Sui
     return {**result, "key": key, "reused": reused}
 
 
-def probe_stage(cfg: AuditConfig, home: Path, stage: dict, data: SuiteData) -> dict:
-    """Run (or reuse) the probe of one checkpoint."""
+def probe_stage(cfg: AuditConfig, home: Path, stage: dict, data: SuiteData, hub=None) -> dict:
+    """Run (or reuse) the probe of one checkpoint (scored items reported to ``hub``, if given)."""
     from components.probe import probe
+    from pipelines.progress import TaskProgress
 
     ckpt = Checkpoint(**stage["checkpoint"])
+    report = TaskProgress(hub, f"probe {ckpt.name}", "items")
     store = Store(Path(home) / "store")
     key = Store.key(
         "probe", {**cfg.probe.model_dump(), "seed": cfg.seed, "precision": cfg.model.precision},
@@ -149,7 +160,8 @@ def probe_stage(cfg: AuditConfig, home: Path, stage: dict, data: SuiteData) -> d
     def fn(tmp: Path) -> dict:
         _set_threads()
         t0 = time.time()
-        res = probe(cfg, ckpt, data, tmp)
+        res = probe(cfg, ckpt, data, tmp, report)
+        report.finish(*report.last)
         return {**res, "dir": str(tmp), "seconds": time.time() - t0}
 
     result, reused = store.produce(key, fn)
@@ -172,13 +184,20 @@ def init_ray() -> None:
 
 
 def run_dag(
-    cfg: AuditConfig, home: Path, on_event: Callable[[str, str, dict], None] | None = None
+    cfg: AuditConfig, home: Path, on_event: Callable[[str, str, dict], None] | None = None,
+    on_progress: Callable[[dict[str, dict]], None] | None = None, poll_s: float = 0.5,
 ) -> dict:
     """Run the audit DAG on Ray and return every stage's result.
 
     ``on_event(kind, name, result)`` is called in the driver as each stage finishes
     (``kind`` is ``prepare``, ``train`` or ``probe``), so it can log to MLflow and
     show progress while the rest still runs.
+
+    ``on_progress(state)``, when given, is called about every ``poll_s`` seconds with
+    ``{"<kind> <name>": {"kind", "name", "status", "done", "total", "unit"}}`` for every
+    task (``status``: ``waiting``, ``running``, ``done`` or ``reused``; ``done``/``total``
+    in optimiser steps for ``train``, scored items for ``probe``). The tasks report to a
+    :class:`pipelines.progress.ProgressHub` actor; without ``on_progress`` none is made.
 
     Returns:
         ``{"prepare": ..., "train": {name: result}, "probe": {name: result}}``.
@@ -197,32 +216,70 @@ def run_dag(
         on_event("prepare", "base", prep)
     data_ref = ray.put(prep["data"])
     base_stage = {"checkpoint": prep["base"], "history": []}
+    hub = None
+    if on_progress is not None:
+        from pipelines.progress import ProgressHub
+
+        hub = ProgressHub.remote()
 
     pending: dict = {}
-    aligned = train_t.remote("tune", cfg, home, base_stage, data_ref)
+    aligned = train_t.remote("tune", cfg, home, base_stage, data_ref, hub=hub)
     pending[aligned] = ("train", "aligned")
-    pending[probe_t.remote(cfg, home, base_stage, data_ref)] = ("probe", "base")
-    pending[probe_t.remote(cfg, home, aligned, data_ref)] = ("probe", "aligned")
-    perturbed = train_t.remote("perturb", cfg, home, aligned, data_ref)
+    pending[probe_t.remote(cfg, home, base_stage, data_ref, hub=hub)] = ("probe", "base")
+    pending[probe_t.remote(cfg, home, aligned, data_ref, hub=hub)] = ("probe", "aligned")
+    perturbed = train_t.remote("perturb", cfg, home, aligned, data_ref, hub=hub)
     pending[perturbed] = ("train", "perturbed")
-    pending[probe_t.remote(cfg, home, perturbed, data_ref)] = ("probe", "perturbed")
+    pending[probe_t.remote(cfg, home, perturbed, data_ref, hub=hub)] = ("probe", "perturbed")
     for arm in cfg.recover.arms:
         for n in cfg.recover.sizes:
             name = f"recovered/{arm}/{n}"
-            rec = train_t.remote("recover", cfg, home, perturbed, data_ref, arm, n)
+            rec = train_t.remote("recover", cfg, home, perturbed, data_ref, arm, n, hub=hub)
             pending[rec] = ("train", name)
-            pending[probe_t.remote(cfg, home, rec, data_ref)] = ("probe", name)
+            pending[probe_t.remote(cfg, home, rec, data_ref, hub=hub)] = ("probe", name)
 
+    state = {
+        f"{kind} {name}": {"kind": kind, "name": name, "status": "waiting", "done": 0, "total": None,
+                           "unit": "steps" if kind == "train" else "items"}
+        for kind, name in pending.values()
+    }
     out = {"prepare": prep, "train": {}, "probe": {}}
     waiting = list(pending)
-    while waiting:
-        done, waiting = ray.wait(waiting, num_returns=1)
-        kind, name = pending[done[0]]
-        result = ray.get(done[0])
-        out[kind][name] = result
-        if on_event:
-            on_event(kind, name, result)
+    try:
+        while waiting:
+            done, waiting = ray.wait(waiting, num_returns=1, timeout=poll_s if hub is not None else None)
+            if hub is not None:
+                _merge_progress(state, hub)
+            if not done:
+                on_progress(state)
+                continue
+            kind, name = pending[done[0]]
+            result = ray.get(done[0])
+            out[kind][name] = result
+            st = state[f"{kind} {name}"]
+            st["status"] = "reused" if result.get("reused") else "done"
+            if st["total"] is not None:
+                st["done"] = st["total"]
+            if on_progress is not None:
+                on_progress(state)
+            if on_event:
+                on_event(kind, name, result)
+    finally:
+        if hub is not None:
+            ray.kill(hub)
     return out
+
+
+def _merge_progress(state: dict[str, dict], hub) -> None:
+    """Fold the hub's latest counts into ``state`` (finished tasks keep their final status)."""
+    try:
+        snap = ray.get(hub.snapshot.remote(), timeout=10)
+    except Exception:  # noqa: BLE001 - a slow or lost hub only delays the bars
+        return
+    for key, rep in snap.items():
+        st = state.get(key)
+        if st is None or st["status"] in ("done", "reused"):
+            continue
+        st.update(done=rep["done"], total=rep["total"], status="running")
 
 
 def summary_json_text(summary: dict) -> str:

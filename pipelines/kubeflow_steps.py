@@ -201,7 +201,7 @@ def verdict_step(config: dict, overrides: List[str], data_dir: str, base_dir: st
             f"verdict: the stage artifacts cover {sorted(probe)}, the config asks for {order}"
         )
 
-    def replay(cfg, home, on_event) -> dict:
+    def replay(cfg, home, on_event, on_progress=None) -> dict:
         on_event("prepare", "base", prep)
         for name in order:
             if name in train:

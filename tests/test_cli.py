@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -33,6 +34,7 @@ def cli(*args: str, home: Path, timeout: int = 600) -> subprocess.CompletedProce
         (["run", "--set", "model.id=/no/such/model"],
          "error: model.id: '/no/such/model' is neither smollm2-135m-instruct, tiny-llama nor an existing local directory"),
         (["show", "/no/such/run"], "error: /no/such/run/summary.json: not found"),
+        (["report", "/no/such/run"], "error: /no/such/run: not a folder; expected the folder of a finished run"),
     ],
 )
 def test_user_mistakes_exit_2_with_one_line(args, expected, tmp_path):
@@ -63,9 +65,12 @@ def test_run_prints_table_and_verdict_then_show_repeats_it(tmp_path):
         assert stage in r.stdout
     assert summary["mlflow"]["run_id"] in r.stdout
     assert summary["mlflow"]["tracking_uri"] == f"sqlite:///{tmp_path.resolve() / 'mlflow.db'}"
+    assert f"Report: {out / 'report.html'}" in r.stdout
+    assert (out / "report.html").stat().st_size > 10_000
     shown = cli("show", str(out), home=tmp_path)
     assert shown.returncode == 0
     assert f"VERDICT: {summary['verdict']['label']}" in shown.stdout
+    assert f"Report: {out / 'report.html'}" in shown.stdout
 
 
 def test_suites_lists_capitals(tmp_path):
@@ -73,7 +78,21 @@ def test_suites_lists_capitals(tmp_path):
     assert r.returncode == 0 and r.stdout.startswith("capitals")
 
 
-def test_help_has_examples(tmp_path):
-    r = cli("run", "--help", home=tmp_path)
+@pytest.mark.parametrize("command, example", [
+    ("run", "Example: cl-audit run capitals --quick"),
+    ("show", "Example: cl-audit show runs/audits/"),
+    ("report", "Example: cl-audit report runs/audits/"),
+    ("suites", "Example: cl-audit suites"),
+])
+def test_help_has_examples(command, example, tmp_path):
+    r = cli(command, "--help", home=tmp_path)
     assert r.returncode == 0
+    assert example in r.stdout
+
+
+def test_top_level_help_names_the_commands(tmp_path):
+    r = cli("--help", home=tmp_path)
+    assert r.returncode == 0
+    for command in ("run", "show", "report", "suites"):
+        assert re.search(rf"\b{command}\b", r.stdout)
     assert "Example: cl-audit run capitals --quick" in r.stdout

@@ -29,7 +29,7 @@ def test_set_overrides_parse_yaml_values():
 def test_config_file_merges_over_suite():
     cfg = load_config(config_file=TINY)
     assert cfg.model.id == "tiny-llama"
-    assert cfg.tune.lr == 0.005
+    assert cfg.tune.lr == 0.01
     assert cfg.probe.ci_level == 0.95  # from the defaults, untouched
 
 

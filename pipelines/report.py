@@ -1,0 +1,356 @@
+"""``report.html``: the audit as a person reads it, self-contained, from a run folder.
+
+:func:`write_report` reads what ``cl-audit run`` wrote (``summary.json``,
+``metrics.parquet``, ``predictions/<stage>.parquet``, ``config.yaml``,
+``data_manifest.json``, and ``sweep.parquet`` where a sweep ran), draws the figures
+(:mod:`pipelines.plots`) into ``plots/*.png`` and renders
+``templates/report.html.j2`` (jinja2, autoescaped) into ``report.html``, with the
+figures embedded as base64 ``data:`` URIs: the file opens anywhere, without the run
+folder and without a network. Every file is written atomically.
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime as _dt
+import json
+from pathlib import Path
+
+import pandas as pd
+import yaml
+
+from components.artifacts import atomic_write
+from components.errors import UserError
+from pipelines.plots import Plot, all_plots
+
+TEMPLATES = Path(__file__).resolve().parent / "templates"
+STAGE_COLUMNS = [
+    ("task_acc", "task_acc", "share of evaluation facts the model's own greedy answer gets right"),
+    ("knowledge_acc", "knowledge_acc", "share where the gold answer has the highest likelihood among K candidates"),
+    ("first_token_prob", "first_token_prob", "mean probability of the gold answer's first token"),
+    ("perturb_acc", "perturb_acc", "how well the perturbation was learned, on held-out perturbation items"),
+    ("kl_to_base", "kl_to_base", "mean per-token KL(base ‖ checkpoint) on gold answers, nats"),
+    ("kl_to_aligned", "kl_to_aligned", "mean per-token KL(aligned ‖ checkpoint) on gold answers, nats"),
+]
+HEADLINES = {
+    "spurious": "Spurious forgetting: the fine-tune cost task alignment, not knowledge",
+    "knowledge_loss": "Knowledge loss: the fine-tune erased facts, not only the task alignment",
+    "mixed": "Mixed: the evidence does not separate alignment loss from knowledge loss",
+    "no_forgetting": "No forgetting: the task did not drop significantly",
+}
+FLIP_SAMPLE = 6
+ARMS = {
+    "in_task": "the task on facts never evaluated",
+    "irrelevant": "an unrelated task",
+    "safety": "safety examples",
+}
+PERTURB_KINDS = {
+    "refusal": "questions of the task answered with a refusal: breaks the task alignment, leaves the facts alone",
+    "wrong_facts": "facts, the evaluated ones included, trained onto wrong answers: a known case of knowledge loss",
+    "none": "no training: the perturbed checkpoint equals the aligned one",
+}
+POOLS = {
+    "eval": "evaluated facts (each answered correctly by the base model)",
+    "align": "tune stage: task examples that align the model",
+    "perturb": "perturb stage: the examples that shift the model",
+    "perturb_eval": "held-out perturbation items, for perturb_acc",
+    "recover": "in_task recovery arm: the task on facts never evaluated",
+    "irrelevant": "irrelevant recovery arm: an unrelated task",
+}
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise UserError(f"{path}: not found; expected the folder of a finished run") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"{path}: not valid JSON ({e})") from None
+
+
+def _read_parquet(path: Path) -> pd.DataFrame | None:
+    if not path.exists():
+        return None
+    try:
+        return pd.read_parquet(path)
+    except Exception as e:  # noqa: BLE001 - pyarrow raises several types for a bad file
+        raise UserError(f"{path}: not a readable Parquet file ({str(e).splitlines()[0][:120]})") from None
+
+
+def _fmt(x, nd: int = 3) -> str:
+    return "–" if x is None else f"{x:.{nd}f}"
+
+
+def _ci(ci, nd: int = 2) -> str:
+    return "" if not ci or ci[0] is None or ci[1] is None else f"[{ci[0]:.{nd}f}, {ci[1]:.{nd}f}]"
+
+
+def mlflow_link(mlflow: dict) -> dict:
+    """Where the MLflow parent run can be opened.
+
+    Returns:
+        ``{"uri", "run_id", "experiment_id", "url", "ui_command"}``: ``url`` is the run's
+        page (on the tracking server for an ``http(s)://`` URI; on a local ``mlflow ui``
+        at 127.0.0.1:5000 otherwise, which ``ui_command`` starts).
+    """
+    uri = mlflow.get("tracking_uri", "")
+    exp, run = mlflow.get("experiment_id") or "0", mlflow.get("run_id", "")
+    page = f"#/experiments/{exp}/runs/{run}"
+    if uri.startswith(("http://", "https://")):
+        return {"uri": uri, "run_id": run, "experiment_id": exp, "url": f"{uri.rstrip('/')}/{page}",
+                "ui_command": None}
+    return {"uri": uri, "run_id": run, "experiment_id": exp, "url": f"http://127.0.0.1:5000/{page}",
+            "ui_command": f"mlflow ui --backend-store-uri {uri} --host 127.0.0.1 --port 5000"}
+
+
+def _ci_words(ci) -> str:
+    return "" if not ci or ci[0] is None or ci[1] is None else f" (95% CI {ci[0]:.2f} to {ci[1]:.2f})"
+
+
+def _went(before, after) -> str:
+    if before is not None and after is not None and f"{before:.2f}" == f"{after:.2f}":
+        return f"stayed at {before:.2f} from aligned to perturbed"
+    return f"went from {_fmt(before, 2)} (aligned) to {_fmt(after, 2)} (perturbed)"
+
+
+def verdict_sentence(summary: dict) -> str:
+    """The verdict in one sentence with the numbers it rests on."""
+    v, st = summary["verdict"], summary["stages"]
+    al, pe = st["aligned"], st["perturbed"]
+    chance = st["base"].get("knowledge_chance")
+    head = HEADLINES.get(v["label"], v["label"])
+    ret = v.get("knowledge_retention")
+    ret_txt = (f"giving a knowledge retention of {_fmt(ret, 2)}{_ci_words(v.get('knowledge_retention_ci'))}, "
+               "where 1 means all above-chance knowledge was kept"
+               if ret is not None else "knowledge retention is undefined (aligned knowledge at chance)")
+    s = (
+        f"{head}. Task accuracy {_went(al['task_acc'], pe['task_acc'])}, a drop of "
+        f"{_fmt(v['task_drop'], 2)}{_ci_words(v.get('task_drop_ci'))}, while knowledge accuracy "
+        f"{_went(al['knowledge_acc'], pe['knowledge_acc'])} against a chance level of {_fmt(chance, 2)}, "
+        f"{ret_txt}"
+    )
+    best = _best_recovery(v)
+    target = v.get("thresholds", {}).get("recovery_target", 0.5)
+    if best and best[1] >= target:
+        s += f"; {best[0]} recovery examples bring back {best[1]:.0%} of the lost task accuracy"
+    elif best:
+        s += (f"; no recovery arm brings the task back (the best, {best[0]} examples, recovers "
+              f"{max(best[1], 0):.0%} of the lost task accuracy)")
+    return s + "."
+
+
+def _best_recovery(v: dict) -> tuple[str, float] | None:
+    """The recovery arm and n with the highest recovery ratio (smallest n on ties)."""
+    items = [(k, r) for k, r in v.get("recovery_ratio", {}).items() if r is not None]
+    if not items or v.get("label") == "no_forgetting":
+        return None
+    k, r = max(items, key=lambda kr: (kr[1], -int(kr[0].split("/")[1])))
+    arm, n = k.split("/")
+    return f"{n} {arm.replace('_', '-')}", r
+
+
+def verdict_rows(summary: dict) -> list[dict]:
+    """The verdict's quantities with CIs and the rule each is compared against."""
+    v = summary["verdict"]
+    th = v.get("thresholds", {})
+    rows = [
+        {"name": "task_drop", "value": _fmt(v["task_drop"]), "ci": _ci(v.get("task_drop_ci")),
+         "meaning": "task_acc(aligned) − task_acc(perturbed)", "rule": "significant when the CI excludes 0"},
+        {"name": "knowledge_retention", "value": _fmt(v.get("knowledge_retention")),
+         "ci": _ci(v.get("knowledge_retention_ci")),
+         "meaning": "(K(perturbed) − chance) / (K(aligned) − chance)",
+         "rule": (f"retained ≥ {th['retention_threshold']}, lost < {th['loss_threshold']}" if th else "")},
+    ]
+    for k, r in v.get("recovery_ratio", {}).items():
+        rows.append({"name": f"recovery_ratio[{k}]", "value": _fmt(r), "ci": _ci(v.get("recovery_ratio_ci", {}).get(k)),
+                     "meaning": "(task_acc(recovered) − task_acc(perturbed)) / task_drop",
+                     "rule": f"came back ≥ {th['recovery_target']}" if th else ""})
+        kar = v.get("knowledge_after_recovery", {}).get(k)
+        rows.append({"name": f"knowledge_after_recovery[{k}]", "value": _fmt(kar),
+                     "ci": _ci(v.get("knowledge_after_recovery_ci", {}).get(k)),
+                     "meaning": "(K(recovered) − chance) / (K(aligned) − chance)",
+                     "rule": f"returned ≥ {th['retention_threshold']} with n ≤ {th['small_n']}" if th else ""})
+    return rows
+
+
+def setup_lines(cfg: dict, summary: dict) -> list[str]:
+    """What each stage did, in words, from the resolved config (missing fields are skipped)."""
+    def train(c: dict) -> str:
+        bits = [f"{c.get('method', '?')}", f"{c.get('epochs', '?')} epochs", f"lr {c.get('lr', '?')}"]
+        if c.get("kl_penalty"):
+            bits.append(f"KL penalty {c['kl_penalty']}")
+        if c.get("freeze_layers"):
+            bits.append(f"bottom {c['freeze_layers']} layers frozen")
+        return ", ".join(bits)
+
+    d, t, p, r = (cfg.get(k, {}) or {} for k in ("data", "tune", "perturb", "recover"))
+    n_eval = d.get("n_eval", "?")
+    chance = summary["stages"]["base"].get("knowledge_chance")
+    k = f"{round(1 / chance)}" if chance else "?"
+    lines = [
+        f"evaluation: {n_eval} facts that the base model answered correctly, each with K = {k} answer "
+        "candidates for the likelihood ranking",
+        f"tune → aligned: {d.get('n_align', '?')} task examples ({train(t)})",
+        f"perturb → perturbed: {d.get('n_perturb', '?')} examples of kind '{p.get('kind', '?')}'"
+        + (f" ({PERTURB_KINDS[p['kind']]})" if p.get("kind") in PERTURB_KINDS else "") + f"; {train(p)}",
+    ]
+    if r:
+        arms = ", ".join(f"{a} ({ARMS[a]})" if a in ARMS else a for a in r.get("arms", [])) or "?"
+        sizes = ", ".join(str(n) for n in r.get("sizes", [])) or "?"
+        lines.append(f"recover → recovered/<arm>/<n>: arms {arms}, n ∈ {{{sizes}}} examples ({train(r)})")
+    return lines
+
+
+def config_sections(cfg: dict) -> list[tuple[str, str]]:
+    """The resolved config as YAML blocks: the top-level scalars together, then one block per section."""
+    top = {k: v for k, v in cfg.items() if not isinstance(v, dict)}
+    out = [("", yaml.safe_dump(top, sort_keys=False, allow_unicode=True))] if top else []
+    out += [(k, yaml.safe_dump({k: v}, sort_keys=False, allow_unicode=True)) for k, v in cfg.items()
+            if isinstance(v, dict)]
+    return out
+
+
+def stage_rows(summary: dict) -> list[dict]:
+    """One row per checkpoint: each metric's value and CI as text."""
+    out = []
+    for name, st in summary["stages"].items():
+        cells = []
+        for key, _, _ in STAGE_COLUMNS:
+            cells.append({"value": _fmt(st.get(key)), "ci": _ci(st.get("ci", {}).get(key))})
+        out.append({"stage": name, "cells": cells})
+    return out
+
+
+def transitions(run_dir: Path, summary: dict, k: int = FLIP_SAMPLE) -> list[dict]:
+    """Items whose task answer flipped between consecutive stages, with a sample of each.
+
+    Pairs: aligned → perturbed, then perturbed → each recovered checkpoint. Counts of
+    correct→wrong and wrong→correct per pair (Harmon et al., arXiv 2510.17776), and up to
+    ``k`` flipped items (lost first for the perturbation, regained first for a recovery),
+    ordered by item id so the sample is the same on every render; where nothing
+    flipped, up to 3 unchanged items (wrong at both stages first).
+
+    Returns:
+        ``[{"before", "after", "lost", "gained", "both_right", "both_wrong", "n", "sample": [{"question", "expected",
+        "before", "after", "task_before", "task_after", "know_before", "know_after"}]}]``;
+        pairs whose predictions files are missing are left out.
+    """
+    names = list(summary["stages"])
+    pairs = [("aligned", "perturbed")] + [("perturbed", n) for n in names if n.startswith("recovered/")]
+    out = []
+    for a, b in pairs:
+        pa = _read_parquet(run_dir / "predictions" / f"{a}.parquet")
+        pb = _read_parquet(run_dir / "predictions" / f"{b}.parquet")
+        if pa is None or pb is None:
+            continue
+        m = pa.merge(pb, on="item_id", suffixes=("_a", "_b"))
+        lost = m[m.task_correct_a & ~m.task_correct_b].sort_values("item_id")
+        gained = m[~m.task_correct_a & m.task_correct_b].sort_values("item_id")
+        first, second = (lost, gained) if a == "aligned" else (gained, lost)
+        sample = pd.concat([first.head(k), second.head(max(0, k - len(first.head(k))))])
+        same_wrong = m[~m.task_correct_a & ~m.task_correct_b].sort_values("item_id")
+        same_right = m[m.task_correct_a & m.task_correct_b].sort_values("item_id")
+        if sample.empty:  # nothing flipped: show how the items stand (wrong ones first)
+            sample = pd.concat([same_wrong, same_right]).head(min(k, 3))
+        out.append({
+            "before": a, "after": b, "n": len(m), "lost": len(lost), "gained": len(gained),
+            "both_right": len(same_right), "both_wrong": len(same_wrong),
+            "sample": [
+                {"question": r.question_a, "expected": r.expected_a, "before": r.response_a, "after": r.response_b,
+                 "task_before": bool(r.task_correct_a), "task_after": bool(r.task_correct_b),
+                 "know_before": bool(r.knowledge_correct_a), "know_after": bool(r.knowledge_correct_b)}
+                for r in sample.itertuples()
+            ],
+        })
+    return out
+
+
+def load_run(run_dir: Path) -> dict:
+    """Everything a report needs from a run folder.
+
+    Raises:
+        UserError: ``summary.json`` missing or not JSON, a Parquet file unreadable.
+    """
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise UserError(f"{run_dir}: not a folder; expected the folder of a finished run")
+    summary = _read_json(run_dir / "summary.json")
+    for key in ("stages", "verdict", "mlflow"):
+        if key not in summary:
+            raise UserError(f"{run_dir / 'summary.json'}: field '{key}' missing; expected a cl-audit summary")
+    manifest = _read_json(run_dir / "data_manifest.json") if (run_dir / "data_manifest.json").exists() else {}
+    cfg = run_dir / "config.yaml"
+    cfg_text = cfg.read_text() if cfg.exists() else ""
+    try:
+        cfg_tree = yaml.safe_load(cfg_text) or {}
+    except yaml.YAMLError as e:
+        raise UserError(f"{cfg}: not valid YAML ({str(e).splitlines()[0]})") from None
+    return {
+        "dir": run_dir,
+        "summary": summary,
+        "metrics": _read_parquet(run_dir / "metrics.parquet"),
+        "sweep": _read_parquet(run_dir / "sweep.parquet"),
+        "manifest": manifest,
+        "config_text": cfg_text or "(config.yaml not found)",
+        "config": cfg_tree if isinstance(cfg_tree, dict) else {},
+    }
+
+
+def render_html(run: dict, plots: list[Plot]) -> str:
+    """The report's HTML text (jinja2 template, autoescaped; images as data: URIs)."""
+    from jinja2 import Environment, FileSystemLoader, StrictUndefined
+
+    env = Environment(loader=FileSystemLoader(str(TEMPLATES)), autoescape=True, undefined=StrictUndefined,
+                      trim_blocks=True, lstrip_blocks=True)
+    s = run["summary"]
+    v = s["verdict"]
+    pools = run["manifest"].get("pools", {})
+    ctx = {
+        "title": f"cl-audit report: {s.get('suite', '?')} / {s.get('model', '?')}",
+        "s": s,
+        "label": v["label"],
+        "headline": HEADLINES.get(v["label"], v["label"]),
+        "sentence": verdict_sentence(s),
+        "reason": v.get("reason", ""),
+        "evidence": v.get("recovery_evidence", {}),
+        "verdict_rows": verdict_rows(s),
+        "thresholds": v.get("thresholds", {}),
+        "columns": STAGE_COLUMNS,
+        "stage_rows": stage_rows(s),
+        "plots": [{"title": p.title, "caption": p.caption, "name": p.name,
+                   "src": "data:image/png;base64," + base64.b64encode(p.png).decode()} for p in plots],
+        "transitions": transitions(run["dir"], s),
+        "config_text": run["config_text"],
+        "setup": setup_lines(run["config"], s),
+        "config_sections": config_sections(run["config"]),
+        "pools": [{"name": k, "role": POOLS.get(k, ""), **p} for k, p in pools.items()],
+        "model_manifest": run["manifest"].get("model", {}),
+        "mlflow": mlflow_link(s.get("mlflow", {})),
+        "data_notes": s.get("data", {}),
+        "versions": s.get("versions", {}),
+        "run_dir": str(run["dir"]),
+        "generated": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+    }
+    return env.get_template("report.html.j2").render(**ctx)
+
+
+def write_report(run_dir: Path) -> Path:
+    """Draw the figures into ``run_dir/plots/`` and write ``run_dir/report.html``.
+
+    Returns:
+        The path of ``report.html``.
+
+    Raises:
+        UserError: the folder is not a finished run (see :func:`load_run`).
+    """
+    run = load_run(run_dir)
+    plots = all_plots(run["summary"], run["metrics"], run["sweep"])
+    for p in plots:
+        atomic_write(Path(run_dir) / "plots" / f"{p.name}.png", p.png)
+    keep = {f"{p.name}.png" for p in plots}
+    for old in (Path(run_dir) / "plots").glob("*.png"):  # figures a previous render drew, now without data
+        if old.name not in keep:
+            old.unlink()
+    out = Path(run_dir) / "report.html"
+    atomic_write(out, render_html(run, plots))
+    return out

@@ -1,0 +1,31 @@
+"""Live progress from the Ray stage tasks: optimiser steps and scored items reach the driver."""
+
+from __future__ import annotations
+
+import math
+
+from pipelines.audit import run_audit
+
+from conftest import tiny_config
+
+
+def test_progress_counts_steps_and_items(tiny_run, home, tmp_path):
+    cfg = tiny_config("recover.arms=[in_task]", "recover.epochs=3")  # only recover + its probe run anew
+    snapshots: list[dict] = []
+    run_audit(cfg, tmp_path / "p", home, on_progress=lambda st: snapshots.append(
+        {k: dict(v) for k, v in st.items()}))
+    final = snapshots[-1]
+    names = ["base", "aligned", "perturbed", "recovered/in_task/4"]
+    assert set(final) == {f"probe {n}" for n in names} | {f"train {n}" for n in names[1:]}
+    # stages computed in an earlier test are reused: no counts, status "reused"
+    for key in ("train aligned", "train perturbed", "probe base", "probe aligned", "probe perturbed"):
+        assert final[key]["status"] == "reused", final[key]
+    steps = math.ceil(4 / cfg.recover.batch_size) * cfg.recover.epochs
+    assert final["train recovered/in_task/4"] == {
+        "kind": "train", "name": "recovered/in_task/4", "status": "done", "done": steps, "total": steps,
+        "unit": "steps"}
+    items = 2 * cfg.data.n_eval + cfg.data.n_perturb_eval
+    assert final["probe recovered/in_task/4"]["done"] == final["probe recovered/in_task/4"]["total"] == items
+    # the bars only move forward
+    seen = [s["train recovered/in_task/4"]["done"] for s in snapshots]
+    assert seen == sorted(seen)

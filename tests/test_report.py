@@ -1,0 +1,211 @@
+"""The report a person reads: figures, report.html in a real headless Chromium, `cl-audit report`."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import re
+import shutil
+
+import numpy as np
+import pandas as pd
+import pytest
+from matplotlib.image import imread
+from mlflow.tracking import MlflowClient
+
+from pipelines.plots import all_plots, sweep_heatmap_plot
+from pipelines.report import load_run, transitions, verdict_sentence, write_report
+
+from conftest import ROOT
+from test_cli import cli
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = [
+    "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
+    "--disable-component-update", "--disable-sync",
+]
+ARTIFACTS = ROOT / "test-artifacts"
+BASIC = {"decomposition", "recovery", "kl_drift"}
+
+
+def _png_size(png: bytes) -> tuple[int, int]:
+    img = imread(io.BytesIO(png), format="png")
+    return img.shape[1], img.shape[0]
+
+
+def synthetic_summary() -> dict:
+    """A hand-made summary: two recovery arms at n = 2 and 10."""
+    def st(t, k, kb, ka):
+        return {"task_acc": t, "knowledge_acc": k, "knowledge_chance": 0.25, "first_token_prob": 0.5,
+                "perturb_acc": 0.1, "kl_to_base": kb, "kl_to_aligned": ka,
+                "ci": {"task_acc": [t - 0.1, min(1, t + 0.1)], "knowledge_acc": [k - 0.1, min(1, k + 0.1)],
+                       "kl_to_base": [kb, kb], "kl_to_aligned": [ka, ka]}}
+    stages = {"base": st(0.9, 0.8, 0.0, 0.1), "aligned": st(0.95, 0.8, 0.1, 0.0), "perturbed": st(0.2, 0.75, 0.5, 0.4)}
+    for arm, ts in (("in_task", (0.6, 0.9)), ("irrelevant", (0.4, 0.7))):
+        for n, t in zip((2, 10), ts):
+            stages[f"recovered/{arm}/{n}"] = st(t, 0.78, 0.4, 0.3)
+    return {"suite": "capitals", "model": "m", "config_digest": "x" * 16, "stages": stages,
+            "verdict": {"label": "spurious", "task_drop": 0.75, "task_drop_ci": [0.6, 0.9],
+                        "knowledge_retention": 0.91, "knowledge_retention_ci": [0.8, 1.0],
+                        "recovery_ratio": {"in_task/2": 0.53, "in_task/10": 0.93, "irrelevant/2": 0.27,
+                                           "irrelevant/10": 0.67}},
+            "mlflow": {"tracking_uri": "http://127.0.0.1:5000", "experiment_id": "3", "run_id": "abc"}}
+
+
+def per_layer_rows(stages: list[str], n_layers: int) -> pd.DataFrame:
+    """Rows as the probe / weight-drift stages write them: one per (stage, layer)."""
+    rows = []
+    for i, s in enumerate(stages):
+        for layer in range(n_layers):
+            v = 0.4 + 0.05 * layer - 0.02 * i
+            rows.append({"stage": s, "metric": "probe_acc", "layer": layer, "value": v, "ci_low": v - 0.05,
+                         "ci_high": v + 0.05})
+            if s != "base":
+                rows.append({"stage": s, "metric": "weight_drift", "layer": layer, "value": 0.01 * (layer + 1),
+                             "ci_low": None, "ci_high": None})
+    rows.append({"stage": "base", "metric": "probe_chance", "layer": None, "value": 0.2, "ci_low": None,
+                 "ci_high": None})
+    df = pd.DataFrame(rows, columns=["stage", "metric", "layer", "value", "ci_low", "ci_high"])
+    df["layer"] = df["layer"].astype("Int64")
+    return df
+
+
+def test_figures_drawn_only_where_the_data_exists():
+    s = synthetic_summary()
+    basic = all_plots(s)
+    assert [p.name for p in basic] == ["decomposition", "recovery", "kl_drift"]
+    for p in basic:
+        w, h = _png_size(p.png)
+        assert w > 400 and h > 250
+    # a metrics table without per-layer rows (the foundation's) draws no per-layer figure
+    plain = pd.DataFrame([{"stage": "base", "metric": "task_acc", "layer": None, "value": 0.9,
+                           "ci_low": 0.8, "ci_high": 1.0}])
+    assert [p.name for p in all_plots(s, plain)] == [p.name for p in basic]
+
+    sweep = pd.DataFrame([
+        {"perturb.kl_penalty": kl, "recover.size": n, "recover.arm": arm, "recovery_ratio": r}
+        for arm in ("in_task", "irrelevant") for kl in (0.0, 0.1, 1.0) for n, r in ((2, 0.3), (10, 0.9))
+    ])
+    full = all_plots(s, per_layer_rows(list(s["stages"]), 6), sweep)
+    assert [p.name for p in full] == ["decomposition", "recovery", "kl_drift", "probe_layers", "weight_drift",
+                                      "sweep_heatmap"]
+    # the two-arm heatmap is wider than a one-arm one
+    one_arm = sweep_heatmap_plot(sweep[sweep["recover.arm"] == "in_task"].drop(columns="recover.arm"))
+    assert _png_size(full[-1].png)[0] > _png_size(one_arm.png)[0]
+    # a sweep table without a recovery ratio has no heatmap
+    assert sweep_heatmap_plot(sweep.drop(columns="recovery_ratio")) is None
+    # same data, same bytes (no timestamps in the PNG)
+    assert all_plots(s)[0].png == basic[0].png
+
+
+def test_verdict_sentence_carries_the_numbers():
+    text = verdict_sentence(synthetic_summary())
+    assert text.startswith("Spurious forgetting: the fine-tune cost task alignment, not knowledge.")
+    assert "from 0.95 (aligned) to 0.20 (perturbed), a drop of 0.75 (95% CI 0.60 to 0.90)" in text
+    assert "against a chance level of 0.25, giving a knowledge retention of 0.91 (95% CI 0.80 to 1.00)" in text
+    assert text.endswith("; 10 in-task recovery examples bring back 93% of the lost task accuracy.")
+    s = synthetic_summary()
+    s["verdict"]["recovery_ratio"] = {"in_task/2": 0.1, "irrelevant/2": -0.2}
+    assert verdict_sentence(s).endswith(
+        "; no recovery arm brings the task back (the best, 2 in-task examples, recovers 10% of the lost task accuracy).")
+
+
+def test_flipped_items_match_the_predictions(tiny_run):
+    _, out, s = tiny_run
+    tr = transitions(out, s)
+    assert [(t["before"], t["after"]) for t in tr] == [
+        ("aligned", "perturbed"), ("perturbed", "recovered/in_task/4"), ("perturbed", "recovered/irrelevant/4")]
+    a = pd.read_parquet(out / "predictions" / "aligned.parquet")
+    p = pd.read_parquet(out / "predictions" / "perturbed.parquet")
+    assert tr[0]["lost"] == int((a.task_correct & ~p.task_correct).sum())
+    assert tr[0]["gained"] == int((~a.task_correct & p.task_correct).sum())
+    assert tr[0]["n"] == len(a) == 16
+    assert len(tr[0]["sample"]) == min(6, tr[0]["lost"] + tr[0]["gained"])
+    for row in tr[0]["sample"]:
+        assert row["task_before"] != row["task_after"]
+        match = a[a.question == row["question"]].iloc[0]
+        assert row["expected"] == match.expected and row["before"] == match.response
+
+
+def test_report_opens_in_headless_chromium(tiny_run):
+    """report.html written by the run: every figure loads, no request leaves the file,
+    the verdict is there; a screenshot is kept in test-artifacts/."""
+    from playwright.sync_api import sync_playwright
+
+    _, out, s = tiny_run
+    html_path = out / "report.html"
+    html = html_path.read_text()
+    assert shutil.which("chromium") == CHROMIUM, "Debian's chromium is required (.ci/run installs it)"
+    # self-contained: no stylesheet, script or image from elsewhere
+    assert not re.search(r"<link|<script|src=\"(?!data:)|url\(", html)
+    assert {p.stem for p in (out / "plots").glob("*.png")} == BASIC
+
+    requests: list[str] = []
+    ARTIFACTS.mkdir(exist_ok=True)
+    shot = ARTIFACTS / "report-tiny.png"
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1200, "height": 900})
+            page.on("request", lambda r: requests.append(r.url))
+            page.goto(html_path.as_uri(), wait_until="load")
+            images = page.evaluate(
+                "Array.from(document.images).map(i => ({alt: i.alt, complete: i.complete, w: i.naturalWidth}))")
+            verdict = page.inner_text("#verdict")
+            body = page.inner_text("body")
+            page.screenshot(path=str(shot), full_page=True)
+        finally:
+            browser.close()
+    assert len(images) == 3
+    assert all(i["complete"] and i["w"] > 400 for i in images), images
+    assert [u for u in requests if not u.startswith(("data:", "file:"))] == []
+    assert f"VERDICT: {s['verdict']['label']}".lower() in verdict.lower()
+    assert verdict_sentence(s) in verdict
+    for needle in (s["model_digest"], s["data_digest"], s["mlflow"]["run_id"], "recovered/irrelevant/4",
+                   "aligned → perturbed"):
+        assert needle in body
+    w, h = _png_size(shot.read_bytes())
+    assert w == 1200 and h > 2000  # the full page, not only the first screen
+
+
+def test_report_on_mlflow_parent(tiny_run):
+    _, out, s = tiny_run
+    client = MlflowClient(s["mlflow"]["tracking_uri"])
+    top = {f.path for f in client.list_artifacts(s["mlflow"]["run_id"])}
+    assert {"report.html", "plots"} <= top
+    plots = {f.path for f in client.list_artifacts(s["mlflow"]["run_id"], "plots")}
+    assert plots == {f"plots/{n}.png" for n in BASIC}
+
+
+def test_report_command_redraws_with_per_layer_data(tiny_run, tmp_path):
+    """`cl-audit report` on a copy of the run whose metrics gained per-layer rows."""
+    _, out, s = tiny_run
+    run = tmp_path / "run"
+    shutil.copytree(out, run)
+    (run / "report.html").unlink()
+    m = pd.read_parquet(run / "metrics.parquet")
+    m = pd.concat([m, per_layer_rows(list(s["stages"]), 3)], ignore_index=True)
+    m.to_parquet(run / "metrics.parquet", index=False)
+    r = cli("report", str(run), home=tmp_path)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert f"Wrote {run / 'report.html'} (5 figures" in r.stdout
+    assert {p.stem for p in (run / "plots").glob("*.png")} == BASIC | {"probe_layers", "weight_drift"}
+    html = (run / "report.html").read_text()
+    assert html.count("<img src=\"data:image/png;base64,") == 5
+    # the figure is embedded byte for byte
+    assert (run / "plots" / "probe_layers.png").read_bytes() in [
+        base64.b64decode(x) for x in re.findall(r"base64,([A-Za-z0-9+/=]+)", html)]
+    # back to the plain metrics: the per-layer figures go away again
+    (run / "metrics.parquet").write_bytes((out / "metrics.parquet").read_bytes())
+    write_report(run)
+    assert {p.stem for p in (run / "plots").glob("*.png")} == BASIC
+
+
+def test_report_of_a_folder_without_a_run(tmp_path):
+    r = cli("report", str(tmp_path), home=tmp_path)
+    assert r.returncode == 2
+    assert r.stderr.strip() == f"error: {tmp_path / 'summary.json'}: not found; expected the folder of a finished run"
+    (tmp_path / "summary.json").write_text(json.dumps({"suite": "x"}))
+    with pytest.raises(Exception, match="field 'stages' missing"):
+        load_run(tmp_path)
