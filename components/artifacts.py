@@ -1,4 +1,4 @@
-"""Artifacts: a content-addressed stage store, atomic writes, and MLflow logging.
+"""Artifacts: a content-addressed stage store, atomic writes, file digests and provenance.
 
 Store layout (``<root>/store``)::
 
@@ -14,8 +14,10 @@ renamed into place only when complete: no partial artifact is ever visible.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import platform
 import shutil
 import subprocess
 import tempfile
@@ -109,6 +111,92 @@ class Store:
         """Keys computed (not reused) so far, in order."""
         log = self.root / "executions.log"
         return [line.split()[1] for line in log.read_text().splitlines()] if log.exists() else []
+
+
+def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    """Hex sha256 of a file's bytes."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def file_record(path: Path) -> dict:
+    """``{"sha256": hex, "size": bytes}`` of one file (an entry of an audit manifest)."""
+    path = Path(path)
+    return {"sha256": sha256_file(path), "size": path.stat().st_size}
+
+
+def check_file(path: Path | None, expected: dict) -> str | None:
+    """Compare a file with its manifest entry.
+
+    Args:
+        path: the file to check (None or absent: it is missing).
+        expected: ``{"sha256": hex, "size": bytes}``.
+
+    Returns:
+        None when size and sha256 match, else why not (``missing``, ``size 10 != 12``,
+        ``sha256 ab12... != cd34...``).
+    """
+    if path is None or not Path(path).is_file():
+        return "missing"
+    got = file_record(path)
+    if got["size"] != expected["size"]:
+        return f"size {got['size']} != {expected['size']} bytes expected"
+    if got["sha256"] != expected["sha256"]:
+        return f"sha256 {got['sha256'][:16]}... != {expected['sha256'][:16]}... expected"
+    return None
+
+
+def git_dirty(repo: Path | None = None) -> bool | None:
+    """True when tracked files of the checkout differ from its commit (None outside a checkout)."""
+    repo = repo or Path(__file__).resolve().parent.parent
+    try:
+        out = subprocess.run(
+            ["git", "-C", str(repo), "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True, text=True, timeout=10,
+        )
+        return bool(out.stdout.strip()) if out.returncode == 0 else None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def machine_info() -> dict[str, str]:
+    """The machine this process runs on: CPU model and count, GPUs (CUDA) and count, OS.
+
+    Inside a Ray task ``ray_cpus`` is the number of CPUs Ray assigned to it.
+    Values are strings (they become MLflow tags).
+    """
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    gpus: list[str] = []
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            gpus = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+    except Exception:  # noqa: BLE001 - no usable CUDA counts as no GPU
+        gpus = []
+    info = {
+        "cpu": cpu, "cpu_count": str(os.cpu_count() or 0),
+        "gpu": ", ".join(sorted(set(gpus))) or "none", "gpu_count": str(len(gpus)),
+        "platform": platform.platform(),
+    }
+    try:
+        import ray
+
+        if ray.is_initialized() and ray.get_runtime_context().get_task_id():
+            info["ray_cpus"] = str(ray.get_runtime_context().get_assigned_resources().get("CPU", 0))
+    except Exception:  # noqa: BLE001 - outside Ray
+        pass
+    return info
 
 
 def git_commit(repo: Path | None = None) -> str:

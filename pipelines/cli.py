@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Optional
 
 import typer
+from rich import box
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
@@ -95,6 +96,9 @@ def run(
     out: Optional[Path] = typer.Option(None, "--out", help="Run folder (default: runs/audits/<suite>-<config digest>)."),
     tracking_uri: Optional[str] = typer.Option(None, "--tracking-uri", help="MLflow tracking URI (default: sqlite in runs/)."),
     quick: bool = typer.Option(False, "--quick", help="A small version of the same audit (smoke test)."),
+    register: Optional[str] = typer.Option(
+        None, "--register", metavar="NAME",
+        help="Register the aligned, perturbed and recovered checkpoints as versions of this MLflow registered model."),
 ) -> None:
     """Run one audit: tune -> perturb -> recover -> probe, then the verdict.
 
@@ -102,17 +106,24 @@ def run(
     """
     from components.config import load_config
     from pipelines.audit import default_home, run_audit, stage_order
+    from pipelines.tracking import check_model_name
 
+    if register is not None:
+        check_model_name(register)
     cfg = load_config(suite, config, set_, quick)
     home = default_home()
     out_dir = out or home / "audits" / f"{cfg.suite}-{cfg.digest()[:12]}"
     t0 = time.time()
     n_ckpt = len(stage_order(cfg))
     with AuditProgress(console, n_tasks=2 * n_ckpt - 1) as display:
-        summary = run_audit(cfg, out_dir, home, tracking_uri, display.message, display.update)
+        summary = run_audit(cfg, out_dir, home, tracking_uri, display.message, display.update, register=register)
     console.print(stage_table(summary))
     for line in verdict_lines(summary):
         console.print(line, highlight=False, markup=False)
+    reg = summary.get("registered_model")
+    if reg:
+        vers = ", ".join(f"{st} v{v}" for st, v in reg["versions"].items())
+        console.print(f"Registered model {reg['name']}: {vers}", highlight=False, markup=False)
     console.print(f"Wrote {out_dir}/summary.json in {time.time() - t0:.0f} s", highlight=False)
     console.print(f"Report: {out_dir / 'report.html'}", highlight=False)
 
@@ -254,6 +265,118 @@ def submit(
         sys.exit(code)
 
 
+def _store_uri(tracking_uri: Optional[str]) -> str:
+    from pipelines.audit import default_home
+    from pipelines.tracking import resolve_tracking_uri
+
+    return resolve_tracking_uri(tracking_uri, default_home())
+
+
+URI_HELP = "MLflow tracking URI (default: MLFLOW_TRACKING_URI, else sqlite in runs/)."
+
+
+@app.command()
+def verify(
+    target: str = typer.Argument(..., metavar="RUN_DIR_OR_MLFLOW_RUN_ID", help="A run folder or an audit's MLflow run id."),
+    tracking_uri: Optional[str] = typer.Option(None, "--tracking-uri", help=URI_HELP),
+) -> None:
+    """Check every artifact of an audit against its manifest (sha256 and size).
+
+    A run folder is read from disk (stage artifacts from the stage store); a run id is
+    downloaded from the tracking store. Exits 1 and prints one line per mismatching
+    file when anything differs.
+
+    Example: cl-audit verify runs/audits/capitals-0123abcd
+    """
+    from pipelines.trail import classify, verify as do_verify
+
+    uri = tracking_uri if classify(target) == "folder" else _store_uri(tracking_uri)
+    report = do_verify(target, uri)
+    for path, why in report.mismatches:
+        console.print(f"MISMATCH {path}: {why}", highlight=False, markup=False, soft_wrap=True)
+    for note in report.notes:
+        console.print(f"note: {note}", highlight=False, markup=False, soft_wrap=True)
+    if report.ok:
+        console.print(f"OK: {report.checked} files of {report.where} match the manifest (sha256 and size)",
+                      highlight=False, markup=False, soft_wrap=True)
+        return
+    console.print(f"FAILED: {len(report.mismatches)} of {report.checked} files of {report.where} do not match",
+                  highlight=False, markup=False, soft_wrap=True)
+    raise typer.Exit(1)
+
+
+@app.command()
+def history(
+    suite: Optional[str] = typer.Option(None, "--suite", help="Only audits of this suite."),
+    model: Optional[str] = typer.Option(None, "--model", help="Only audits of this model id (model.id)."),
+    tracking_uri: Optional[str] = typer.Option(None, "--tracking-uri", help=URI_HELP),
+    limit: int = typer.Option(50, "--limit", min=1, help="At most this many audits."),
+) -> None:
+    """Past audits in the tracking store, newest first.
+
+    Example: cl-audit history --suite capitals
+    """
+    from pipelines.trail import history as do_history
+
+    uri = _store_uri(tracking_uri)
+    rows = do_history(uri, suite, model, limit)
+    if not rows:
+        console.print(f"no finished audits in {uri}" + (f" for suite {suite}" if suite else "")
+                      + (f" and model {model}" if model else ""), highlight=False, markup=False)
+        return
+    t = Table(title=f"audits in {uri}, newest first", box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True)
+    for col, kw in (("date", {"no_wrap": True}), ("run", {"no_wrap": True}), ("model", {}), ("suite", {}),
+                    ("settings", {}), ("verdict", {"no_wrap": True}), ("task drop", {"justify": "right"}),
+                    ("retention", {"justify": "right"}), ("best recovery", {"no_wrap": True})):
+        t.add_column(col, **kw)
+    for r in rows:
+        t.add_row(r["date"], r["run_id"], r["model"], r["suite"], r["settings"], r["verdict"],
+                  _fmt(r["task_drop"], 2), _fmt(r["knowledge_retention"], 2), r["best_recovery"])
+    console.print(t, highlight=False)
+
+
+@app.command()
+def compare(
+    run_a: str = typer.Argument(..., help="Audit A: a run folder or an MLflow run id."),
+    run_b: str = typer.Argument(..., help="Audit B: a run folder or an MLflow run id."),
+    tracking_uri: Optional[str] = typer.Option(None, "--tracking-uri", help=URI_HELP),
+) -> None:
+    """Two audits side by side: config differences, every metric with its CI, and which
+    differences (B - A) are significant.
+
+    Example: cl-audit compare runs/audits/capitals-aaaa runs/audits/capitals-bbbb
+    """
+    from pipelines.trail import compare as do_compare, fmt_ci, rule_text
+
+    c = do_compare(run_a, run_b, _store_uri(tracking_uri))
+    for tag, au in (("A", c.a), ("B", c.b)):
+        what = f"run {au.run_id}" if au.name == au.run_id else f"{au.name} (run {au.run_id})"
+        console.print(f"{tag}: {what}  {au.date}  {au.summary['model']} / {au.summary['suite']}"
+                      f"  verdict {au.summary['verdict']['label']}", highlight=False, markup=False, soft_wrap=True)
+    if c.config_diff:
+        t = Table(title="config differences", box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True)
+        for col in ("field", "A", "B"):
+            t.add_column(col)
+        for k, va, vb in c.config_diff:
+            t.add_row(k, str(va), str(vb))
+        console.print(t, highlight=False)
+    else:
+        console.print("config: identical", highlight=False)
+    t = Table(title="metrics (B - A)", box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True)
+    for col, kw in (("stage", {"no_wrap": True}), ("metric", {"no_wrap": True}), ("A", {"justify": "right"}),
+                    ("B", {"justify": "right"}), ("B - A", {"justify": "right"}), ("sig", {}), ("rule", {})):
+        t.add_column(col, **kw)
+    for r in c.rows:
+        sig = {True: "*", False: "", None: "?"}[r["significant"]]
+        t.add_row(r["stage"], r["metric"], fmt_ci(r["a"], r["a_ci"]), fmt_ci(r["b"], r["b_ci"]),
+                  fmt_ci(r["diff"], r["diff_ci"]), sig, r["rule"])
+    console.print(t, highlight=False)
+    n_sig = sum(1 for r in c.rows if r["significant"])
+    console.print(f"verdict: A {c.a.summary['verdict']['label']} -> B {c.b.summary['verdict']['label']}; "
+                  f"{n_sig} of {len(c.rows)} differences significant", highlight=False, markup=False)
+    console.print(rule_text(c), highlight=False, markup=False, soft_wrap=True)
+
+
 @app.command()
 def suites() -> None:
     """List the built-in suites.
@@ -276,7 +399,7 @@ def main() -> None:
     for name in ("mlflow", "alembic"):
         logging.getLogger(name).setLevel(logging.WARNING)
     try:
-        app(standalone_mode=False)
+        rc = app(standalone_mode=False)  # a command's typer.Exit(code) comes back as its return value
     except UserError as e:
         err_console.print(f"error: {e}", highlight=False, markup=False, soft_wrap=True)
         sys.exit(2)
@@ -291,6 +414,8 @@ def main() -> None:
         if isinstance(e, click.exceptions.Exit):
             sys.exit(e.exit_code)
         raise
+    if isinstance(rc, int) and rc:
+        sys.exit(rc)
 
 
 if __name__ == "__main__":

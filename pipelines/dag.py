@@ -16,10 +16,10 @@ from typing import Callable
 
 import ray
 
-from components.artifacts import Store
+from components.artifacts import Store, machine_info
 from components.config import AuditConfig, stable_hash
 from components.data import SUITES, SuiteData, pretraining_items, split_items, suite_texts
-from components.models import Checkpoint, model_digest, resolve_model
+from components.models import Checkpoint, model_digest, model_source, resolve_model
 
 TASK_ENV = {
     "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "TRANSFORMERS_VERBOSITY": "error",
@@ -53,7 +53,7 @@ def prepare(cfg: AuditConfig, home: Path) -> dict:
 
     Returns:
         ``{"base": Checkpoint dict, "data": SuiteData, "model_digest", "data_digest",
-        "model_dir", "known": [...]}``.
+        "model_dir", "model_source", "known": [...], "machine": machine_info()}``.
     """
     from components.metrics import generate_answers
     from components.data import MATCHERS
@@ -90,7 +90,8 @@ def prepare(cfg: AuditConfig, home: Path) -> dict:
     data.task_matcher = suite.task_matcher
     return {
         "base": base.to_dict(), "data": data, "model_digest": mdigest, "data_digest": data.digest(),
-        "model_dir": str(model_dir), "known": known,
+        "model_dir": str(model_dir), "model_source": model_source(cfg.model, model_dir), "known": known,
+        "machine": machine_info(),
     }
 
 
@@ -137,7 +138,7 @@ def train_stage(kind: str, cfg: AuditConfig, home: Path, parent: dict, data: Sui
         ckpt.digest = key
         return {
             "checkpoint": ckpt.to_dict(), "history": res.history, "n_items": res.n_items,
-            "seconds": time.time() - t0, "dir": str(tmp),
+            "seconds": time.time() - t0, "dir": str(tmp), "machine": machine_info(),
         }
 
     result, reused = store.produce(key, fn)
@@ -162,7 +163,7 @@ def probe_stage(cfg: AuditConfig, home: Path, stage: dict, data: SuiteData, hub=
         t0 = time.time()
         res = probe(cfg, ckpt, data, tmp, report)
         report.finish(*report.last)
-        return {**res, "dir": str(tmp), "seconds": time.time() - t0}
+        return {**res, "dir": str(tmp), "seconds": time.time() - t0, "machine": machine_info()}
 
     result, reused = store.produce(key, fn)
     return {**result, "key": key, "reused": reused}

@@ -1,18 +1,39 @@
-"""MLflow records of an audit: a parent run, a nested run per checkpoint.
+"""MLflow records of an audit: a parent run, a nested run per checkpoint, their lineage.
 
 Everything is logged through ``MlflowClient`` with explicit run ids (no global active
 run), from the driver, after the stage's results are already stored locally.
+
+Lineage (what an auditor needs months later): every data set a run used is an MLflow
+dataset input (name, digest, source, context ``training`` / ``evaluation``); tags give
+the git commit, package versions, seed, machine and the model's source and digest; each
+checkpoint's run names the run whose checkpoint it started from (``cl_audit.upstream.*``)
+and the runs whose outputs its metrics use (``cl_audit.kl_reference.run_ids``).
 """
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from mlflow.data.dataset_source import DatasetSource
+
 from components.artifacts import flatten, safe_params
 from components.errors import UserError
+
+RUN_ID = re.compile(r"^[0-9a-f]{32}$")
+
+
+def _quiet_mlflow() -> None:
+    import logging
+
+    for name in ("mlflow", "alembic"):  # no schema-migration chatter on the console
+        logging.getLogger(name).setLevel(logging.WARNING)
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
 
 def resolve_tracking_uri(cli_uri: str | None, home: Path) -> str:
@@ -36,12 +57,9 @@ class AuditTracker:
     """
 
     def __init__(self, tracking_uri: str, experiment: str):
-        import logging
-
         from mlflow.tracking import MlflowClient
 
-        for name in ("mlflow", "alembic"):  # no schema-migration chatter on the console
-            logging.getLogger(name).setLevel(logging.WARNING)
+        _quiet_mlflow()
         self.uri = tracking_uri
         self.client = MlflowClient(tracking_uri=tracking_uri)
         try:
@@ -59,6 +77,7 @@ class AuditTracker:
             raise UserError(f"--tracking-uri {tracking_uri}: MLflow tracking store not reachable ({msg})") from None
         self.parent_id: str | None = None
         self.children: dict[str, str] = {}
+        self._done: set[str] = set()
 
     def start(self, name: str, params: dict[str, Any], tags: dict[str, str]) -> str:
         """Create the parent run with the flattened config as params."""
@@ -87,14 +106,18 @@ class AuditTracker:
         """A nested run for one checkpoint: stage params, per-step training curves
         (``train/loss``, ``train/ce``, ``train/kl`` by step), probe metrics, artifacts
         (``{artifact_path: local file or dir}``)."""
-        from mlflow.entities import Metric
+        from mlflow.entities import Metric, RunTag
 
-        run = self.client.create_run(
-            self.experiment_id, run_name=name,
-            tags={"mlflow.parentRunId": self.parent_id, "cl_audit.stage": name, **(tags or {})},
-        )
-        rid = run.info.run_id
-        self.children[name] = rid
+        if name in self.children:  # created by plan()
+            rid = self.children[name]
+            self.client.log_batch(rid, tags=[RunTag(k, str(v)) for k, v in (tags or {}).items()])
+        else:
+            run = self.client.create_run(
+                self.experiment_id, run_name=name,
+                tags={"mlflow.parentRunId": self.parent_id, "cl_audit.stage": name, **(tags or {})},
+            )
+            rid = run.info.run_id
+            self.children[name] = rid
         self._params(rid, params)
         now = int(time.time() * 1000)
         ms = []
@@ -111,10 +134,75 @@ class AuditTracker:
             elif local.exists():
                 self.client.log_artifact(rid, str(local), apath or None)
         self.client.set_terminated(rid)
+        self._done.add(name)
         return rid
 
+    def plan(self, names: list[str], upstream: dict[str, str], tags: dict[str, str]) -> None:
+        """Create the nested run of every checkpoint up front (status RUNNING), so each
+        run can name the run of the checkpoint it starts from before either finishes.
+
+        Args:
+            names: checkpoint names in DAG order.
+            upstream: checkpoint name -> the checkpoint it was trained from.
+            tags: tags for every nested run (git commit, versions, seed, ...).
+        """
+        from mlflow.entities import RunTag
+
+        for name in names:
+            if name not in self.children:
+                run = self.client.create_run(
+                    self.experiment_id, run_name=name,
+                    tags={"mlflow.parentRunId": self.parent_id, "cl_audit.stage": name, **tags},
+                )
+                self.children[name] = run.info.run_id
+        for name, up in upstream.items():
+            if name in self.children and up in self.children:
+                self.client.log_batch(self.children[name], tags=[
+                    RunTag("cl_audit.upstream.stage", up), RunTag("cl_audit.upstream.run_id", self.children[up]),
+                ])
+
+    def set_tags(self, run_id: str, tags: dict[str, Any]) -> None:
+        """Set tags on a run (also after it finished)."""
+        from mlflow.entities import RunTag
+
+        items = [RunTag(k, str(v)[:5000]) for k, v in tags.items()]
+        for s in range(0, len(items), 100):
+            self.client.log_batch(run_id, tags=items[s:s + 100])
+
+    def log_datasets(self, run_id: str, datasets: list["DatasetRecord"]) -> None:
+        """Log data sets as MLflow dataset inputs of a run (``mlflow.data.from_pandas``).
+
+        Each input carries the context (``training`` / ``evaluation``) and the full
+        sha256 as input tags; the dataset digest is the sha256's first 32 hex digits
+        (MLflow stores at most 36 characters).
+        """
+        import mlflow.data
+        from mlflow.entities import DatasetInput, InputTag
+
+        inputs = []
+        for d in datasets:
+            ds = mlflow.data.from_pandas(
+                d.frame, source=RunArtifactSource(d.uri, d.origin), name=d.name, digest=d.sha256[:32]
+            )
+            inputs.append(DatasetInput(ds._to_mlflow_entity(), tags=[
+                InputTag("mlflow.data.context", d.context), InputTag("sha256", d.sha256),
+                InputTag("n_items", str(len(d.frame))),
+            ]))
+        if inputs:
+            self.client.log_inputs(run_id, datasets=inputs)
+
+    def fail(self) -> None:
+        """Mark the parent and every unfinished nested run FAILED (the DAG raised)."""
+        for name, rid in self.children.items():
+            if name not in self._done:
+                self.client.set_terminated(rid, status="FAILED")
+        if self.parent_id is not None:
+            self.client.set_terminated(self.parent_id, status="FAILED")
+
     def finish(self, metrics: dict[str, float], artifacts: list[Path], tags: dict[str, str]) -> None:
-        """Verdict metrics, output files and final tags on the parent run; mark it finished."""
+        """Verdict metrics, output files and final tags on the parent run; mark it finished.
+
+        ``artifacts``: files and folders, each logged at the artifact root under its name."""
         from mlflow.entities import Metric, RunTag
 
         now = int(time.time() * 1000)
@@ -127,3 +215,185 @@ class AuditTracker:
             elif p.exists():
                 self.client.log_artifact(self.parent_id, str(p))
         self.client.set_terminated(self.parent_id)
+
+    def register(self, name: str, stages: list[str], tags: dict[str, str], adapters: dict[str, list[str]]) -> list:
+        """Register checkpoints as versions of the MLflow registered model ``name``.
+
+        Each version's source is the checkpoint's logged update (``runs:/<stage run>/adapter``,
+        or ``/weights`` for full fine-tuning); it is tagged ``cl_audit.stage``,
+        ``cl_audit.audit_run_id``, ``cl_audit.stage_run_id`` plus ``tags`` (verdict, model
+        source and digest), and ``cl_audit.adapters``: the JSON list of the adapter
+        sources to merge, in order, onto the base model to rebuild the checkpoint.
+
+        Args:
+            stages: checkpoint names, e.g. ``["aligned", "perturbed", "recovered/in_task/10"]``.
+            adapters: checkpoint name -> its adapter sources in merge order.
+
+        Returns:
+            The created ``ModelVersion`` objects, in the order of ``stages``.
+
+        Raises:
+            UserError: an invalid registered-model name.
+        """
+        from mlflow.exceptions import MlflowException
+
+        check_model_name(name)
+        try:
+            self.client.create_registered_model(
+                name, description="Checkpoints of cl-audit audits (aligned, perturbed, recovered)")
+        except MlflowException as e:
+            if e.error_code != "RESOURCE_ALREADY_EXISTS":
+                raise
+        out = []
+        for stage in stages:
+            rid = self.children[stage]
+            top = {f.path for f in self.client.list_artifacts(rid)}
+            source = f"runs:/{rid}/{'adapter' if 'adapter' in top else 'weights'}"
+            mv = self.client.create_model_version(
+                name, source, run_id=rid,
+                tags={"cl_audit.stage": stage, "cl_audit.audit_run_id": self.parent_id,
+                      "cl_audit.stage_run_id": rid, "cl_audit.adapters": json.dumps(adapters.get(stage, [])),
+                      **tags},
+                description=f"{stage} checkpoint of audit run {self.parent_id}",
+            )
+            out.append(mv)
+        return out
+
+
+@dataclass
+class DatasetRecord:
+    """One data set a run used, as logged by :meth:`AuditTracker.log_datasets`.
+
+    Attributes:
+        name: e.g. ``align``, ``eval``, ``recover.in_task.10``.
+        frame: its items, one row each (id, question, answer, candidates, ...).
+        sha256: hex digest of the items (:func:`components.data.items_sha256`).
+        uri: where the items are stored, ``runs:/<audit run>/data/<name>.parquet``.
+        origin: where the items came from (suite and its source, split seed).
+        context: ``training`` or ``evaluation``.
+    """
+
+    name: str
+    frame: Any
+    sha256: str
+    uri: str
+    origin: str
+    context: str
+
+
+class RunArtifactSource(DatasetSource):
+    """MLflow dataset source: a data file logged as an artifact of an MLflow run.
+
+    ``to_dict()`` -> ``{"uri": "runs:/<run_id>/<path>", "origin": "..."}``; ``load()``
+    downloads the file and returns its local path.
+    """
+
+    def __init__(self, uri: str, origin: str = ""):
+        self.uri = uri
+        self.origin = origin
+
+    @staticmethod
+    def _get_source_type() -> str:
+        return "cl_audit_run_artifact"
+
+    def load(self, dst_path=None) -> str:
+        from mlflow.artifacts import download_artifacts
+
+        return download_artifacts(artifact_uri=self.uri, dst_path=dst_path)
+
+    @staticmethod
+    def _can_resolve(raw_source: Any) -> bool:
+        return False
+
+    @classmethod
+    def _resolve(cls, raw_source: Any) -> "RunArtifactSource":
+        return cls(str(raw_source))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"uri": self.uri, "origin": self.origin}
+
+    @classmethod
+    def from_dict(cls, source_dict: dict[Any, Any]) -> "RunArtifactSource":
+        return cls(source_dict["uri"], source_dict.get("origin", ""))
+
+
+def check_model_name(name: str) -> None:
+    """Raise UserError unless ``name`` is a valid MLflow registered-model name
+    (not empty, no ``/`` or ``:``)."""
+    if not name or not name.strip() or "/" in name or ":" in name:
+        raise UserError(f"--register {name!r}: expected a registered-model name without '/' or ':'")
+
+
+def open_store(uri: str):
+    """An ``MlflowClient`` on an existing tracking store, for reading.
+
+    A sqlite store must already exist (it is never created here); an ``http://`` server
+    gets a few quick retries instead of MLflow's minutes-long default.
+
+    Raises:
+        UserError: no such store, or it cannot be reached.
+    """
+    from mlflow.tracking import MlflowClient
+
+    _quiet_mlflow()
+    if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).exists():
+        raise UserError(f"--tracking-uri {uri}: no tracking store there (no audits recorded yet?)")
+    if uri.startswith(("http://", "https://")):
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "20")
+    client = MlflowClient(tracking_uri=uri)
+    try:
+        client.search_experiments(max_results=1)
+    except Exception as e:  # noqa: BLE001 - any failure here means "store unreachable"
+        msg = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
+        raise UserError(f"--tracking-uri {uri}: MLflow tracking store not reachable ({msg})") from None
+    return client
+
+
+def get_audit_run(client, run_id: str):
+    """The parent run of an audit by id.
+
+    Raises:
+        UserError: no such run, or it is not an audit's parent run.
+    """
+    from mlflow.exceptions import MlflowException
+
+    try:
+        run = client.get_run(run_id)
+    except MlflowException:
+        raise UserError(f"run {run_id}: no such MLflow run in {client.tracking_uri}") from None
+    if run.data.tags.get("cl_audit.kind") != "audit":
+        parent = run.data.tags.get("mlflow.parentRunId")
+        hint = f"; its audit is run {parent}" if parent else ""
+        raise UserError(f"run {run_id}: not the parent run of a cl-audit audit{hint}")
+    return run
+
+
+def find_audits(client, suite: str | None = None, model: str | None = None, limit: int = 50) -> list:
+    """Finished audits (parent runs tagged ``cl_audit.kind=audit``) in every experiment,
+    newest first, optionally only one suite and/or model id."""
+    from mlflow.entities import ViewType
+
+    exps = [e.experiment_id for e in client.search_experiments(view_type=ViewType.ACTIVE_ONLY)]
+    if not exps:
+        return []
+    flt = ["tags.cl_audit.kind = 'audit'", "attributes.status = 'FINISHED'"]
+    if suite:
+        flt.append(f"tags.cl_audit.suite = '{_quote(suite)}'")
+    if model:
+        flt.append(f"params.`model.id` = '{_quote(model)}'")
+    return client.search_runs(exps, " and ".join(flt), order_by=["attributes.start_time DESC"], max_results=limit)
+
+
+def _quote(s: str) -> str:
+    return s.replace("\\", "\\\\").replace("'", "\\'")
+
+
+def download(client, run_id: str, artifact_path: str, dst: Path) -> Path | None:
+    """Download one artifact (file or folder) of a run into ``dst``; None if absent."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return Path(client.download_artifacts(run_id, artifact_path, str(dst)))
+    except (MlflowException, OSError):
+        return None

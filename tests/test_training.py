@@ -82,9 +82,10 @@ def test_lora_adapter_saved_as_safetensors_and_reloads_identically(setup, tmp_pa
     assert not torch.allclose(m0(ids).logits, m1(ids).logits)
 
 
-def test_freeze_layers_leaves_bottom_layers_untouched(setup, tmp_path):
+@pytest.mark.parametrize("method", ["full", "lora"])
+def test_freeze_layers_leaves_bottom_layers_untouched(setup, tmp_path, method):
     cfg, data, base = setup
-    tcfg = cfg.tune.model_copy(update={"method": "full", "freeze_layers": 1, "epochs": 2})
+    tcfg = cfg.tune.model_copy(update={"method": method, "freeze_layers": 1, "epochs": 2})
     res = train_checkpoint("aligned", base, data.align, tcfg, 0, "fp32", tmp_path)
     m0, _ = load_checkpoint(base)
     m1, _ = load_checkpoint(res.checkpoint)

@@ -1,0 +1,420 @@
+"""The audit trail, read back: ``verify`` a finished audit against its manifest, list past
+audits (``history``), and ``compare`` two audits.
+
+An audit is named either by its run folder (``summary.json``, ``manifest.json`` ...) or
+by the MLflow run id of its parent run; the artifacts are then downloaded from the
+tracking store. Nothing here writes to the store or to the run folder.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import yaml
+
+from components.artifacts import check_file, flatten
+from components.errors import UserError
+from components.verdict import bootstrap_diff
+from pipelines.tracking import RUN_ID, download, find_audits, get_audit_run, open_store
+
+MANIFEST = "manifest.json"
+STAGE_METRICS = ("task_acc", "knowledge_acc", "first_token_prob", "perturb_acc", "kl_to_base", "kl_to_aligned")
+# Per-checkpoint metrics that are means of a per-item column of predictions/<stage>.parquet.
+PER_ITEM = {"task_acc": "task_correct", "knowledge_acc": "knowledge_correct", "first_token_prob": "first_token_prob"}
+N_BOOT = 2000
+LEVEL = 0.95
+
+
+def classify(target: str) -> str:
+    """``folder`` (an existing directory) or ``run`` (a 32-hex MLflow run id).
+
+    Raises:
+        UserError: neither.
+    """
+    if Path(target).is_dir():
+        return "folder"
+    if RUN_ID.match(target):
+        return "run"
+    raise UserError(f"{target}: neither a run folder nor an MLflow run id (32 hex digits)")
+
+
+def _read_json(path: Path, what: str) -> dict:
+    if not path.is_file():
+        raise UserError(f"{path}: not found; expected the {what} of a finished audit")
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"{path}: not valid JSON ({e})") from None
+
+
+# ----------------------------------------------------------------------------- verify
+
+
+@dataclass
+class VerifyReport:
+    """What ``cl-audit verify`` found.
+
+    Attributes:
+        where: the audit, in words (run folder or MLflow run and store).
+        checked: files checked against the manifest.
+        mismatches: ``(path, why)`` for every file whose size or sha256 differs, or that
+            is missing; ``manifest.json`` itself when it differs from the digest recorded
+            on the audit's MLflow run.
+        notes: remarks that do not fail the check (files added after the audit, the
+            manifest's anchor not checked).
+    """
+
+    where: str
+    checked: int = 0
+    mismatches: list[tuple[str, str]] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.mismatches
+
+
+def _anchor(report: VerifyReport, client, run, manifest_bytes: bytes) -> None:
+    """Check manifest.json against the sha256 recorded on the audit's MLflow run."""
+    want = run.data.tags.get("cl_audit.manifest_sha256")
+    got = hashlib.sha256(manifest_bytes).hexdigest()
+    if want is None:
+        report.notes.append(f"manifest.json: no digest recorded on MLflow run {run.info.run_id}; not anchored")
+    elif got != want:
+        report.mismatches.append(
+            (MANIFEST, f"sha256 {got[:16]}... != {want[:16]}... recorded on MLflow run {run.info.run_id}"))
+    else:
+        report.notes.append(f"manifest.json matches the sha256 recorded on MLflow run {run.info.run_id}")
+
+
+def verify(target: str, tracking_uri: str | None = None) -> VerifyReport:
+    """Check every artifact of an audit against its manifest (sha256 and size).
+
+    Args:
+        target: a run folder (its files are read; stage artifacts from the stage store
+            paths the manifest names) or an audit's MLflow run id (every artifact is
+            downloaded from the tracking store).
+        tracking_uri: the store of a run id; for a folder, the store that anchors its
+            manifest (default: the one the manifest names).
+
+    Raises:
+        UserError: no manifest, an unreadable one, an unknown run or store.
+    """
+    if classify(target) == "folder":
+        return _verify_folder(Path(target).resolve(), tracking_uri)
+    if tracking_uri is None:
+        raise UserError(f"{target}: an MLflow run id needs --tracking-uri (or MLFLOW_TRACKING_URI)")
+    return _verify_run(target, tracking_uri)
+
+
+def _entries(manifest: dict, where: str) -> list[dict]:
+    files = manifest.get("files")
+    if not isinstance(files, list) or not all(isinstance(f, dict) and {"path", "sha256", "size"} <= set(f)
+                                              for f in files):
+        raise UserError(f"{where}: manifest.json: expected 'files', a list of {{path, sha256, size}}")
+    return files
+
+
+def _verify_folder(folder: Path, tracking_uri: str | None) -> VerifyReport:
+    mpath = folder / MANIFEST
+    manifest = _read_json(mpath, "manifest.json")
+    report = VerifyReport(f"run folder {folder}")
+    entries = _entries(manifest, str(mpath))
+    for e in entries:
+        local = Path(e["local"]) if e.get("local") else folder / e["path"]
+        why = check_file(local, e)
+        if why:
+            report.mismatches.append((e["path"], why))
+    report.checked = len(entries)
+    if any(why == "missing" and e.get("local") for e in entries for p, why in report.mismatches if p == e["path"]):
+        report.notes.append("stage artifacts are read from the stage store paths in the manifest; on another "
+                            "machine verify the MLflow run id instead (its logged copies are downloaded)")
+    listed = {e["path"] for e in entries}
+    extra = [p.relative_to(folder).as_posix() for p in sorted(folder.rglob("*"))
+             if p.is_file() and p.name != MANIFEST and not any(s.startswith(".") for s in p.relative_to(folder).parts)
+             and p.relative_to(folder).as_posix() not in listed]
+    if extra:
+        report.notes.append(f"{len(extra)} file(s) not in the manifest (added after the audit): {', '.join(extra)}")
+    uri = tracking_uri or manifest.get("tracking_uri")
+    run_id = manifest.get("audit_run_id")
+    try:
+        client = open_store(uri) if uri else None
+        if client is not None and run_id:
+            _anchor(report, client, client.get_run(run_id), mpath.read_bytes())
+    except Exception as e:  # noqa: BLE001 - the anchor is a bonus when the store is reachable
+        report.notes.append(f"manifest.json not anchored: {str(e).splitlines()[0][:160] if str(e) else type(e).__name__}")
+    return report
+
+
+def _verify_run(run_id: str, uri: str) -> VerifyReport:
+    client = open_store(uri)
+    run = get_audit_run(client, run_id)
+    report = VerifyReport(f"MLflow run {run_id} ({uri})")
+    with tempfile.TemporaryDirectory(prefix="cl-audit-verify-") as tmp:
+        got = download(client, run_id, MANIFEST, Path(tmp) / "m")
+        if got is None:
+            raise UserError(f"run {run_id}: no {MANIFEST} artifact (an audit from before manifests?)")
+        raw = got.read_bytes()
+        try:
+            manifest = json.loads(raw)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise UserError(f"run {run_id}: {MANIFEST} is not valid JSON ({e})") from None
+        _anchor(report, client, run, raw)
+        entries = _entries(manifest, f"run {run_id}")
+        roots: dict[str, Path | None] = {}
+        for e in entries:
+            rid = e.get("run_id") or run_id
+            if rid not in roots:  # one download per run: its whole artifact tree
+                roots[rid] = download(client, rid, "", Path(tmp) / rid)
+            root = roots[rid]
+            why = check_file(root / e.get("artifact_path", e["path"]) if root else None, e)
+            if why:
+                report.mismatches.append((e["path"], why))
+        report.checked = len(entries)
+    return report
+
+
+# ----------------------------------------------------------------------------- history
+
+
+def fmt_num(x, nd: int = 2) -> str:
+    return "-" if x is None or (isinstance(x, float) and not np.isfinite(x)) else f"{x:.{nd}f}"
+
+
+def history(uri: str, suite: str | None = None, model: str | None = None, limit: int = 50) -> list[dict]:
+    """Past audits in a tracking store, newest first, one dict per audit.
+
+    Keys: ``date`` (local time of the start), ``run_id``, ``model``, ``suite``,
+    ``settings`` (perturbation kind, ``kl=perturb.kl_penalty``, ``frz=perturb.freeze_layers``,
+    ``n=recover.sizes``), ``verdict``, ``task_drop``, ``knowledge_retention``,
+    ``best_recovery`` (the largest recovery ratio and its ``arm/n``; ties: the first
+    ``arm/n`` in alphabetical order).
+
+    Raises:
+        UserError: the store does not exist or cannot be reached.
+    """
+    client = open_store(uri)
+    rows = []
+    for r in find_audits(client, suite, model, limit):
+        p, m = r.data.params, r.data.metrics
+        rec = {k.removeprefix("recovery_ratio/"): v for k, v in sorted(m.items())
+               if k.startswith("recovery_ratio/") and v is not None and np.isfinite(v)}
+        best = max(rec.items(), key=lambda kv: kv[1]) if rec else None
+        rows.append({
+            "date": time.strftime("%Y-%m-%d %H:%M", time.localtime(r.info.start_time / 1000)),
+            "run_id": r.info.run_id,
+            "model": p.get("model.id", "?"),
+            "suite": r.data.tags.get("cl_audit.suite", "?"),
+            "settings": (f"{p.get('perturb.kind', '?')} kl={p.get('perturb.kl_penalty', '?')} "
+                         f"frz={p.get('perturb.freeze_layers', '?')} n={p.get('recover.sizes', '?').replace(' ', '')}"),
+            "verdict": r.data.tags.get("verdict", "?"),
+            "task_drop": m.get("task_drop"),
+            "knowledge_retention": m.get("knowledge_retention"),
+            "best_recovery": f"{best[1]:.2f} {best[0]}" if best else "-",
+        })
+    return rows
+
+
+# ----------------------------------------------------------------------------- compare
+
+
+@dataclass
+class Audit:
+    """One audit loaded for comparison: its summary, flattened config and predictions."""
+
+    name: str
+    run_id: str | None
+    date: str
+    summary: dict
+    config: dict
+    predictions: dict[str, pd.DataFrame]
+
+
+def load_audit(target: str, tracking_uri: str | None) -> Audit:
+    """Load an audit from its run folder or (downloading) its MLflow parent run.
+
+    Raises:
+        UserError: not a run folder or run id, or summary.json / config.yaml missing.
+    """
+    if classify(target) == "folder":
+        return _load_folder(Path(target).resolve(), target)
+    if tracking_uri is None:
+        raise UserError(f"{target}: an MLflow run id needs --tracking-uri (or MLFLOW_TRACKING_URI)")
+    client = open_store(tracking_uri)
+    run = get_audit_run(client, target)
+    with tempfile.TemporaryDirectory(prefix="cl-audit-compare-") as tmp:
+        for art in ("summary.json", "config.yaml", "predictions"):
+            download(client, target, art, Path(tmp))
+        audit = _load_folder(Path(tmp), target)
+    audit.run_id = target
+    audit.date = time.strftime("%Y-%m-%d %H:%M", time.localtime(run.info.start_time / 1000))
+    return audit
+
+
+def _load_folder(folder: Path, name: str) -> Audit:
+    summary = _read_json(folder / "summary.json", "summary.json")
+    cpath = folder / "config.yaml"
+    if not cpath.is_file():
+        raise UserError(f"{cpath}: not found; expected the resolved config of a finished audit")
+    try:
+        config = flatten(yaml.safe_load(cpath.read_text()) or {})
+    except yaml.YAMLError as e:
+        raise UserError(f"{cpath}: invalid YAML ({e})") from None
+    preds = {}
+    for stage in summary.get("stages", {}):
+        p = folder / "predictions" / f"{stage}.parquet"
+        if p.is_file():
+            preds[stage] = pd.read_parquet(p)
+    created = None
+    if (folder / MANIFEST).is_file():
+        created = json.loads((folder / MANIFEST).read_text()).get("created")
+    date = created.replace("T", " ")[:16] + " UTC" if created else "-"
+    return Audit(name, summary.get("mlflow", {}).get("run_id"), date, summary, config, preds)
+
+
+@dataclass
+class Comparison:
+    """``cl-audit compare``: two audits side by side.
+
+    Attributes:
+        a, b: the audits.
+        config_diff: ``(key, value in A, value in B)`` for every config field that differs.
+        rows: per metric ``{"stage", "metric", "a", "a_ci", "b", "b_ci", "diff", "diff_ci",
+            "significant", "rule"}``; ``rule`` is ``paired bootstrap`` (same items,
+            resampled together), ``bootstrap`` (different items, resampled separately)
+            or ``CI overlap`` (no per-item values: significant when the two CIs do not
+            overlap).
+        paired: whether both audits scored the same evaluation items.
+    """
+
+    a: Audit
+    b: Audit
+    config_diff: list[tuple[str, object, object]]
+    rows: list[dict]
+    paired: bool
+
+
+def _arrays(audit: Audit, stages: list[str], ids: list[str] | None) -> tuple[dict, int]:
+    """Per-item arrays ``"<stage>/<column>"`` of an audit (rows ordered as ``ids``) and N."""
+    out: dict = {"chance": audit.summary["stages"]["base"].get("knowledge_chance")}
+    n = 0
+    for st in stages:
+        df = audit.predictions[st]
+        if ids is not None:
+            df = df.set_index("item_id").loc[ids].reset_index()
+        for col in PER_ITEM.values():
+            out[f"{st}/{col}"] = df[col].to_numpy(dtype=float)
+        n = len(df)
+    return out, n
+
+
+def _mean(key: str):
+    return lambda arr, ix: arr[key][ix].mean(-1)
+
+
+def _ratio(num, den):
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(np.abs(den) > 1e-9, num / np.where(np.abs(den) > 1e-9, den, 1.0), np.nan)
+
+
+def _verdict_stats(keys: list[str]) -> dict[tuple[str, str], object]:
+    """The verdict's quantities (components.verdict) as functions of per-item arrays."""
+    T = lambda st: _mean(f"{st}/task_correct")  # noqa: E731
+    K = lambda st: _mean(f"{st}/knowledge_correct")  # noqa: E731
+    out = {
+        ("verdict", "task_drop"): lambda a, ix: T("aligned")(a, ix) - T("perturbed")(a, ix),
+        ("verdict", "knowledge_retention"): lambda a, ix: _ratio(
+            K("perturbed")(a, ix) - a["chance"], K("aligned")(a, ix) - a["chance"]),
+    }
+    for k in keys:
+        st = f"recovered/{k}"
+        out[(st, "recovery_ratio")] = lambda a, ix, st=st: _ratio(
+            T(st)(a, ix) - T("perturbed")(a, ix), T("aligned")(a, ix) - T("perturbed")(a, ix))
+        out[(st, "knowledge_after_recovery")] = lambda a, ix, st=st: _ratio(
+            K(st)(a, ix) - a["chance"], K("aligned")(a, ix) - a["chance"])
+    return out
+
+
+def compare(target_a: str, target_b: str, tracking_uri: str | None = None) -> Comparison:
+    """Compare two audits: config differences and every metric with its CI, with the
+    difference B - A, its CI and whether it is significant.
+
+    The rule: when both audits have per-item predictions, a bootstrap of the difference
+    over the evaluation items (:func:`components.verdict.bootstrap_diff`, 2000
+    resamples, 95%), paired when both scored the same items; significant when that CI
+    excludes 0. Metrics without per-item values (``perturb_acc``, ``kl_to_*``) fall back
+    to non-overlapping 95% CIs.
+
+    Raises:
+        UserError: either audit cannot be loaded.
+    """
+    a, b = load_audit(target_a, tracking_uri), load_audit(target_b, tracking_uri)
+    keys = sorted(set(a.config) | set(b.config))
+    config_diff = [(k, a.config.get(k), b.config.get(k)) for k in keys if a.config.get(k) != b.config.get(k)]
+    stages = [s for s in a.summary["stages"] if s in b.summary["stages"]]
+    have = [s for s in stages if s in a.predictions and s in b.predictions]
+    ids_a = list(a.predictions[have[0]]["item_id"]) if have else []
+    ids_b = list(b.predictions[have[0]]["item_id"]) if have else []
+    paired = bool(have) and sorted(ids_a) == sorted(ids_b) and len(set(ids_a)) == len(ids_a)
+    arr_a, n_a = _arrays(a, have, None) if have else ({}, 0)
+    arr_b, n_b = _arrays(b, have, ids_a if paired else None) if have else ({}, 0)
+
+    def row(stage, metric, va, cia, vb, cib, stat=None) -> dict:
+        r = {"stage": stage, "metric": metric, "a": va, "a_ci": cia, "b": vb, "b_ci": cib,
+             "diff": None if va is None or vb is None else vb - va, "diff_ci": None, "significant": None}
+        if stat is not None:
+            d = bootstrap_diff(stat, arr_a, arr_b, n_a, n_b, paired, N_BOOT, LEVEL, seed=0)
+            r.update(diff=d["diff"] if d["diff"] is not None else r["diff"], significant=d["significant"],
+                     diff_ci=None if d["ci_low"] is None else [d["ci_low"], d["ci_high"]],
+                     rule="paired bootstrap" if paired else "bootstrap")
+        else:
+            r["rule"] = "CI overlap"
+            if cia and cib and None not in (*cia, *cib):
+                r["significant"] = bool(cia[1] < cib[0] or cib[1] < cia[0])
+        return r
+
+    rows = []
+    for st in stages:
+        sa, sb = a.summary["stages"][st], b.summary["stages"][st]
+        for m in STAGE_METRICS:
+            stat = _mean(f"{st}/{PER_ITEM[m]}") if m in PER_ITEM and st in have else None
+            rows.append(row(st, m, sa.get(m), sa.get("ci", {}).get(m), sb.get(m), sb.get("ci", {}).get(m), stat))
+    va, vb = a.summary["verdict"], b.summary["verdict"]
+    rec = [k for k in va.get("recovery_ratio", {}) if k in vb.get("recovery_ratio", {})]
+    stats = _verdict_stats(rec)
+    can = {"aligned", "perturbed"} <= set(have)
+    for (st, m), fn in stats.items():
+        if st == "verdict":
+            xa, xb, ca, cb = va.get(m), vb.get(m), va.get(f"{m}_ci"), vb.get(f"{m}_ci")
+        else:
+            k = st.removeprefix("recovered/")
+            xa, xb = va.get(m, {}).get(k), vb.get(m, {}).get(k)
+            ca, cb = va.get(f"{m}_ci", {}).get(k), vb.get(f"{m}_ci", {}).get(k)
+        ok = can and (st == "verdict" or st in have)
+        rows.append(row(st, m, xa, ca, xb, cb, fn if ok else None))
+    return Comparison(a, b, config_diff, rows, paired)
+
+
+def rule_text(cmp: Comparison) -> str:
+    """One paragraph saying which significance rule each row used."""
+    how = ("a paired bootstrap of B - A over the same evaluation items (items resampled together)"
+           if cmp.paired else "a bootstrap of B - A, each audit's items resampled separately (different items)")
+    return (f"significant (*): the {int(LEVEL * 100)}% CI of the difference excludes 0, by {how}, "
+            f"{N_BOOT} resamples of the per-item predictions; rows marked 'CI overlap' have no per-item "
+            f"values and count as significant when the two {int(LEVEL * 100)}% CIs do not overlap.")
+
+
+def fmt_ci(v, ci) -> str:
+    """``0.812 [0.62,0.94]`` (or ``-``)."""
+    if v is None:
+        return "-"
+    if not ci or ci[0] is None:
+        return f"{v:.3f}"
+    return f"{v:.3f} [{ci[0]:.2f},{ci[1]:.2f}]"

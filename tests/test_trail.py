@@ -1,0 +1,293 @@
+"""The audit trail against a real ``mlflow server`` on 127.0.0.1 (sqlite backend, served
+artifacts): lineage tags and dataset inputs, the manifest and ``verify``, the model
+registry, ``history`` and ``compare`` of two tiny audits (with and without
+``perturb.freeze_layers``)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+
+from components.data import Item, items_sha256
+from components.verdict import bootstrap_diff
+from pipelines import trail
+
+from conftest import ROOT, TINY, tiny_config
+
+REGISTERED = "tiny-audit"
+
+
+def cli(*args: str, home: Path, timeout: int = 300) -> subprocess.CompletedProcess:
+    env = {**os.environ, "CL_AUDIT_HOME": str(home), "HF_HUB_OFFLINE": "1"}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    return subprocess.run([sys.executable, "-m", "pipelines.cli", *args], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    """``mlflow server`` on a free port of 127.0.0.1; stopped at the end, also on failure."""
+    root = tmp_path_factory.mktemp("mlflow-server")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    log = open(root / "server.log", "w")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
+         "--artifacts-destination", str(root / "artifacts"), "--serve-artifacts",
+         "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
+        stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+    )
+    uri = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 180
+        while True:
+            if proc.poll() is not None:
+                pytest.fail(f"mlflow server exited: {(root / 'server.log').read_text()[-2000:]}")
+            try:
+                urllib.request.urlopen(f"{uri}/health", timeout=2)
+                break
+            except OSError:
+                if time.time() > deadline:
+                    pytest.fail("mlflow server did not answer /health within 180 s")
+                time.sleep(0.5)
+        yield uri, root / "artifacts"
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        log.close()
+
+
+@pytest.fixture(scope="module")
+def audits(server, home, ray_local, tmp_path_factory):
+    """Two tiny audits on the server: A registers its checkpoints; B freezes the bottom layer."""
+    from pipelines.audit import run_audit
+
+    uri, _ = server
+    out = tmp_path_factory.mktemp("trail")
+    a = run_audit(tiny_config(), out / "a", home, uri, register=REGISTERED)
+    b = run_audit(tiny_config("perturb.freeze_layers=1"), out / "b", home, uri)
+    return a, out / "a", b, out / "b"
+
+
+def _flip_byte(path: Path, offset: int = 100) -> bytes:
+    data = path.read_bytes()
+    path.write_bytes(data[:offset] + bytes([data[offset] ^ 0xFF]) + data[offset + 1:])
+    return data
+
+
+def test_lineage_tags_and_dataset_inputs(server, audits):
+    uri, _ = server
+    a, out_a, b, _ = audits
+    client = MlflowClient(uri)
+    parent = client.get_run(a["mlflow"]["run_id"])
+    t = parent.data.tags
+    head = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
+    assert t["git_commit"] == t["mlflow.source.git.commit"] == head
+    assert t["git_dirty"] in {"true", "false"}
+    assert t["version.torch"] == torch.__version__ and t["version.mlflow"] == mlflow.__version__
+    assert t["cl_audit.seed"] == "0" and t["cl_audit.kind"] == "audit"
+    assert t["machine.cpu_count"] == str(os.cpu_count())
+    assert t["machine.gpu_count"] == str(torch.cuda.device_count())
+    assert t["model_digest"] == a["model_digest"] and len(a["model_digest"]) == 64
+    assert t["model.source"].startswith("tiny-llama: LlamaForCausalLM") and t["model.source"] == a["model_source"]
+
+    # every pool of the split is a dataset input of the audit, with the data manifest's digest
+    pools = json.loads((out_a / "data_manifest.json").read_text())["pools"]
+    got = {d.dataset.name: d for d in parent.inputs.dataset_inputs}
+    assert set(got) == set(pools)
+    for name, d in got.items():
+        tags = {x.key: x.value for x in d.tags}
+        assert tags["sha256"] == pools[name]["sha256"] and d.dataset.digest == pools[name]["sha256"][:32]
+        assert tags["n_items"] == str(pools[name]["n_items"])
+        assert tags["mlflow.data.context"] == ("evaluation" if name in ("eval", "perturb_eval") else "training")
+
+    runs = a["mlflow"]["stage_run_ids"]
+    child = {name: client.get_run(rid) for name, rid in runs.items()}
+    for name, up in (("aligned", "base"), ("perturbed", "aligned"), ("recovered/in_task/4", "perturbed"),
+                     ("recovered/irrelevant/4", "perturbed")):
+        ct = child[name].data.tags
+        assert ct["mlflow.parentRunId"] == parent.info.run_id
+        assert ct["cl_audit.upstream.stage"] == up and ct["cl_audit.upstream.run_id"] == runs[up]
+        assert ct["git_commit"] == head and ct["model_digest"] == a["model_digest"]
+        expected_key = f"base-{a['model_digest'][:20]}" if up == "base" else child[up].data.tags["cl_audit.train_key"]
+        assert ct["cl_audit.upstream.key"] == expected_key
+        assert ct["cl_audit.kl_reference.run_ids"] == f"{runs['base']},{runs['aligned']}"
+
+    # the recovery run trained on exactly its 4 items: the logged source holds them, digest and all
+    rec = child["recovered/in_task/4"].inputs.dataset_inputs
+    assert [d.dataset.name for d in rec] == ["recover.in_task.4", "eval", "perturb_eval"]
+    ds = rec[0]
+    tags = {x.key: x.value for x in ds.tags}
+    assert tags["mlflow.data.context"] == "training" and tags["n_items"] == "4"
+    assert ds.dataset.source_type == "cl_audit_run_artifact"
+    src = json.loads(ds.dataset.source)
+    assert src["uri"] == f"runs:/{parent.info.run_id}/data/recover.in_task.4.parquet"
+    local = mlflow.artifacts.download_artifacts(artifact_uri=src["uri"], tracking_uri=uri)
+    df = pd.read_parquet(local)
+    items = [Item(r.id, r.question, r.answer, json.loads(r.candidates), json.loads(r.attributes), r.role, r.template)
+             for r in df.itertuples()]
+    assert items_sha256(items) == tags["sha256"]
+
+    # audit B computed its perturbed stage afresh (freeze_layers=1): the machine it ran on
+    bt = client.get_run(b["mlflow"]["stage_run_ids"]["perturbed"]).data.tags
+    assert bt["cl_audit.reused"] == "False"
+    assert bt["machine.cpu_count"] == str(os.cpu_count()) and bt["machine.ray_cpus"] == "1.0"
+
+
+def test_verify_passes_untouched_and_names_a_changed_file(server, audits, home):
+    uri, artifacts = server
+    a, out_a, _, _ = audits
+    run_id = a["mlflow"]["run_id"]
+    manifest = json.loads((out_a / "manifest.json").read_text())
+    paths = {f["path"] for f in manifest["files"]}
+    assert {"summary.json", "metrics.parquet", "config.yaml", "data/eval.parquet",
+            "stages/aligned/adapter/adapter_model.safetensors", "stages/perturbed/probe/probe.json"} <= paths
+    summ = next(f for f in manifest["files"] if f["path"] == "summary.json")
+    assert summ["sha256"] == hashlib.sha256((out_a / "summary.json").read_bytes()).hexdigest()
+
+    local = trail.verify(str(out_a))
+    assert local.ok and local.checked == len(manifest["files"]), local.mismatches
+    r = cli("verify", run_id, "--tracking-uri", uri, home=home)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert f"OK: {len(manifest['files'])} files of MLflow run {run_id}" in r.stdout
+    assert f"manifest.json matches the sha256 recorded on MLflow run {run_id}" in r.stdout
+
+    original = _flip_byte(out_a / "metrics.parquet")
+    try:
+        r = cli("verify", str(out_a), home=home)
+    finally:
+        (out_a / "metrics.parquet").write_bytes(original)
+    assert r.returncode == 1
+    bad = [x for x in r.stdout.splitlines() if x.startswith("MISMATCH")]
+    assert len(bad) == 1 and bad[0].startswith("MISMATCH metrics.parquet: sha256"), r.stdout
+
+    aligned_run = a["mlflow"]["stage_run_ids"]["aligned"]
+    [stored] = artifacts.rglob(f"{aligned_run}/artifacts/adapter/adapter_model.safetensors")
+    original = _flip_byte(stored)
+    try:
+        r = cli("verify", run_id, "--tracking-uri", uri, home=home)
+    finally:
+        stored.write_bytes(original)
+    assert r.returncode == 1
+    bad = [x for x in r.stdout.splitlines() if x.startswith("MISMATCH")]
+    assert bad == [x for x in bad if "stages/aligned/adapter/adapter_model.safetensors: sha256" in x] and len(bad) == 1
+    assert f"FAILED: 1 of {len(manifest['files'])} files" in r.stdout
+
+
+def test_registered_versions_carry_stage_audit_and_verdict(server, audits):
+    uri, _ = server
+    a, out_a, b, _ = audits
+    client = MlflowClient(uri)
+    runs = a["mlflow"]["stage_run_ids"]
+    versions = {v.tags["cl_audit.stage"]: v for v in client.search_model_versions(f"name='{REGISTERED}'")}
+    assert set(versions) == {"aligned", "perturbed", "recovered/in_task/4", "recovered/irrelevant/4"}
+    assert a["registered_model"] == {"name": REGISTERED, "versions": {k: v.version for k, v in versions.items()}}
+    for stage, v in versions.items():
+        assert v.tags["cl_audit.audit_run_id"] == a["mlflow"]["run_id"] != b["mlflow"]["run_id"]
+        assert v.tags["cl_audit.verdict"] == a["verdict"]["label"]
+        assert v.source == f"runs:/{runs[stage]}/adapter" and v.run_id == runs[stage]
+    chain = json.loads(versions["recovered/in_task/4"].tags["cl_audit.adapters"])
+    assert chain == [f"runs:/{runs[s]}/adapter" for s in ("aligned", "perturbed", "recovered/in_task/4")]
+    # the registered source holds the very adapter the manifest lists
+    local = mlflow.artifacts.download_artifacts(artifact_uri=versions["perturbed"].source, tracking_uri=uri)
+    want = next(f for f in json.loads((out_a / "manifest.json").read_text())["files"]
+                if f["path"] == "stages/perturbed/adapter/adapter_model.safetensors")
+    got = hashlib.sha256((Path(local) / "adapter_model.safetensors").read_bytes()).hexdigest()
+    assert got == want["sha256"]
+
+
+def test_history_lists_both_audits_newest_first(server, audits, home):
+    uri, _ = server
+    a, _, b, _ = audits
+    r = cli("history", "--tracking-uri", uri, home=home)
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    ia = next(i for i, x in enumerate(lines) if a["mlflow"]["run_id"] in x)
+    ib = next(i for i, x in enumerate(lines) if b["mlflow"]["run_id"] in x)
+    assert ib < ia  # newest first
+    for s, line, frz in ((a, lines[ia], "frz=0"), (b, lines[ib], "frz=1")):
+        assert "tiny-llama" in line and "capitals" in line and frz in line and "refusal" in line
+        assert s["verdict"]["label"] in line and f"{s['verdict']['task_drop']:.2f}" in line
+        best = max(sorted(s["verdict"]["recovery_ratio"].items()), key=lambda kv: kv[1])
+        assert f"{best[1]:.2f} {best[0]}" in line
+    assert [row["run_id"] for row in trail.history(uri, suite="capitals", model="tiny-llama")][:2] == [
+        b["mlflow"]["run_id"], a["mlflow"]["run_id"]]
+    assert trail.history(uri, suite="biography") == []
+
+
+def test_compare_shows_config_difference_and_significance(server, audits, home):
+    uri, _ = server
+    a, out_a, b, out_b = audits
+    r = cli("compare", a["mlflow"]["run_id"], b["mlflow"]["run_id"], "--tracking-uri", uri, home=home)
+    assert r.returncode == 0, r.stderr
+    out = r.stdout
+    diff_rows = [x.split() for x in out.splitlines() if x.strip().startswith("perturb.freeze_layers")]
+    assert diff_rows == [["perturb.freeze_layers", "0", "1"]]
+    assert f"verdict: A {a['verdict']['label']} -> B {b['verdict']['label']}" in out
+    assert "paired bootstrap of B - A over the same evaluation items" in out
+    for st in ("aligned", "perturbed"):
+        row = next(x for x in out.splitlines() if x.split()[:2] == [st, "knowledge_acc"])
+        assert f"{a['stages'][st]['knowledge_acc']:.3f}" in row and f"{b['stages'][st]['knowledge_acc']:.3f}" in row
+        assert row.rstrip().endswith("paired bootstrap")
+    # the same comparison from the run folders, without the tracking store
+    c = trail.compare(str(out_a), str(out_b))
+    assert c.paired and c.config_diff == [("perturb.freeze_layers", 0, 1)]
+    row = next(x for x in c.rows if (x["stage"], x["metric"]) == ("perturbed", "knowledge_acc"))
+    assert row["diff"] == pytest.approx(b["stages"]["perturbed"]["knowledge_acc"] - a["stages"]["perturbed"]["knowledge_acc"])
+    assert row["significant"] == (row["diff_ci"][0] > 0 or row["diff_ci"][1] < 0)
+    sig = {(x["stage"], x["metric"]) for x in c.rows if x["significant"]}
+    assert f"{len(sig)} of {len(c.rows)} differences significant" in out
+    ret = next(x for x in c.rows if x["metric"] == "knowledge_retention")
+    assert ret["a"] == pytest.approx(a["verdict"]["knowledge_retention"])
+    # the unchanged stages (same tune, same base) do not differ at all
+    same = next(x for x in c.rows if (x["stage"], x["metric"]) == ("aligned", "task_acc"))
+    assert same["diff"] == 0 and same["diff_ci"] == [0.0, 0.0] and same["significant"] is False
+
+
+def test_bootstrap_of_the_difference_pairs_items():
+    rng = np.random.default_rng(0)
+    n = 60
+    base = rng.normal(0, 1.0, n)  # large between-item variance
+    a, b = {"x": base}, {"x": base + 0.1 + rng.normal(0, 0.02, n)}  # small, consistent shift
+    mean = lambda arr, ix: arr["x"][ix].mean(-1)  # noqa: E731
+    paired = bootstrap_diff(mean, a, b, n, n, paired=True, n_boot=1000)
+    unpaired = bootstrap_diff(mean, a, b, n, n, paired=False, n_boot=1000)
+    assert paired["diff"] == pytest.approx(unpaired["diff"]) == pytest.approx(float(b["x"].mean() - a["x"].mean()))
+    assert paired["significant"] and paired["ci_low"] > 0.05
+    assert not unpaired["significant"] and unpaired["ci_low"] < 0 < unpaired["ci_high"]
+    same = bootstrap_diff(mean, a, a, n, n, paired=True, n_boot=200)
+    assert same["ci_low"] == same["ci_high"] == 0.0 and same["significant"] is False
+    with pytest.raises(ValueError):
+        bootstrap_diff(mean, a, {"x": base[:10]}, n, 10, paired=True)
+
+
+@pytest.mark.parametrize("args, expected", [
+    (["run", "--config", str(TINY), "--register", "bad/name"],
+     "error: --register 'bad/name': expected a registered-model name without '/' or ':'"),
+    (["verify", "not-a-run"], "error: not-a-run: neither a run folder nor an MLflow run id (32 hex digits)"),
+])
+def test_trail_mistakes_exit_2_with_one_line(args, expected, tmp_path):
+    r = cli(*args, home=tmp_path)
+    assert r.returncode == 2, r.stdout + r.stderr
+    lines = [x for x in r.stderr.splitlines() if x.strip()]
+    assert len(lines) == 1 and lines[0].startswith(expected), r.stderr
