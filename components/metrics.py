@@ -298,3 +298,25 @@ def summarise(values: np.ndarray, n_boot: int, level: float, seed: int) -> dict:
     """``{"value", "ci_low", "ci_high"}`` of the mean of per-item ``values``."""
     lo, hi = bootstrap_ci(values, n_boot, level, seed)
     return {"value": float(np.mean(values)) if len(values) else float("nan"), "ci_low": lo, "ci_high": hi}
+
+
+def transitions(before: np.ndarray, after: np.ndarray, n_boot: int, level: float, seed: int) -> dict:
+    """Per-item transitions between two checkpoints (Harmon et al. 2025, "Mapping
+    Post-Training Forgetting in Language Models at Scale", arXiv 2510.17776: forgetting
+    counted as correct->wrong items, backward transfer as wrong->correct).
+
+    Args:
+        before, after: (N,) 0/1 correctness of the same items at the earlier and the
+            later checkpoint.
+
+    Returns:
+        ``{"correct_to_wrong": {...}, "wrong_to_correct": {...}}``, each a count of items
+        with ``value``, ``ci_low``, ``ci_high`` (percentile bootstrap over items).
+    """
+    b, a = np.asarray(before, float), np.asarray(after, float)
+    n = len(b)
+    out = {}
+    for name, flag in (("correct_to_wrong", (b == 1) & (a == 0)), ("wrong_to_correct", (b == 0) & (a == 1))):
+        s = summarise(flag.astype(float), n_boot, level, seed)  # share of items; counts = share * N
+        out[name] = {k: round(v * n, 6) for k, v in s.items()}
+    return out
