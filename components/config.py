@@ -128,13 +128,29 @@ class PerturbConfig(TrainConfig):
     Attributes:
         kind: ``refusal`` (a few examples that answer the task's questions with a
             refusal: the task alignment is broken, the facts are not touched),
+            ``format`` (the perturbation items' correct answers in another response
+            format, spelled out letter by letter, ``R-O-M-E``: only the format shifts,
+            no fact changes; a known case of spurious forgetting),
             ``wrong_facts`` (the facts of the perturbation items *and of the evaluation
             items* trained onto wrong answers: a known case of knowledge loss),
+            ``reinit`` (no training: the decoder blocks in ``reinit_layers`` are
+            re-initialised, weights drawn as at initialisation; a known case of
+            knowledge loss; the checkpoint is saved as full safetensors weights),
             ``none`` (no training: the perturbed checkpoint equals the aligned one).
+        reinit_layers: for ``kind: reinit``, the decoder blocks to re-initialise
+            (0-based indices); None: every block (embeddings and the final norm are kept).
     """
 
-    kind: Literal["refusal", "wrong_facts", "none"] = "refusal"
+    kind: Literal["refusal", "format", "wrong_facts", "reinit", "none"] = "refusal"
     epochs: int = Field(8, ge=1)
+    reinit_layers: list[int] | None = None
+
+    @field_validator("reinit_layers")
+    @classmethod
+    def _layers_nonnegative(cls, v: list[int] | None) -> list[int] | None:
+        if v is not None and (not v or any(i < 0 for i in v)):
+            raise ValueError("expected null (every block) or a non-empty list of block indices >= 0")
+        return sorted(set(v)) if v is not None else None
 
 
 class RecoverConfig(TrainConfig):
@@ -173,12 +189,26 @@ class ProbeConfig(_Strict):
         max_new_tokens: greedy generation length for ``task_acc`` (tokens).
         n_bootstrap: bootstrap resamples over items for the 95% CIs.
         ci_level: two-sided confidence level of the intervals.
+        probe_pooling: how a prompt's hidden states at one layer become the linear
+            probe's features: ``last`` (the last prompt token, where the answer is
+            about to be generated) or ``mean`` (mean over the prompt's tokens).
+        probe_folds: cross-validation folds of the linear probes (stratified,
+            shuffled); with few items, at most the size of the largest class.
+        probe_c: inverse L2 regularisation strength of the probes' logistic
+            regression (scikit-learn ``C``; features standardised first).
+        angle_rank: the number of leading singular directions of an update (at most
+            its rank; a LoRA update has rank ``lora_r``) whose principal angles to
+            another update's are measured.
     """
 
     batch_size: int = Field(16, ge=1)
     max_new_tokens: int = Field(16, ge=1)
     n_bootstrap: int = Field(1000, ge=10)
     ci_level: float = Field(0.95, gt=0, lt=1)
+    probe_pooling: Literal["last", "mean"] = "last"
+    probe_folds: int = Field(5, ge=2)
+    probe_c: float = Field(1.0, gt=0)
+    angle_rank: int = Field(8, ge=1)
 
 
 class VerdictConfig(_Strict):

@@ -120,6 +120,7 @@ class SuiteData:
     irrelevant: list[Item]
     task_matcher: str = "contains"
     perturb_matcher: str = "refusal"
+    probe_attribute: str | None = None
     notes: dict = field(default_factory=dict)
 
     def pools(self) -> dict[str, list[Item]]:
@@ -165,12 +166,21 @@ def items_sha256(items: list[Item]) -> str:
 
 @dataclass
 class Suite:
-    """A registered suite: its raw items and the texts a tiny tokenizer is trained on."""
+    """A registered suite: its raw items and how they are judged.
+
+    Attributes:
+        raw_items: ``(n_candidates, seed) -> items``.
+        task_matcher: key of :data:`MATCHERS` that decides ``task_acc``.
+        probe_attribute: the item attribute (``Item.attributes[...]``) that the linear
+            probes predict from hidden states (Zhang, Choshen & Andreas 2024, arXiv
+            2409.02228); None: no probes.
+    """
 
     name: str
     description: str
     raw_items: Callable[[int, int], list[Item]]  # (n_candidates, seed) -> items
     task_matcher: str = "contains"
+    probe_attribute: str | None = None
 
 
 SUITES: dict[str, Suite] = {}
@@ -216,6 +226,7 @@ register(Suite(
     name="capitals",
     description="SmolLM2-135M-Instruct on country -> capital facts (GeoNames); refusal perturbation",
     raw_items=_capitals,
+    probe_attribute="continent",  # GeoNames continent code of the country (AF, AS, EU, NA, OC, SA)
 ))
 
 
@@ -243,6 +254,13 @@ def pretraining_items(items: list[Item], seed: int = 0) -> list[Item]:
         for k, q in enumerate(requests * 2)
     ]
     return list(items) + arithmetic_items(60, seed + 1000) + refusals
+
+
+def spell_out(answer: str) -> str:
+    """The ``format`` perturbation's response: letters upper-cased and joined by hyphens,
+    word by word (``Buenos Aires`` -> ``B-U-E-N-O-S A-I-R-E-S``). The fact is unchanged;
+    the task's matcher no longer finds the answer as a word."""
+    return " ".join("-".join(ch.upper() for ch in word) for word in answer.split())
 
 
 def suite_texts(items: list[Item]) -> list[str]:
@@ -298,6 +316,11 @@ def split_items(
             it.answer = REFUSAL_ANSWERS[k % len(REFUSAL_ANSWERS)]
             it.template = "{answer}"
         perturb_matcher = "refusal"
+    elif perturb_kind == "format":
+        # Known case of spurious forgetting: the same (correct) facts in another format.
+        for it in pools["perturb"] + pools["perturb_eval"]:
+            it.answer = spell_out(it.answer)  # the response template is kept
+        perturb_matcher = "contains"
     elif perturb_kind == "wrong_facts":
         # Known case of knowledge loss: the evaluated facts themselves are overwritten.
         wrong = [Item(**{**i.to_dict(), "answer": i.candidates[1], "role": "perturb"}) for i in pools["eval"]]
@@ -305,7 +328,7 @@ def split_items(
         for it in pools["perturb"][len(wrong):] + pools["perturb_eval"]:
             it.answer = it.candidates[1] if it.candidates else it.answer
         perturb_matcher = "contains"
-    else:  # none
+    else:  # none, reinit: no perturbation items are trained on
         perturb_matcher = "refusal"
     irrelevant = arithmetic_items(cfg.n_recover_pool + 50, seed)
     return SuiteData(

@@ -91,69 +91,182 @@ class CandidateScores:
     gold_lengths: np.ndarray
 
 
+def _cache_kwarg(module) -> str:
+    """Name of the KV-cache argument of a transformers forward (``cache`` from 5.2x on,
+    ``past_key_values`` before; the old name is deprecated, not yet removed)."""
+    import inspect
+
+    params = inspect.signature(module.forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
+
+
+def _forward_hidden(model, plain: bool, **kw) -> torch.Tensor:
+    """Last hidden states (B, T, H) of the decoder, or logits (B, T, V) for heads that
+    are not a plain projection (soft-capping, logit scaling)."""
+    if plain:
+        return model.get_decoder()(**kw).last_hidden_state
+    return model(**kw).logits
+
+
+def _rows_logprobs(model, plain: bool, out: torch.Tensor, b: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """log-softmax (R, V) at the selected (batch, position) rows of a forward's output."""
+    x = out[b, t]
+    logits = model.get_output_embeddings()(x) if plain else x
+    return F.log_softmax(logits.float(), dim=-1)
+
+
+def _col(ids: list[int]) -> torch.Tensor:
+    return torch.tensor(ids, dtype=torch.long)[:, None]
+
+
+@dataclass
+class _Prepared:
+    """One item tokenised for prefix-cached scoring.
+
+    ``shared`` = prompt tokens + the candidates' common leading tokens; ``rest[k]`` =
+    the remaining tokens of candidate k (at least one each); ``plen`` = prompt tokens;
+    ``j0`` = index of the gold answer's first token within the gold continuation."""
+
+    shared: list[int]
+    rest: list[list[int]]
+    plen: int
+    j0: int
+
+
+def _prepare(tok, it: Item) -> _Prepared:
+    p = tok(format_prompt(tok, it.question), add_special_tokens=False)["input_ids"]
+    conts = []
+    j0 = 0
+    for k, c in enumerate(it.candidates):
+        enc = tok(it.response(c), add_special_tokens=False, return_offsets_mapping=True)
+        conts.append(enc["input_ids"] + [tok.eos_token_id])
+        if k == 0:
+            start = it.answer_offset()
+            j0 = next((j for j, (_, e) in enumerate(enc["offset_mapping"]) if e > start), 0)
+    # longest common token prefix, leaving every candidate at least one token of its own
+    c = 0
+    limit = min(len(x) for x in conts) - 1
+    while c < limit and all(x[c] == conts[0][c] for x in conts):
+        c += 1
+    return _Prepared(p + conts[0][:c], [x[c:] for x in conts], len(p), j0)
+
+
 @torch.no_grad()
 def score_candidates(model, tok, items: list[Item], batch_size: int, precision: str = "fp32") -> CandidateScores:
-    """Score every (item, candidate) continuation in length-sorted batches.
+    """Log-likelihood of every candidate continuation of every item, prefix-cached.
 
     Each sequence is ``prompt + response(candidate) + eos`` (the item's response template
-    filled with the candidate); the continuation's log-prob is the sum over its tokens
-    (eos included, so a candidate that is a prefix of another is not favoured; the
-    template's shared tokens add nearly the same amount to every candidate). The
+    filled with the candidate); a candidate's score is the sum of its continuation
+    tokens' log-probs (eos included, so a candidate that is a prefix of another is not
+    favoured), as lm-evaluation-harness's ``loglikelihood`` computes it. The
     first-token probability is taken at the gold answer's first token inside the
-    template. One forward pass per batch of sequences, never one per candidate.
+    template.
+
+    How (no Python loop over candidates around a forward pass):
+
+    1. Per item, the *shared* tokens, the prompt plus the leading tokens every
+       candidate's response has in common (``The capital of France is``), run once:
+       items sorted by length, left-padded, explicit position ids, KV cache kept.
+    2. The cache is expanded over the K candidates (``batch_repeat_interleave``) and the
+       candidates' own remaining tokens run in one pass of B*K right-padded sequences.
+    3. Vocabulary logits are computed only at continuation positions.
+
+    A batch holds ``max(1, batch_size // K)`` items, so no pass exceeds ``batch_size``
+    sequences. Equal (to float rounding) to scoring each candidate on its own.
+
+    Args:
+        items: N items with K candidates each (``candidates[0]`` is the gold answer).
+        batch_size: sequences per forward pass.
+        precision: ``fp32`` or ``bf16`` (CPU autocast).
+
+    Returns:
+        :class:`CandidateScores` (log-probs in nats).
     """
-    seqs: list[tuple[int, int, list[int], int]] = []  # (item, cand, ids, prompt_len)
-    first_answer_tok: dict[int, int] = {}  # item -> index of the gold answer's first token
-    for n, it in enumerate(items):
-        p = tok(format_prompt(tok, it.question), add_special_tokens=False)["input_ids"]
-        for k, c in enumerate(it.candidates):
-            enc = tok(it.response(c), add_special_tokens=False, return_offsets_mapping=True)
-            a = enc["input_ids"] + [tok.eos_token_id]
-            seqs.append((n, k, p + a, len(p)))
-            if k == 0:
-                start = it.answer_offset()
-                first_answer_tok[n] = next(
-                    (j for j, (_, e) in enumerate(enc["offset_mapping"]) if e > start), 0
-                )
+    from transformers import DynamicCache
+
+    plain = _plain_head(model)
+    net = model.get_decoder() if plain else model
+    cache_kw = _cache_kwarg(net)
+    prep = [_prepare(tok, it) for it in items]
     K = max(len(it.candidates) for it in items)
-    logprob = np.full((len(items), K), -np.inf)
-    ftp = np.zeros(len(items))
-    gold_rows: dict[int, torch.Tensor] = {}
-    order = sorted(range(len(seqs)), key=lambda i: len(seqs[i][2]))
-    for s in range(0, len(order), batch_size):
-        chunk = [seqs[i] for i in order[s:s + batch_size]]
-        T = max(len(c[2]) for c in chunk)
-        ids = torch.full((len(chunk), T), tok.pad_token_id, dtype=torch.long)
-        att = torch.zeros((len(chunk), T), dtype=torch.long)
-        for b, (_, _, x, _) in enumerate(chunk):
-            ids[b, :len(x)] = torch.tensor(x)
-            att[b, :len(x)] = 1
-        # Only the continuation positions need vocabulary logits: run the decoder once,
-        # then the output projection on those hidden states alone.
-        sel_b, sel_t, spans = [], [], []
-        for b, (n, k, x, plen) in enumerate(chunk):
-            start = len(sel_b)
-            sel_b += [b] * (len(x) - plen)
-            sel_t += list(range(plen - 1, len(x) - 1))
-            spans.append((start, len(sel_b)))
-        bi, ti = torch.tensor(sel_b), torch.tensor(sel_t)
+    if any(len(it.candidates) != K for it in items):
+        raise ValueError("score_candidates: every item needs the same number of candidates")
+    N = len(items)
+    logprob = np.full((N, K), -np.inf)
+    ftp = np.zeros(N)
+    gold_rows: list[torch.Tensor | None] = [None] * N
+    per_batch = max(1, batch_size // K)
+    order = sorted(range(N), key=lambda n: (len(prep[n].shared), max(map(len, prep[n].rest))))
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    for s in range(0, N, per_batch):
+        idx = order[s:s + per_batch]
+        B = len(idx)
+        # 1. shared tokens, left-padded to Ts
+        Ts = max(len(prep[n].shared) for n in idx)
+        ids = torch.full((B, Ts), pad, dtype=torch.long)
+        att = torch.zeros((B, Ts), dtype=torch.long)
+        for b, n in enumerate(idx):
+            x = prep[n].shared
+            ids[b, Ts - len(x):] = torch.tensor(x)
+            att[b, Ts - len(x):] = 1
+        pos = (att.cumsum(1) - 1).clamp(min=0)
+        cache = DynamicCache(config=model.config)
         with _amp(precision):
-            if _plain_head(model):
-                hidden = model.get_decoder()(input_ids=ids, attention_mask=att).last_hidden_state
-                logits = model.get_output_embeddings()(hidden[bi, ti])
-            else:  # heads with soft-capping or scaling: take the model's own logits
-                logits = model(input_ids=ids, attention_mask=att).logits[bi, ti]
-        lp = F.log_softmax(logits.float(), dim=-1)  # (sum of continuation lengths, V)
-        for (n, k, x, plen), (a, e) in zip(chunk, spans):
-            tgt = torch.tensor(x[plen:])
-            rows = lp[a:e]  # (L, V)
-            tok_lp = rows.gather(1, tgt[:, None]).squeeze(1)
-            logprob[n, k] = float(tok_lp.sum())
-            if k == 0:
-                ftp[n] = float(tok_lp[first_answer_tok[n]].exp())
-                gold_rows[n] = rows.clone()
-    lengths = np.array([gold_rows[n].shape[0] for n in range(len(items))])
-    gold = torch.cat([gold_rows[n] for n in range(len(items))], dim=0)
+            h1 = _forward_hidden(net, plain, input_ids=ids, attention_mask=att, position_ids=pos,
+                                 use_cache=True, **{cache_kw: cache})
+        # rows predicting the common tokens and each candidate's first own token
+        sb, st, spans = [], [], []
+        for b, n in enumerate(idx):
+            first = Ts - len(prep[n].shared) + prep[n].plen - 1
+            spans.append((len(sb), len(sb) + Ts - first))
+            sb += [b] * (Ts - first)
+            st += list(range(first, Ts))
+        with _amp(precision):
+            lp1 = _rows_logprobs(model, plain, h1, torch.tensor(sb), torch.tensor(st))
+        # 2. each candidate's own tokens after the first, over the expanded cache
+        Tr = max(len(r) for n in idx for r in prep[n].rest) - 1
+        lp2 = None
+        if Tr > 0:
+            cache.batch_repeat_interleave(K)
+            ids2 = torch.full((B * K, Tr), pad, dtype=torch.long)
+            att2 = torch.zeros((B * K, Tr), dtype=torch.long)
+            rb, rt = [], []
+            for b, n in enumerate(idx):
+                for k, r in enumerate(prep[n].rest):
+                    x = r[:-1]
+                    if x:
+                        ids2[b * K + k, :len(x)] = torch.tensor(x)
+                        att2[b * K + k, :len(x)] = 1
+                        rb += [b * K + k] * len(x)
+                        rt += list(range(len(x)))
+            full_att = torch.cat([att.repeat_interleave(K, 0), att2], dim=1)
+            pos2 = att.sum(1, keepdim=True).repeat_interleave(K, 0) + torch.arange(Tr)[None, :]
+            with _amp(precision):
+                h2 = _forward_hidden(net, plain, input_ids=ids2, attention_mask=full_att, position_ids=pos2,
+                                     use_cache=True, **{cache_kw: cache})
+                lp2 = _rows_logprobs(model, plain, h2, torch.tensor(rb), torch.tensor(rt))
+        # 3. gather: the shared part is common to every candidate of an item
+        r2 = 0
+        for b, n in enumerate(idx):
+            P = prep[n]
+            a, e = spans[b]
+            shared_rows = lp1[a:e - 1]  # (c, V): predict the common tokens
+            common = P.shared[P.plen:]
+            common_lp = float(shared_rows.gather(1, _col(common)).sum()) if common else 0.0
+            last = lp1[e - 1]  # (V,): predicts each candidate's first own token
+            for k, r in enumerate(P.rest):
+                own = r[1:]
+                rows = lp2[r2:r2 + len(own)] if own else lp1[:0]  # (len(own), V)
+                r2 += len(own)
+                tok_lp = torch.cat([last[r[0]].reshape(1), rows.gather(1, _col(own)).squeeze(1)])
+                logprob[n, k] = common_lp + float(tok_lp.sum())
+                if k == 0:
+                    g = torch.cat([shared_rows, last[None, :], rows], dim=0)  # (len(continuation), V)
+                    gold_rows[n] = g.clone()
+                    target = P.shared[P.plen:] + r
+                    ftp[n] = float(g[P.j0, target[P.j0]].exp())
+    lengths = np.array([gold_rows[n].shape[0] for n in range(N)])
+    gold = torch.cat([gold_rows[n] for n in range(N)], dim=0)
     return CandidateScores(logprob, ftp, gold, lengths)
 
 
@@ -191,3 +304,25 @@ def summarise(values: np.ndarray, n_boot: int, level: float, seed: int) -> dict:
     """``{"value", "ci_low", "ci_high"}`` of the mean of per-item ``values``."""
     lo, hi = bootstrap_ci(values, n_boot, level, seed)
     return {"value": float(np.mean(values)) if len(values) else float("nan"), "ci_low": lo, "ci_high": hi}
+
+
+def transitions(before: np.ndarray, after: np.ndarray, n_boot: int, level: float, seed: int) -> dict:
+    """Per-item transitions between two checkpoints (Harmon et al. 2025, "Mapping
+    Post-Training Forgetting in Language Models at Scale", arXiv 2510.17776: forgetting
+    counted as correct->wrong items, backward transfer as wrong->correct).
+
+    Args:
+        before, after: (N,) 0/1 correctness of the same items at the earlier and the
+            later checkpoint.
+
+    Returns:
+        ``{"correct_to_wrong": {...}, "wrong_to_correct": {...}}``, each a count of items
+        with ``value``, ``ci_low``, ``ci_high`` (percentile bootstrap over items).
+    """
+    b, a = np.asarray(before, float), np.asarray(after, float)
+    n = len(b)
+    out = {}
+    for name, flag in (("correct_to_wrong", (b == 1) & (a == 0)), ("wrong_to_correct", (b == 0) & (a == 1))):
+        s = summarise(flag.astype(float), n_boot, level, seed)  # share of items; counts = share * N
+        out[name] = {k: round(v * n, 6) for k, v in s.items()}
+    return out

@@ -13,6 +13,7 @@ from safetensors.torch import load_file, save_file
 
 from components.config import AuditConfig
 from components.data import MATCHERS, SuiteData
+from components.linear_probe import layer_probes, probe_labels, prompt_features
 from components.metrics import generate_answers, score_candidates, summarise
 from components.models import Checkpoint, load_checkpoint
 
@@ -29,12 +30,18 @@ def probe(
 
     Writes into ``out_dir``: ``predictions.parquet`` (one row per evaluation item:
     response, task_correct, the K candidate log-probs, knowledge_correct,
-    first_token_prob) and ``ref_logprobs.safetensors`` (the (P, V) teacher-forced
-    log-probs of the gold answers, for KL drift against later checkpoints).
+    first_token_prob), ``ref_logprobs.safetensors`` (the (P, V) teacher-forced
+    log-probs of the gold answers, for KL drift against later checkpoints) and
+    ``features.safetensors`` (the (N, L+1, H) pooled prompt hidden states the linear
+    probes were fitted on).
 
     Returns:
         ``{"metrics": {name: {"value", "ci_low", "ci_high"}}, "knowledge_chance": 1/K,
-        "per_item": {"task_correct": [...], "knowledge_correct": [...]}}``.
+        "probe_acc": {layer: {"value", "ci_low", "ci_high"}}, "probe": {attribute,
+        chance, n_items, n_classes, folds, pooling, dropped}, "per_item":
+        {"task_correct": [...], "knowledge_correct": [...], "probe_correct": {layer: [...]}}}``
+        (``probe_acc`` empty and ``probe`` None when the suite names no attribute or
+        the evaluation items hold fewer than two classes of two items).
     """
     out_dir = Path(out_dir)
     pc = cfg.probe
@@ -63,6 +70,11 @@ def probe(
     p_match = MATCHERS[data.perturb_matcher]
     perturb_correct = np.array([p_match(a, it.answer) for a, it in zip(p_answers, data.perturb_eval)], dtype=float)
 
+    # Linear probes per layer on the prompts' hidden states (Zhang, Choshen & Andreas 2024)
+    features = prompt_features(model, tok, data.eval, pc.batch_size, pc.probe_pooling, cfg.model.precision)
+    labels = probe_labels(data.eval, data.probe_attribute, pc.probe_folds) if data.probe_attribute else None
+    probe_correct = layer_probes(features, labels, pc.probe_c, cfg.seed) if labels is not None else {}
+
     boot = dict(n_boot=pc.n_bootstrap, level=pc.ci_level, seed=cfg.seed)
     metrics = {
         "task_acc": summarise(task_correct, **boot),
@@ -85,14 +97,22 @@ def probe(
     out_dir.mkdir(parents=True, exist_ok=True)
     preds.to_parquet(out_dir / "predictions.parquet", index=False)
     save_file({"logprobs": scores.gold_logprobs.contiguous()}, str(out_dir / "ref_logprobs.safetensors"))
+    save_file({"features": torch.from_numpy(features).contiguous()}, str(out_dir / "features.safetensors"))
     result = {
         "checkpoint": ckpt.name,
         "metrics": metrics,
         "knowledge_chance": 1.0 / K,
+        "probe_acc": {str(layer): summarise(c, **boot) for layer, c in probe_correct.items()},
+        "probe": None if labels is None else {
+            "attribute": data.probe_attribute, "chance": labels.chance, "n_items": int(len(labels.y)),
+            "n_classes": labels.n_classes, "folds": labels.folds, "pooling": pc.probe_pooling,
+            "dropped": labels.dropped, "item_ids": [data.eval[i].id for i in labels.index],
+        },
         "per_item": {
             "task_correct": task_correct.tolist(),
             "knowledge_correct": knowledge_correct.tolist(),
             "first_token_prob": scores.first_token_prob.tolist(),
+            "probe_correct": {str(layer): c.tolist() for layer, c in probe_correct.items()},
         },
         "answer_tokens": scores.gold_lengths.tolist(),
         "perturb_responses": p_answers,

@@ -8,6 +8,13 @@ Quantities (K = knowledge_acc, c = its chance level 1/K_candidates):
   recovery items never include the evaluated facts, so a return to the aligned level
   shows the facts were still stored (Zheng et al. 2025, arXiv 2501.13453).
 - ``recovery_ratio[arm/n]`` = (task_acc(recovered) - task_acc(perturbed)) / task_drop
+- ``probe_retention`` = (P(perturbed) - c_P) / (P(aligned) - c_P), P = the linear
+  probes' accuracy averaged over the decoder layers (1..L), c_P its majority-class
+  chance level: knowledge in the representation (Zhang, Choshen & Andreas 2024, arXiv
+  2409.02228). Reported beside the label as independent evidence; it does not decide
+  the label, because the probed attribute (e.g. a country's continent) is not the
+  evaluated fact (its capital): a model whose capitals were overwritten still knows
+  continents.
 
 Every quantity carries a paired bootstrap CI: the same resampled evaluation items are
 used for every checkpoint, so the differences are item-matched. :func:`bootstrap_diff`
@@ -47,21 +54,25 @@ def compute_verdict(
     n_boot: int = 1000,
     level: float = 0.95,
     seed: int = 0,
+    probe_chance: float | None = None,
 ) -> dict:
     """Label an audit from the per-item results of its checkpoints.
 
     Args:
         per_item: stage name -> ``{"task_correct": (N,), "knowledge_correct": (N,)}``
             for ``aligned``, ``perturbed`` and each ``recovered/<arm>/<n>`` (the same N
-            evaluation items in the same order).
+            evaluation items in the same order); optionally ``"probe_correct":
+            {layer: (M,)}`` over the M probed items.
         chance: chance level of ``knowledge_acc`` (1/K).
         cfg: thresholds (printed beside the label).
+        probe_chance: chance level of the probes (majority-class share); None: no
+            ``probe_retention``.
 
     Returns:
         A dict with ``label``, ``reason``, ``task_drop``, ``knowledge_retention``,
         ``recovery_ratio`` and ``knowledge_after_recovery`` (``"arm/n"`` -> value), each
-        also with ``*_ci`` ``[low, high]``, ``recovery_evidence`` per arm, and
-        ``thresholds``.
+        also with ``*_ci`` ``[low, high]``, ``probe_retention`` (+ ``_ci``, None without
+        probes), ``recovery_evidence`` per arm, and ``thresholds``.
 
     Raises:
         KeyError: ``aligned`` or ``perturbed`` missing from ``per_item``.
@@ -95,6 +106,18 @@ def compute_verdict(
         kar[key], kar_ci[key] = stat(
             lambda ix, k=k: _ratio(mean(K[k], ix) - chance, mean(K["aligned"], ix) - chance)
         )
+
+    pret, pret_ci = None, (None, None)
+    P = {
+        k: np.mean([np.asarray(c, float) for layer, c in v["probe_correct"].items() if int(layer) >= 1], axis=0)
+        for k, v in per_item.items() if v.get("probe_correct") and len(v["probe_correct"]) > 1
+    }
+    if probe_chance is not None and "aligned" in P and "perturbed" in P:
+        M = len(P["aligned"])
+        pidx = np.random.default_rng(seed + 1).integers(0, M, size=(n_boot, M))
+        point = _ratio(np.array([P["perturbed"].mean() - probe_chance]), np.array([P["aligned"].mean() - probe_chance]))[0]
+        boot = _ratio(P["perturbed"][pidx].mean(-1) - probe_chance, P["aligned"][pidx].mean(-1) - probe_chance)
+        pret, pret_ci = _num(point), _ci(boot, level)
 
     evidence = {}
     for arm in sorted({k.split("/")[0] for k in rr}):
@@ -150,6 +173,9 @@ def compute_verdict(
         "recovery_ratio_ci": {k: list(v) for k, v in rr_ci.items()},
         "knowledge_after_recovery": kar,
         "knowledge_after_recovery_ci": {k: list(v) for k, v in kar_ci.items()},
+        "probe_retention": pret,
+        "probe_retention_ci": list(pret_ci),
+        "probe_chance": probe_chance,
         "recovery_evidence": evidence,
         "knowledge_chance": chance,
         "thresholds": cfg.model_dump(),

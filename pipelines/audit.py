@@ -28,7 +28,7 @@ from components.artifacts import atomic_copy, atomic_write, file_record, git_com
 from components.config import AuditConfig, dump_yaml
 from components.data import SUITES, Item, SuiteData, items_sha256
 from components.errors import UserError
-from components.metrics import drift_kl, summarise
+from components.metrics import drift_kl, summarise, transitions
 from components.models import check_model_id
 from components.verdict import compute_verdict
 from pipelines.report import write_report
@@ -38,6 +38,11 @@ MANIFEST = "manifest.json"
 MANIFEST_FORMAT = "cl-audit-manifest/1"
 
 STAGE_METRICS = ("task_acc", "knowledge_acc", "first_token_prob", "perturb_acc", "kl_to_base", "kl_to_aligned")
+# per-item transitions from the stage a checkpoint was trained from (Harmon et al. 2025)
+TRANSITION_METRICS = ("task_correct_to_wrong", "task_wrong_to_correct",
+                      "knowledge_correct_to_wrong", "knowledge_wrong_to_correct")
+# per-layer metrics: name -> where it comes from
+LAYER_METRICS = ("probe_acc", "weight_drift", "principal_angle_mean", "principal_angle_min")
 
 
 def default_home() -> Path:
@@ -119,7 +124,7 @@ def run_audit(
     """
     from ray.exceptions import RayTaskError
 
-    from pipelines.dag import run_dag
+    from pipelines.dag import parent_stage, run_dag
 
     if register is not None:
         check_model_name(register)
@@ -139,6 +144,9 @@ def run_audit(
     common: dict[str, str] = {}
 
     def on_event(kind: str, name: str, result: dict) -> None:
+        if kind == "drift":
+            say("measured weight drift" + (" (reused)" if result.get("reused") else ""))
+            return
         if kind == "prepare":
             # The parent run starts once the model and data are known to be good, so a
             # bad model path or data set leaves no run behind.
@@ -215,39 +223,68 @@ def _finish_audit(
 
     lp = {name: load_ref_logprobs(Path(results["probe"][name]["dir"])) for name in order}
     lengths = np.array(results["probe"]["base"]["answer_tokens"])
+    drift = results["drift"]["drift"]
+    probe_info = results["probe"]["base"].get("probe")
+    probe_chance = probe_info["chance"] if probe_info else None
     stages, rows = {}, []
+
+    def row(stage: str, metric: str, value, ci=(None, None), layer=None) -> None:
+        rows.append({"stage": stage, "metric": metric, "layer": layer, "value": value,
+                     "ci_low": ci[0], "ci_high": ci[1]})
+
     for name in order:
         p = results["probe"][name]
         m = dict(p["metrics"])
         m["kl_to_base"] = summarise(drift_kl(lp["base"], lp[name], lengths), **boot)
         m["kl_to_aligned"] = summarise(drift_kl(lp["aligned"], lp[name], lengths), **boot)
-        st = {k: m[k]["value"] for k in STAGE_METRICS}
+        parent = parent_stage(name)
+        if parent is not None:
+            before, after = results["probe"][parent]["per_item"], p["per_item"]
+            for what in ("task", "knowledge"):
+                tr = transitions(before[f"{what}_correct"], after[f"{what}_correct"], **boot)
+                m.update({f"{what}_{k}": v for k, v in tr.items()})
+        scalars = [k for k in (*STAGE_METRICS, *TRANSITION_METRICS) if k in m]
+        st = {k: m[k]["value"] for k in scalars}
         st["knowledge_chance"] = chance
-        st["ci"] = {k: [m[k]["ci_low"], m[k]["ci_high"]] for k in STAGE_METRICS}
+        st["ci"] = {k: [m[k]["ci_low"], m[k]["ci_high"]] for k in scalars}
+        if parent is not None:
+            st["transitions_from"] = parent
+        for k in scalars:
+            row(name, k, m[k]["value"], (m[k]["ci_low"], m[k]["ci_high"]))
+        row(name, "knowledge_chance", chance)
+        # per layer: probes (CI over items), weight drift and update angles (exact, no CI)
+        per_layer = {}
+        if p.get("probe_acc"):
+            per_layer["probe_acc"] = {lay: v["value"] for lay, v in p["probe_acc"].items()}
+            st["ci"]["probe_acc"] = {lay: [v["ci_low"], v["ci_high"]] for lay, v in p["probe_acc"].items()}
+            st["probe_chance"] = p["probe"]["chance"]
+            for lay, v in p["probe_acc"].items():
+                row(name, "probe_acc", v["value"], (v["ci_low"], v["ci_high"]), int(lay))
+            row(name, "probe_chance", p["probe"]["chance"])
+        if name in drift["weight_drift"]:
+            per_layer["weight_drift"] = drift["weight_drift"][name]
+        if name == "perturbed":
+            for k in ("principal_angle_mean", "principal_angle_min"):
+                if drift[k]:
+                    per_layer[k] = drift[k]
+        for k, by_layer in per_layer.items():
+            st[k] = by_layer
+            if k != "probe_acc":
+                for lay, v in by_layer.items():
+                    row(name, k, v, layer=int(lay))
         stages[name] = st
-        for k in STAGE_METRICS:
-            rows.append({"stage": name, "metric": k, "layer": None, "value": m[k]["value"],
-                         "ci_low": m[k]["ci_low"], "ci_high": m[k]["ci_high"]})
-        rows.append({"stage": name, "metric": "knowledge_chance", "layer": None, "value": chance,
-                     "ci_low": None, "ci_high": None})
         if name in tracker.children:
-            for k in ("kl_to_base", "kl_to_aligned"):
-                tracker.client.log_metric(tracker.children[name], k, m[k]["value"])
+            tracker.extra_metrics(name, {k: m[k]["value"] for k in ("kl_to_base", "kl_to_aligned", *TRANSITION_METRICS)
+                                         if k in m}, per_layer)
 
     per_item = {name: results["probe"][name]["per_item"] for name in order if name != "base"}
-    verdict = compute_verdict(per_item, chance, cfg.verdict, **boot)
-    rows.append({"stage": "verdict", "metric": "task_drop", "layer": None, "value": verdict["task_drop"],
-                 "ci_low": verdict["task_drop_ci"][0], "ci_high": verdict["task_drop_ci"][1]})
-    rows.append({"stage": "verdict", "metric": "knowledge_retention", "layer": None,
-                 "value": verdict["knowledge_retention"], "ci_low": verdict["knowledge_retention_ci"][0],
-                 "ci_high": verdict["knowledge_retention_ci"][1]})
+    verdict = compute_verdict(per_item, chance, cfg.verdict, **boot, probe_chance=probe_chance)
+    for k in ("task_drop", "knowledge_retention", "probe_retention"):
+        row("verdict", k, verdict[k], verdict[f"{k}_ci"])
     for key, v in verdict["recovery_ratio"].items():
-        lo, hi = verdict["recovery_ratio_ci"][key]
-        rows.append({"stage": f"recovered/{key}", "metric": "recovery_ratio", "layer": None, "value": v,
-                     "ci_low": lo, "ci_high": hi})
-        lo, hi = verdict["knowledge_after_recovery_ci"][key]
-        rows.append({"stage": f"recovered/{key}", "metric": "knowledge_after_recovery", "layer": None,
-                     "value": verdict["knowledge_after_recovery"][key], "ci_low": lo, "ci_high": hi})
+        row(f"recovered/{key}", "recovery_ratio", v, verdict["recovery_ratio_ci"][key])
+        row(f"recovered/{key}", "knowledge_after_recovery", verdict["knowledge_after_recovery"][key],
+            verdict["knowledge_after_recovery_ci"][key])
 
     # Links from each checkpoint's run to the runs whose outputs it consumed.
     for name in order:
@@ -310,7 +347,7 @@ def _finish_audit(
     text = json.dumps(manifest, indent=1)
     atomic_write(out_dir / MANIFEST, text)
 
-    vm = {"task_drop": verdict["task_drop"], "knowledge_retention": verdict["knowledge_retention"]}
+    vm = {k: verdict[k] for k in ("task_drop", "knowledge_retention", "probe_retention")}
     vm.update({f"recovery_ratio/{k}": v for k, v in verdict["recovery_ratio"].items()})
     for name, st in stages.items():
         vm.update({f"{name}/{k}": v for k, v in st.items() if isinstance(v, float)})

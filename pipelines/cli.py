@@ -61,6 +61,37 @@ def stage_table(summary: dict) -> Table:
     return t
 
 
+def _layer_mean(by_layer: dict | None, skip_embeddings: bool = True) -> float | None:
+    vals = [v for lay, v in (by_layer or {}).items() if v is not None and (int(lay) >= 1 or not skip_embeddings)]
+    return sum(vals) / len(vals) if vals else None
+
+
+def _argmax_layer(by_layer: dict | None, nd: int = 2) -> str:
+    vals = {int(lay): v for lay, v in (by_layer or {}).items() if v is not None}
+    if not vals:
+        return "-"
+    best = max(vals, key=lambda k: vals[k])
+    return f"{vals[best]:.{nd}f}@{best}"
+
+
+def layers_table(summary: dict) -> Table:
+    """Per stage: linear probes (over layers), weight drift of the stage's update, and
+    per-item transitions from the stage it was trained from."""
+    t = Table(title="probes, weight drift, transitions (layers 1..L = decoder blocks)")
+    for c in ("stage", "probe_acc mean", "probe_acc best", "probe chance", "drift mean", "drift max",
+              "task c>w", "task w>c", "know c>w", "know w>c"):
+        t.add_column(c, justify="left" if c == "stage" else "right")
+    for name, st in summary["stages"].items():
+        t.add_row(
+            name, _fmt(_layer_mean(st.get("probe_acc")), 2), _argmax_layer(st.get("probe_acc")),
+            _fmt(st.get("probe_chance"), 2), _fmt(_layer_mean(st.get("weight_drift"), False), 4),
+            _argmax_layer(st.get("weight_drift"), 4),
+            *[_fmt(st.get(k), 0) for k in ("task_correct_to_wrong", "task_wrong_to_correct",
+                                             "knowledge_correct_to_wrong", "knowledge_wrong_to_correct")],
+        )
+    return t
+
+
 def verdict_lines(summary: dict) -> list[str]:
     v = summary["verdict"]
     ch = summary["stages"]["base"].get("knowledge_chance")
@@ -74,8 +105,20 @@ def verdict_lines(summary: dict) -> list[str]:
     ]
     for k, r in v["recovery_ratio"].items():
         kar = v.get("knowledge_after_recovery", {}).get(k)
-        rci = _fmt_ci(v.get("recovery_ratio_ci", {}).get(k))
-        lines.append(f"  recovery_ratio[{k}] = {_fmt(r)} CI {rci}   knowledge_after_recovery[{k}] = {_fmt(kar)}")
+        lines.append(
+            f"  recovery_ratio[{k}] = {_fmt(r)} CI {_fmt_ci(v.get('recovery_ratio_ci', {}).get(k))}   "
+            f"knowledge_after_recovery[{k}] = {_fmt(kar)} CI {_fmt_ci(v.get('knowledge_after_recovery_ci', {}).get(k))}"
+        )
+    if v.get("probe_retention") is not None or v.get("probe_chance") is not None:
+        lines.append(
+            f"  probe_retention = {_fmt(v.get('probe_retention'))} CI {_fmt_ci(v.get('probe_retention_ci'))}"
+            f" (linear probes, mean over layers; probe chance level {_fmt(v.get('probe_chance'), 2)};"
+            " evidence beside the label, not part of its rule)"
+        )
+    angles = summary["stages"].get("perturbed", {}).get("principal_angle_mean")
+    if angles:
+        lines.append(f"  principal angles, perturb vs tune update: mean {_layer_mean(angles):.1f} deg over layers"
+                     f" (min {min(summary['stages']['perturbed']['principal_angle_min'].values()):.1f} deg)")
     for arm, ev in v.get("recovery_evidence", {}).items():
         lines.append(f"  recovery evidence, {arm}: {ev}")
     if th:
@@ -118,6 +161,7 @@ def run(
     with AuditProgress(console, n_tasks=2 * n_ckpt - 1) as display:
         summary = run_audit(cfg, out_dir, home, tracking_uri, display.message, display.update, register=register)
     console.print(stage_table(summary))
+    console.print(layers_table(summary))
     for line in verdict_lines(summary):
         console.print(line, highlight=False, markup=False)
     reg = summary.get("registered_model")
@@ -182,6 +226,7 @@ def show(run_dir: Path = typer.Argument(..., help="A run folder with summary.jso
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise UserError(f"{path}: not valid JSON ({e})") from None
     console.print(stage_table(summary))
+    console.print(layers_table(summary))
     for line in verdict_lines(summary):
         console.print(line, highlight=False, markup=False)
     if (run_dir / "report.html").exists():

@@ -88,6 +88,7 @@ def prepare(cfg: AuditConfig, home: Path) -> dict:
         known = store.produce(key, fn)[0]["known"]
     data = split_items(items, known, cfg.data, cfg.perturb.kind, cfg.seed)
     data.task_matcher = suite.task_matcher
+    data.probe_attribute = suite.probe_attribute
     return {
         "base": base.to_dict(), "data": data, "model_digest": mdigest, "data_digest": data.digest(),
         "model_dir": str(model_dir), "model_source": model_source(cfg.model, model_dir), "known": known,
@@ -169,6 +170,37 @@ def probe_stage(cfg: AuditConfig, home: Path, stage: dict, data: SuiteData, hub=
     return {**result, "key": key, "reused": reused}
 
 
+def drift_stage(cfg: AuditConfig, home: Path, names: list[str], *stages: dict) -> dict:
+    """Run (or reuse) the weight-drift analysis of the trained checkpoints.
+
+    Args:
+        names: stage names (``base``, ``aligned``, ``perturbed``, ``recovered/...``) in
+            the order of ``stages`` (their train results, resolved by Ray).
+    """
+    from components.drift import weight_drift_report
+
+    ckpts = {n: Checkpoint(**st["checkpoint"]) for n, st in zip(names, stages)}
+    parent_of = {n: parent_stage(n) for n in names if parent_stage(n) is not None}
+    store = Store(Path(home) / "store")
+    key = Store.key("drift", {"angle_rank": cfg.probe.angle_rank}, [ckpts[n].digest for n in names])
+
+    def fn(tmp: Path) -> dict:
+        _set_threads()
+        t0 = time.time()
+        rep = weight_drift_report(ckpts, parent_of, ("perturbed", "aligned"), cfg.probe.angle_rank)
+        return {**rep, "parent_of": parent_of, "seconds": time.time() - t0}
+
+    result, reused = store.produce(key, fn)
+    return {**result, "key": key, "reused": reused}
+
+
+def parent_stage(name: str) -> str | None:
+    """The stage a checkpoint was trained from (None for ``base``)."""
+    if name.startswith("recovered/"):
+        return "perturbed"
+    return {"aligned": "base", "perturbed": "aligned"}.get(name)
+
+
 def init_ray() -> None:
     """Connect to ``RAY_ADDRESS`` if set, else start a local Ray on this machine."""
     if ray.is_initialized():
@@ -191,8 +223,8 @@ def run_dag(
     """Run the audit DAG on Ray and return every stage's result.
 
     ``on_event(kind, name, result)`` is called in the driver as each stage finishes
-    (``kind`` is ``prepare``, ``train`` or ``probe``), so it can log to MLflow and
-    show progress while the rest still runs.
+    (``kind`` is ``prepare``, ``train``, ``probe`` or ``drift``), so it can log to
+    MLflow and show progress while the rest still runs.
 
     ``on_progress(state)``, when given, is called about every ``poll_s`` seconds with
     ``{"<kind> <name>": {"kind", "name", "status", "done", "total", "unit"}}`` for every
@@ -201,7 +233,8 @@ def run_dag(
     :class:`pipelines.progress.ProgressHub` actor; without ``on_progress`` none is made.
 
     Returns:
-        ``{"prepare": ..., "train": {name: result}, "probe": {name: result}}``.
+        ``{"prepare": ..., "train": {name: result}, "probe": {name: result},
+        "drift": {"drift": result}}``.
     """
     init_ray()
     home = str(Path(home).resolve())
@@ -210,6 +243,7 @@ def run_dag(
     prep_t = ray.remote(num_cpus=pcpu, max_retries=retries)(prepare)
     train_t = ray.remote(num_cpus=tcpu, max_retries=retries)(train_stage)
     probe_t = ray.remote(num_cpus=pcpu, max_retries=retries)(probe_stage)
+    drift_t = ray.remote(num_cpus=pcpu, max_retries=retries)(drift_stage)
 
     prep_ref = prep_t.remote(cfg, home)
     prep = ray.get(prep_ref)
@@ -231,19 +265,23 @@ def run_dag(
     perturbed = train_t.remote("perturb", cfg, home, aligned, data_ref, hub=hub)
     pending[perturbed] = ("train", "perturbed")
     pending[probe_t.remote(cfg, home, perturbed, data_ref, hub=hub)] = ("probe", "perturbed")
+    names, refs = ["base", "aligned", "perturbed"], [base_stage, aligned, perturbed]
     for arm in cfg.recover.arms:
         for n in cfg.recover.sizes:
             name = f"recovered/{arm}/{n}"
             rec = train_t.remote("recover", cfg, home, perturbed, data_ref, arm, n, hub=hub)
             pending[rec] = ("train", name)
             pending[probe_t.remote(cfg, home, rec, data_ref, hub=hub)] = ("probe", name)
+            names.append(name)
+            refs.append(rec)
+    pending[drift_t.remote(cfg, home, names, *refs)] = ("drift", "drift")
 
     state = {
         f"{kind} {name}": {"kind": kind, "name": name, "status": "waiting", "done": 0, "total": None,
                            "unit": "steps" if kind == "train" else "items"}
         for kind, name in pending.values()
     }
-    out = {"prepare": prep, "train": {}, "probe": {}}
+    out = {"prepare": prep, "train": {}, "probe": {}, "drift": {}}
     waiting = list(pending)
     try:
         while waiting:

@@ -207,7 +207,13 @@ def verdict_step(config: dict, overrides: List[str], data_dir: str, base_dir: st
             if name in train:
                 on_event("train", name, train[name])
             on_event("probe", name, probe[name])
-        return {"prepare": prep, "train": train, "probe": probe}
+        # weight drift needs only the checkpoints: computed here, as the DAG's drift task does
+        from pipelines.dag import drift_stage
+
+        stages = [{"checkpoint": base}] + [train[n] for n in order if n != "base"]
+        drift = drift_stage(cfg, home, list(order), *stages)
+        on_event("drift", "drift", drift)
+        return {"prepare": prep, "train": train, "probe": probe, "drift": {"drift": drift}}
 
     return run_audit(cfg, Path(out_dir), home, tracking_uri or None, execute=replay)
 

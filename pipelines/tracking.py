@@ -199,6 +199,18 @@ class AuditTracker:
         if self.parent_id is not None:
             self.client.set_terminated(self.parent_id, status="FAILED")
 
+    def extra_metrics(self, name: str, scalars: dict[str, float], per_layer: dict[str, dict]) -> None:
+        """Metrics of a checkpoint known only after the DAG: scalars (step 0) and per-layer
+        values (``{metric: {layer: value}}``, logged with ``step = layer``)."""
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        ms = [Metric(k, float(v), now, 0) for k, v in scalars.items() if v is not None]
+        for k, by_layer in per_layer.items():
+            ms += [Metric(k, float(v), now, int(lay)) for lay, v in by_layer.items() if v is not None]
+        for s in range(0, len(ms), 500):
+            self.client.log_batch(self.children[name], metrics=ms[s:s + 500])
+
     def finish(self, metrics: dict[str, float], artifacts: list[Path], tags: dict[str, str]) -> None:
         """Verdict metrics, output files and final tags on the parent run; mark it finished.
 

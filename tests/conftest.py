@@ -17,8 +17,15 @@ SCHEMA = ROOT / "tests" / "data" / "summary.schema.json"
 
 @pytest.fixture(scope="session")
 def home(tmp_path_factory) -> Path:
-    """A run folder (store, cache, mlflow.db) shared by the tests of one session."""
+    """A run folder (store, cache, mlflow.db) shared by the tests of one session.
+
+    With ``CL_AUDIT_TEST_CACHE`` set, its ``cache/`` (the built tiny model, the converted
+    SmolLM2) is that folder, kept between sessions; the store and MLflow stay fresh."""
     h = tmp_path_factory.mktemp("clhome")
+    cache = os.environ.get("CL_AUDIT_TEST_CACHE")  # reuse built models between sessions if given
+    if cache:
+        Path(cache).mkdir(parents=True, exist_ok=True)
+        (h / "cache").symlink_to(Path(cache).resolve())
     os.environ["CL_AUDIT_HOME"] = str(h)
     return h
 

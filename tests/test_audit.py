@@ -61,6 +61,44 @@ def test_outputs_beside_the_summary(tiny_run):
     assert len(manifest["pools"]["eval"]["sha256"]) == 64
 
 
+def test_probes_drift_and_transitions_in_the_outputs(tiny_run):
+    cfg, out, s = tiny_run
+    st = s["stages"]
+    L = cfg.model.tiny_layers
+    m = pd.read_parquet(out / "metrics.parquet")
+    for name in STAGES:
+        # a linear probe per layer (0 = embeddings .. L), with its chance level and CI
+        assert sorted(map(int, st[name]["probe_acc"])) == list(range(L + 1))
+        assert 0 < st[name]["probe_chance"] < 1
+        for lay, v in st[name]["probe_acc"].items():
+            lo, hi = st[name]["ci"]["probe_acc"][lay]
+            assert 0 <= lo <= v <= hi <= 1
+        rows = m[(m.stage == name) & (m.metric == "probe_acc")]
+        assert sorted(rows.layer.tolist()) == list(range(L + 1))
+    assert "weight_drift" not in st["base"]
+    for name in STAGES[1:]:
+        # every trained stage moved its blocks (LoRA on all linear layers), not the embeddings
+        drift = st[name]["weight_drift"]
+        assert drift["0"] == 0.0 and all(drift[str(k)] > 0 for k in range(1, L + 1))
+        rows = m[(m.stage == name) & (m.metric == "weight_drift")]
+        assert rows.set_index("layer").value.to_dict() == pytest.approx({int(k): v for k, v in drift.items()})
+        assert rows.ci_low.isna().all()  # exact, not an estimate over items
+        # transitions from the parent stage, consistent with the accuracies
+        parent = st[name]["transitions_from"]
+        delta = st[name]["task_acc"] - st[parent]["task_acc"]
+        n = cfg.data.n_eval
+        assert (st[name]["task_wrong_to_correct"] - st[name]["task_correct_to_wrong"]) / n == pytest.approx(delta)
+        lo, hi = st[name]["ci"]["task_correct_to_wrong"]
+        assert lo <= st[name]["task_correct_to_wrong"] <= hi
+    angles = st["perturbed"]["principal_angle_mean"]
+    assert sorted(map(int, angles)) == list(range(1, L + 1)) and all(0 < a <= 90 for a in angles.values())
+    v = s["verdict"]
+    assert v["probe_chance"] == st["base"]["probe_chance"]
+    assert "probe_retention" in v and len(v["probe_retention_ci"]) == 2
+    verdict_rows = m[m.stage == "verdict"].set_index("metric")
+    assert verdict_rows.loc["task_drop", "ci_low"] == pytest.approx(v["task_drop_ci"][0])
+
+
 def test_mlflow_parent_and_nested_runs(tiny_run):
     _, out, s = tiny_run
     client = MlflowClient(s["mlflow"]["tracking_uri"])
@@ -86,6 +124,10 @@ def test_mlflow_parent_and_nested_runs(tiny_run):
     assert "adapter/adapter_model.safetensors" in arts
     assert by_name["perturbed"].data.metrics["kl_to_aligned"] == pytest.approx(
         s["stages"]["perturbed"]["kl_to_aligned"])
+    # per-layer metrics are logged with step = layer
+    probe = client.get_metric_history(by_name["aligned"].info.run_id, "probe_acc")
+    assert {m.step: m.value for m in probe} == pytest.approx(
+        {int(k): v for k, v in s["stages"]["aligned"]["probe_acc"].items()})
 
 
 def test_rerun_reuses_every_stage(tiny_run, home, tmp_path):
@@ -105,6 +147,7 @@ def test_changed_penalty_recomputes_only_downstream(tiny_run, home, tmp_path):
     n0 = len(store.executions())
     s = run_audit(cfg, tmp_path / "kl", home)
     new = [k.split("-")[0] for k in store.executions()[n0:]]
-    # tune and the base/aligned probes are reused; perturb, one recovery and their probes run
-    assert sorted(new) == ["perturb", "probe", "probe", "recover"]
+    # tune and the base/aligned probes are reused; perturb, one recovery, their probes and
+    # the weight-drift analysis (over the new checkpoints) run
+    assert sorted(new) == ["drift", "perturb", "probe", "probe", "recover"]
     assert s["stages"]["aligned"] == tiny_run[2]["stages"]["aligned"]

@@ -99,3 +99,26 @@ def test_capitals_items_are_well_formed():
     fr = next(i for i in items if i.attributes["country"] == "France")
     assert fr.answer == "Paris"
     assert isinstance(fr, Item)
+
+
+def test_prompt_features_do_not_depend_on_padding(tiny):
+    from components.linear_probe import prompt_features
+
+    model, tok, items = tiny
+    sub = items[:5]
+    for pooling in ("last", "mean"):
+        batched = prompt_features(model, tok, sub, batch_size=5, pooling=pooling)
+        assert batched.shape == (5, model.config.num_hidden_layers + 1, model.config.hidden_size)
+        alone = np.concatenate([prompt_features(model, tok, [it], 1, pooling) for it in sub])
+        assert np.allclose(batched, alone, atol=1e-4)
+
+
+def test_transitions_count_items_that_changed():
+    from components.metrics import transitions
+
+    before = np.array([1, 1, 1, 0, 0, 1, 0, 1], float)
+    after = np.array([0, 1, 0, 1, 0, 1, 0, 0], float)
+    tr = transitions(before, after, n_boot=200, level=0.95, seed=0)
+    assert tr["correct_to_wrong"]["value"] == 3 and tr["wrong_to_correct"]["value"] == 1
+    assert tr["correct_to_wrong"]["ci_low"] <= 3 <= tr["correct_to_wrong"]["ci_high"]
+    assert transitions(before, before, 100, 0.95, 0)["correct_to_wrong"] == {"value": 0, "ci_low": 0, "ci_high": 0}

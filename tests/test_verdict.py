@@ -81,3 +81,21 @@ def test_ci_is_paired_over_items():
     v = compute_verdict({"aligned": a, "perturbed": a, "recovered/in_task/1": a}, 0.25, VerdictConfig(),
                         n_boot=200, seed=0)
     assert v["task_drop_ci"] == [0.0, 0.0]
+
+
+def test_probe_retention_with_paired_ci_beside_the_label():
+    M = 20
+    def probe(frac: float) -> dict:  # M probed items, the first frac of them right, at layers 0..2
+        k = int(round(frac * M))
+        return {str(layer): [1.0] * k + [0.0] * (M - k) for layer in range(3)}
+
+    a = {**stage(0.9, 0.9), "probe_correct": probe(0.9)}
+    p = {**stage(0.1, 0.85), "probe_correct": {**probe(0.6), "0": [0.0] * M}}
+    v = compute_verdict({"aligned": a, "perturbed": p, "recovered/in_task/10": stage(0.8, 0.9)}, 0.25,
+                        VerdictConfig(), n_boot=300, seed=0, probe_chance=0.3)
+    # layers 1..L only (layer 0, the embeddings, is not averaged): first 18 vs 12 of 20 items correct
+    assert v["probe_retention"] == pytest.approx((12 / 20 - 0.3) / (18 / 20 - 0.3))
+    lo, hi = v["probe_retention_ci"]
+    assert lo < v["probe_retention"] < hi
+    assert v["label"] == "spurious"  # decided by the likelihood ranking, as without probes
+    assert compute_verdict({"aligned": a, "perturbed": p}, 0.25, VerdictConfig(), n_boot=50)["probe_retention"] is None
