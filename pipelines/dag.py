@@ -1,6 +1,8 @@
 """The audit DAG on Ray: prepare -> tune -> perturb -> recover[arm][n], a probe per checkpoint.
 
-Each stage is one Ray task with declared CPUs; tasks receive their inputs as object
+Each stage is one Ray task with declared CPUs; a training stage trains inside a Ray
+Train ``TorchTrainer`` (``pipelines.train_ray``: in-process by default, or data-parallel
+workers and GPUs from the stage's ``scaling`` section). Tasks receive their inputs as object
 references, so probes and recovery arms run in parallel where resources allow. Each
 task computes its store key and reuses a finished output (``components.artifacts.Store``).
 ``ray.init()`` starts a local Ray unless ``RAY_ADDRESS`` points at a cluster.
@@ -89,43 +91,80 @@ def prepare(cfg: AuditConfig, home: Path) -> dict:
 
 def train_stage(kind: str, cfg: AuditConfig, home: Path, parent: dict, data: SuiteData,
                 arm: str | None = None, n: int | None = None) -> dict:
-    """Run (or reuse) one training stage; returns its stored result plus ``key`` and ``reused``."""
-    from components.perturb import perturb
-    from components.recover import recover, recovery_set
-    from components.tune import tune
+    """Run (or reuse) one training stage; returns its stored result plus ``key`` and ``reused``.
+
+    The stage trains on Ray Train (``pipelines.train_ray.fit_stage``) with the workers
+    and GPUs of its ``scaling`` section; ``scaling`` is left out of the store key, since
+    the number of workers changes speed, not the result. Ray Train keeps the run's
+    latest checkpoint in ``<home>/ray_train/<key>`` until the stage is stored.
+    """
+    from components.perturb import perturb_spec, unperturbed
+    from components.recover import recover_spec, recovery_set
+    from components.tune import tune_spec
+    from pipelines.train_ray import fit_stage
 
     parent_ckpt = Checkpoint(**parent["checkpoint"])
     store = Store(Path(home) / "store")
     common = {"seed": cfg.seed, "precision": cfg.model.precision}
     if kind == "tune":
-        key = Store.key("tune", {**cfg.tune.model_dump(), **common}, [parent_ckpt.digest, _items_digest(data.align)])
-        run = lambda tmp: tune(cfg, parent_ckpt, data, tmp)  # noqa: E731
+        key = Store.key("tune", {**cfg.tune.result_fields(), **common}, [parent_ckpt.digest, _items_digest(data.align)])
+        spec = tune_spec(cfg, parent_ckpt, data)
     elif kind == "perturb":
         key = Store.key(
-            "perturb", {**cfg.perturb.model_dump(), **common}, [parent_ckpt.digest, _items_digest(data.perturb)]
+            "perturb", {**cfg.perturb.result_fields(), **common}, [parent_ckpt.digest, _items_digest(data.perturb)]
         )
-        run = lambda tmp: perturb(cfg, parent_ckpt, data, tmp)  # noqa: E731
+        spec = perturb_spec(cfg, parent_ckpt, data)
     else:
-        rc = cfg.recover.model_dump(exclude={"arms", "sizes"})
+        rc = cfg.recover.result_fields()
+        rc.pop("arms"), rc.pop("sizes")
         key = Store.key(
             "recover", {**rc, **common, "arm": arm, "n": n},
             [parent_ckpt.digest, _items_digest(recovery_set(data, arm, n))],
         )
-        run = lambda tmp: recover(cfg, parent_ckpt, data, arm, n, tmp)  # noqa: E731
+        spec = recover_spec(cfg, parent_ckpt, data, arm, n)
 
     def fn(tmp: Path) -> dict:
         _set_threads()
         t0 = time.time()
-        res = run(tmp)
+        if spec is None:  # perturb.kind == "none": nothing to train
+            res = unperturbed(parent_ckpt)
+        else:
+            res = fit_stage(spec, tmp, Path(home) / "ray_train", key)
         ckpt = res.checkpoint
         ckpt.digest = key
         return {
             "checkpoint": ckpt.to_dict(), "history": res.history, "n_items": res.n_items,
-            "seconds": time.time() - t0, "dir": str(tmp),
+            "seconds": time.time() - t0, "dir": str(tmp), "train_run": res.run,
         }
 
     result, reused = store.produce(key, fn)
     return {**result, "key": key, "reused": reused}
+
+
+def stage_task_resources(cfg: AuditConfig, kind: str) -> dict:
+    """Ray task options of a training stage: with Ray Train workers the task only drives
+    them (no CPU of its own); in-process it takes ``ray.train_cpus`` (and a GPU with
+    ``scaling.use_gpu``)."""
+    sc = getattr(cfg, kind).scaling
+    if sc.num_workers > 0:
+        return {"num_cpus": 0, "num_gpus": 0}
+    return {"num_cpus": cfg.ray.train_cpus, "num_gpus": sc.gpus_per_worker if sc.use_gpu else 0}
+
+
+def check_scaling(cfg: AuditConfig) -> None:
+    """Fail fast when a training stage asks for more workers, CPUs or GPUs than the
+    local Ray has (a cluster named by ``RAY_ADDRESS`` may autoscale; it is not checked).
+
+    Raises:
+        UserError: naming the stage's ``scaling`` section.
+    """
+    from pipelines.train_ray import check_fits
+
+    if os.environ.get("RAY_ADDRESS"):
+        return
+    total = ray.cluster_resources()
+    for kind in ("tune", "perturb", "recover"):
+        check_fits(kind, getattr(cfg, kind).scaling, total)
 
 
 def probe_stage(cfg: AuditConfig, home: Path, stage: dict, data: SuiteData) -> dict:
@@ -177,11 +216,13 @@ def run_dag(
         ``{"prepare": ..., "train": {name: result}, "probe": {name: result}}``.
     """
     init_ray()
+    check_scaling(cfg)
     home = str(Path(home).resolve())
-    tcpu, pcpu = cfg.ray.train_cpus, cfg.ray.probe_cpus
+    pcpu = cfg.ray.probe_cpus
     retries = cfg.ray.max_retries
     prep_t = ray.remote(num_cpus=pcpu, max_retries=retries)(prepare)
-    train_t = ray.remote(num_cpus=tcpu, max_retries=retries)(train_stage)
+    train_r = ray.remote(max_retries=retries)(train_stage)
+    train_t = {k: train_r.options(**stage_task_resources(cfg, k)) for k in ("tune", "perturb", "recover")}
     probe_t = ray.remote(num_cpus=pcpu, max_retries=retries)(probe_stage)
 
     prep_ref = prep_t.remote(cfg, home)
@@ -192,17 +233,17 @@ def run_dag(
     base_stage = {"checkpoint": prep["base"], "history": []}
 
     pending: dict = {}
-    aligned = train_t.remote("tune", cfg, home, base_stage, data_ref)
+    aligned = train_t["tune"].remote("tune", cfg, home, base_stage, data_ref)
     pending[aligned] = ("train", "aligned")
     pending[probe_t.remote(cfg, home, base_stage, data_ref)] = ("probe", "base")
     pending[probe_t.remote(cfg, home, aligned, data_ref)] = ("probe", "aligned")
-    perturbed = train_t.remote("perturb", cfg, home, aligned, data_ref)
+    perturbed = train_t["perturb"].remote("perturb", cfg, home, aligned, data_ref)
     pending[perturbed] = ("train", "perturbed")
     pending[probe_t.remote(cfg, home, perturbed, data_ref)] = ("probe", "perturbed")
     for arm in cfg.recover.arms:
         for n in cfg.recover.sizes:
             name = f"recovered/{arm}/{n}"
-            rec = train_t.remote("recover", cfg, home, perturbed, data_ref, arm, n)
+            rec = train_t["recover"].remote("recover", cfg, home, perturbed, data_ref, arm, n)
             pending[rec] = ("train", name)
             pending[probe_t.remote(cfg, home, rec, data_ref)] = ("probe", name)
 
