@@ -85,6 +85,37 @@ class DataConfig(_Strict):
     n_candidates: int = Field(4, ge=2, le=16)
 
 
+class ScalingSection(_Strict):
+    """How one training stage is spread over Ray Train workers (data-parallel, DDP).
+
+    The global batch (:attr:`TrainConfig.batch_size` sequences per optimiser step) is
+    fixed by the stage's config; each of the ``n`` workers takes ``batch_size / n`` of
+    it, and the loss is normalised over the answer tokens of the whole global batch. The
+    number of workers therefore changes speed, not the result (beyond floating-point
+    noise), and it is not part of the stage's store key: a stage trained on one CPU is
+    reused by a run that asks for eight GPUs.
+
+    Attributes:
+        num_workers: Ray Train workers (one DDP rank each). ``0`` (the default, for a
+            laptop and the tests) runs the stage in its own Ray task, in-process (Ray
+            Train V2 local mode: ``ray.train_cpus`` CPUs, no worker restarts).
+        use_gpu: one GPU per worker (``gpus_per_worker`` of them); with
+            ``num_workers: 0`` the stage's Ray task gets the GPU. Off by default: a
+            stage never assumes a GPU.
+        cpus_per_worker: logical CPUs reserved per worker (torch uses this many threads).
+        gpus_per_worker: logical GPUs reserved per worker when ``use_gpu`` is on.
+        max_failures: times Ray Train restarts the worker group after a worker dies;
+            training resumes from the last per-epoch checkpoint (``-1``: no limit).
+            Has no effect with ``num_workers: 0``.
+    """
+
+    num_workers: int = Field(0, ge=0)
+    use_gpu: bool = False
+    cpus_per_worker: float = Field(1, gt=0)
+    gpus_per_worker: float = Field(1, gt=0)
+    max_failures: int = Field(2, ge=-1)
+
+
 class TrainConfig(_Strict):
     """One training stage (tune, perturb or recover).
 
@@ -102,6 +133,8 @@ class TrainConfig(_Strict):
         lora_r, lora_alpha, lora_dropout: LoRA rank, scale numerator and dropout.
         weight_decay: AdamW weight decay.
         max_grad_norm: gradient clipping norm (L2).
+        scaling: Ray Train workers and GPUs for this stage (:class:`ScalingSection`);
+            e.g. ``--set tune.scaling.num_workers=4 --set tune.scaling.use_gpu=true``.
     """
 
     method: Literal["lora", "full"] = "lora"
@@ -116,6 +149,12 @@ class TrainConfig(_Strict):
     lora_dropout: float = Field(0.0, ge=0, lt=1)
     weight_decay: float = Field(0.0, ge=0)
     max_grad_norm: float = Field(1.0, gt=0)
+    scaling: ScalingSection = ScalingSection()
+
+    def result_fields(self) -> dict:
+        """The fields the trained weights depend on (everything but ``scaling``): the
+        part of this config that goes into the stage's store key."""
+        return self.model_dump(exclude={"scaling"})
 
 
 class TuneConfig(TrainConfig):
@@ -238,8 +277,11 @@ class RayConfig(_Strict):
     """Resources declared for the Ray tasks of each stage.
 
     Attributes:
-        train_cpus: CPUs per training task (tune, perturb, each recovery arm); torch
-            uses this many threads inside the task.
+        train_cpus: CPUs per training task (tune, perturb, each recovery arm) when the
+            stage trains in-process (``<stage>.scaling.num_workers: 0``); torch uses
+            this many threads inside the task. With Ray Train workers the task only
+            drives them and reserves no CPU (the workers reserve
+            ``scaling.cpus_per_worker`` each).
         probe_cpus: CPUs per probe task (and the data preparation task).
         max_retries: times Ray retries a stage task whose worker died.
     """

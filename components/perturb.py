@@ -11,7 +11,21 @@ from components.config import AuditConfig
 from components.data import SuiteData
 from components.errors import UserError
 from components.models import Checkpoint, load_checkpoint
-from components.training import StageResult, train_checkpoint
+from components.training import StageResult, TrainSpec, train_checkpoint
+
+
+def perturb_spec(cfg: AuditConfig, aligned: Checkpoint, data: SuiteData) -> TrainSpec | None:
+    """What the perturb stage trains: ``aligned`` on the perturbation items
+    (``data.perturb``) with ``cfg.perturb``; None when nothing is trained (``perturb.kind`` ``none`` or ``reinit``)."""
+    if cfg.perturb.kind in ("none", "reinit"):
+        return None
+    return TrainSpec("perturbed", aligned, data.perturb, cfg.perturb, cfg.seed + 1, cfg.model.precision,
+                     cfg.model.trust_remote_code)
+
+
+def unperturbed(aligned: Checkpoint) -> StageResult:
+    """The result of ``perturb.kind == "none"``: the aligned checkpoint, renamed."""
+    return StageResult(Checkpoint("perturbed", aligned.base_dir, list(aligned.adapters), aligned.full_dir), [], 0)
 
 
 def perturb(cfg: AuditConfig, aligned: Checkpoint, data: SuiteData, out_dir: Path, on_step=None) -> StageResult:
@@ -23,16 +37,12 @@ def perturb(cfg: AuditConfig, aligned: Checkpoint, data: SuiteData, out_dir: Pat
     ``perturb.kind == "none"`` nothing is trained and the checkpoint is the aligned one;
     with ``"reinit"`` the blocks are re-initialised (:func:`reinit_blocks`).
     """
-    if cfg.perturb.kind == "none":
-        return StageResult(
-            Checkpoint("perturbed", aligned.base_dir, list(aligned.adapters), aligned.full_dir), [], 0
-        )
     if cfg.perturb.kind == "reinit":
         return reinit_blocks(aligned, cfg.perturb.reinit_layers, cfg.seed + 1, out_dir, cfg.model.trust_remote_code)
-    return train_checkpoint(
-        "perturbed", aligned, data.perturb, cfg.perturb, cfg.seed + 1, cfg.model.precision, out_dir,
-        cfg.model.trust_remote_code, on_step,
-    )
+    s = perturb_spec(cfg, aligned, data)
+    if s is None:
+        return unperturbed(aligned)
+    return train_checkpoint(s.name, s.parent, s.items, s.cfg, s.seed, s.precision, out_dir, s.trust_remote_code, on_step)
 
 
 @torch.no_grad()

@@ -8,7 +8,7 @@ from components.config import AuditConfig
 from components.data import Item, SuiteData
 from components.errors import UserError
 from components.models import Checkpoint
-from components.training import StageResult, train_checkpoint
+from components.training import StageResult, TrainSpec, train_checkpoint
 
 
 def recovery_set(data: SuiteData, arm: str, n: int) -> list[Item]:
@@ -24,14 +24,22 @@ def recovery_set(data: SuiteData, arm: str, n: int) -> list[Item]:
     return pool[:n]
 
 
+def recover_spec(cfg: AuditConfig, perturbed: Checkpoint, data: SuiteData, arm: str, n: int) -> TrainSpec:
+    """What the recover stage trains: ``perturbed`` on ``n`` items of ``arm`` with ``cfg.recover``.
+
+    Raises:
+        UserError: ``n`` larger than the arm's pool.
+    """
+    return TrainSpec(f"recovered/{arm}/{n}", perturbed, recovery_set(data, arm, n), cfg.recover, cfg.seed + 2,
+                     cfg.model.precision, cfg.model.trust_remote_code)
+
+
 def recover(
     cfg: AuditConfig, perturbed: Checkpoint, data: SuiteData, arm: str, n: int, out_dir: Path, on_step=None
 ) -> StageResult:
-    """Train ``perturbed`` on ``n`` items of ``arm`` with ``cfg.recover``.
+    """Train ``perturbed`` on ``n`` items of ``arm`` with ``cfg.recover``, in this process.
 
     Output: the ``recovered/<arm>/<n>`` checkpoint.
     """
-    return train_checkpoint(
-        f"recovered/{arm}/{n}", perturbed, recovery_set(data, arm, n), cfg.recover, cfg.seed + 2,
-        cfg.model.precision, out_dir, cfg.model.trust_remote_code, on_step,
-    )
+    s = recover_spec(cfg, perturbed, data, arm, n)
+    return train_checkpoint(s.name, s.parent, s.items, s.cfg, s.seed, s.precision, out_dir, s.trust_remote_code, on_step)

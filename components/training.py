@@ -9,23 +9,43 @@ same weights with the adapter disabled (no second copy of the model); with full
 fine-tuning it is a frozen copy of the starting weights. Label masks come from the
 answer span (and the attention mask), never from the pad id: SmolLM2 uses
 ``<|im_end|>`` as both pad and eos, and the end-of-answer token must be learned.
+
+Data parallel (DDP) without a line of Ray here: :func:`train` runs as one rank of a
+:class:`World` (rank, world size, device). Every rank draws the same global batch of
+``cfg.batch_size`` sequences (same seed, same shuffle) and keeps every
+``world_size``-th sequence of it; both loss terms are divided by the number of answer
+tokens of the *global* batch, and each rank back-propagates ``world_size`` times its
+share, so after DDP averages the gradients every rank holds the gradient of the
+single-process loss. Workers change speed, not the result (beyond floating-point noise).
+``pipelines/train_ray.py`` runs this loop on Ray Train workers; ``torchrun`` would do too.
+
+A per-epoch hook receives a ``save(dir)`` function that writes everything needed to
+resume: the weights (``adapter/`` or ``model/``, safetensors), the optimiser moments
+(``train_state/optimizer.safetensors``) and the step, scheduler and history
+(``train_state/state.json``); :func:`load_train_state` reads it back (no pickle).
 """
 
 from __future__ import annotations
 
 import copy
+import json
+import logging
 import math
 import random
 from contextlib import nullcontext
-from dataclasses import dataclass
-from typing import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
 
 from components.config import TrainConfig
 from components.data import Item
-from components.errors import TrainingDiverged
+from components.errors import TrainingDiverged, UserError
+from components.models import Checkpoint
+
+log = logging.getLogger(__name__)
 
 
 def format_prompt(tok, question: str) -> str:
@@ -71,12 +91,17 @@ def collate(batch: list[Encoded], pad_id: int) -> dict[str, torch.Tensor]:
     return {"input_ids": ids, "attention_mask": att, "answer_mask": ans * att}
 
 
-def token_kl(ref_logits: torch.Tensor, logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+def token_kl(
+    ref_logits: torch.Tensor, logits: torch.Tensor, mask: torch.Tensor, n_tokens: float | None = None
+) -> torch.Tensor:
     """Mean forward KL(pi_ref || pi) over masked positions.
 
     Args:
         ref_logits, logits: (B, T, V) next-token logits of the reference and the model.
         mask: (B, T) 1 where the position counts.
+        n_tokens: the divisor; default the number of masked positions here. A DDP rank
+            passes the count of the whole global batch, so that the ranks' terms sum to
+            the global mean.
 
     Returns:
         Scalar tensor, nats per token (Shenfeld et al. 2025 measure drift this way).
@@ -85,7 +110,8 @@ def token_kl(ref_logits: torch.Tensor, logits: torch.Tensor, mask: torch.Tensor)
     lp = F.log_softmax(logits.float(), dim=-1)
     kl = (ref_lp.exp() * (ref_lp - lp)).sum(-1)
     m = mask.float()
-    return (kl * m).sum() / m.sum().clamp(min=1)
+    denom = m.sum().clamp(min=1) if n_tokens is None else max(float(n_tokens), 1.0)
+    return (kl * m).sum() / denom
 
 
 def _answer_positions(batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -129,6 +155,194 @@ def freeze_bottom(model, k: int) -> None:
             p.requires_grad_(False)
 
 
+@dataclass
+class World:
+    """Where this copy of the training loop runs: one rank of a data-parallel group.
+
+    Attributes:
+        rank: this process's rank, ``0 <= rank < world_size``; rank 0 writes artifacts.
+        world_size: number of data-parallel processes (1: a plain single-process run).
+        device: the torch device of the model and batches (``cpu``, ``cuda:0``, ...).
+        wrap: turns the device-placed model into its data-parallel form (e.g.
+            ``ray.train.torch.prepare_model``); ``None``: torch DDP when
+            ``world_size > 1``, the model itself otherwise. The process group must
+            already exist (Ray Train or ``torchrun`` sets it up).
+    """
+
+    rank: int = 0
+    world_size: int = 1
+    device: Any = "cpu"
+    wrap: Callable | None = None
+
+    def sum(self, t: torch.Tensor) -> torch.Tensor:
+        """Sum of ``t`` over all ranks (``t`` itself in a single process)."""
+        if self.world_size > 1:
+            import torch.distributed as dist
+
+            dist.all_reduce(t, op=dist.ReduceOp.SUM)
+        return t
+
+    def prepare(self, model):
+        """The model on :attr:`device`, wrapped for data parallelism when needed."""
+        if self.wrap is not None:
+            return self.wrap(model)
+        model = model.to(self.device)
+        if self.world_size > 1:
+            from torch.nn.parallel import DistributedDataParallel
+
+            dev = torch.device(self.device)
+            return DistributedDataParallel(model, device_ids=[dev] if dev.type == "cuda" else None)
+        return model
+
+
+def autocast_for(precision: str, device) -> Any:
+    """The autocast context for ``precision`` on ``device``.
+
+    ``bf16``: ``torch.autocast(device.type, bfloat16)``, on CPUs and on GPUs that
+    support it; ``fp32``: no autocast.
+
+    Raises:
+        UserError: ``bf16`` on a GPU without bfloat16 support (before Ampere).
+    """
+    dev = torch.device(device)
+    if precision != "bf16":
+        return nullcontext()
+    if dev.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise UserError(f"model.precision: bf16 is not supported on {torch.cuda.get_device_name(dev)}; use fp32")
+    if dev.type == "cpu" and not _cpu_has_bf16():
+        log.warning("model.precision bf16: this CPU has no native bfloat16 kernels; it runs, slowly")
+    return torch.autocast(dev.type, dtype=torch.bfloat16)
+
+
+def _cpu_has_bf16() -> bool:
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+@dataclass
+class EpochEnd:
+    """What the per-epoch hook of :func:`train` receives (on every rank).
+
+    Attributes:
+        epoch: the epoch just finished (0-based).
+        step: optimiser steps done so far.
+        history: the per-step records so far (global values, the same on every rank).
+        final: this was the last epoch.
+        save: ``save(dir)`` writes a resumable checkpoint into ``dir`` (call it on one
+            rank only): weights, and unless ``final`` the optimiser state.
+    """
+
+    epoch: int
+    step: int
+    history: list[dict]
+    final: bool
+    save: Callable[[Path], None]
+
+
+def _optimizer_tensors(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
+    sd = opt.state_dict()
+    tensors, scalars = {}, {}
+    for idx, st in sd["state"].items():
+        for k, v in st.items():
+            if torch.is_tensor(v):
+                tensors[f"{idx}/{k}"] = v.detach().to("cpu").contiguous()
+            else:
+                scalars[f"{idx}/{k}"] = v
+    groups = [{k: (list(v) if isinstance(v, tuple) else v) for k, v in g.items()} for g in sd["param_groups"]]
+    return tensors, {"param_groups": groups, "scalars": scalars}
+
+
+def _optimizer_state_dict(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
+    state: dict[int, dict] = {}
+    for key, v in [*tensors.items(), *meta["scalars"].items()]:
+        idx, k = key.split("/", 1)
+        state.setdefault(int(idx), {})[k] = v
+    groups = [{k: (tuple(v) if k == "betas" else v) for k, v in g.items()} for g in meta["param_groups"]]
+    return {"state": state, "param_groups": groups}
+
+
+def save_train_state(
+    out_dir: Path, model, method: str, epoch: int, step: int, history: list[dict],
+    opt: torch.optim.Optimizer | None, sched, resumed_at: list[int],
+) -> None:
+    """Write a resumable training checkpoint into ``out_dir``.
+
+    Layout: ``adapter/`` (LoRA, peft safetensors) or ``model/`` (full weights,
+    safetensors); ``train_state/state.json`` (epoch, step, per-step history, scheduler
+    state, optimiser hyper-parameters, the steps at which earlier attempts resumed);
+    ``train_state/optimizer.safetensors`` (AdamW moments, one tensor per parameter and
+    moment) unless ``opt`` is None. Nothing is pickled.
+    """
+    from safetensors.torch import save_file
+
+    out_dir = Path(out_dir)
+    (out_dir / "train_state").mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(str(out_dir / ("adapter" if method == "lora" else "model")), safe_serialization=True)
+    state = {"format": 1, "method": method, "epoch": epoch, "step": step, "history": history,
+             "resumed_at": list(resumed_at), "optimizer": None, "scheduler": None}
+    if opt is not None:
+        tensors, meta = _optimizer_tensors(opt)
+        save_file(tensors, str(out_dir / "train_state" / "optimizer.safetensors"))
+        state["optimizer"] = meta
+        state["scheduler"] = sched.state_dict()
+    (out_dir / "train_state" / "state.json").write_text(json.dumps(state))
+
+
+def train_state_info(ckpt_dir: Path) -> dict:
+    """The JSON part of a checkpoint written by :func:`save_train_state` (``epoch``,
+    ``step``, ``history``, ``resumed_at``, ``method``, optimiser hyper-parameters and
+    scheduler state), without reading any tensor.
+
+    Raises:
+        UserError: the folder holds no such checkpoint.
+    """
+    ckpt_dir = Path(ckpt_dir)
+    try:
+        return json.loads((ckpt_dir / "train_state" / "state.json").read_text())
+    except (OSError, ValueError) as e:
+        raise UserError(f"{ckpt_dir}: not a training checkpoint (train_state/state.json: {e})") from None
+
+
+def load_train_state(ckpt_dir: Path) -> dict:
+    """Read a checkpoint written by :func:`save_train_state` into memory.
+
+    Returns:
+        ``{"epoch", "step", "history", "resumed_at", "method", "weights": {name: tensor}
+        (adapter weights, or all model weights), "optimizer": state dict or None,
+        "scheduler": state dict or None}``.
+
+    Raises:
+        UserError: the folder holds no such checkpoint.
+    """
+    from safetensors.torch import load_file
+
+    ckpt_dir = Path(ckpt_dir)
+    state = train_state_info(ckpt_dir)
+    wdir = ckpt_dir / ("adapter" if state["method"] == "lora" else "model")
+    weights: dict[str, torch.Tensor] = {}
+    for f in sorted(wdir.glob("*.safetensors")):
+        weights.update(load_file(str(f)))
+    opt = None
+    if state["optimizer"] is not None:
+        opt = _optimizer_state_dict(load_file(str(ckpt_dir / "train_state" / "optimizer.safetensors")), state["optimizer"])
+    return {**state, "weights": weights, "optimizer": opt}
+
+
+def _load_weights(model, weights: dict[str, torch.Tensor], method: str) -> None:
+    if method == "lora":
+        from peft import set_peft_model_state_dict
+
+        res = set_peft_model_state_dict(model, weights)
+        if getattr(res, "unexpected_keys", None):
+            raise UserError(f"resume: adapter weights do not fit the model ({res.unexpected_keys[:3]} ...)")
+    else:
+        res = model.load_state_dict(weights, strict=False)
+        if res.unexpected_keys:
+            raise UserError(f"resume: model weights do not fit the model ({res.unexpected_keys[:3]} ...)")
+
+
 def train(
     model,
     tok,
@@ -138,103 +352,212 @@ def train(
     precision: str = "fp32",
     stage: str = "train",
     on_step: Callable[[dict], None] | None = None,
+    world: World | None = None,
+    resume: dict | None = None,
+    on_epoch_end: Callable[[EpochEnd], None] | None = None,
 ):
     """Train ``model`` on ``items`` with cross-entropy on answer tokens plus the KL penalty.
 
     Args:
-        model: a merged ``PreTrainedModel`` (fp32); LoRA is attached here when
+        model: a merged ``PreTrainedModel`` (fp32, on CPU); LoRA is attached here when
             ``cfg.method == "lora"``.
-        items: the stage's training items (prompt + gold answer).
-        cfg: the stage's :class:`TrainConfig`.
-        precision: ``fp32`` or ``bf16`` (CPU autocast).
+        items: the stage's training items (prompt + gold answer); every rank gets all
+            of them and keeps its share of each global batch.
+        cfg: the stage's :class:`TrainConfig` (``cfg.batch_size`` is the global batch).
+        precision: ``fp32`` or ``bf16`` (autocast on the world's device).
         on_step: called after each optimiser step with the step's record plus
             ``total_steps`` (the number of steps of the whole stage), e.g. for progress.
+        world: this process's rank, world size and device (default: one CPU process).
+        resume: a checkpoint read by :func:`load_train_state`: weights, optimiser and
+            scheduler state and history are restored and training continues with the
+            epoch after it (bit-for-bit the data order of an uninterrupted run).
+        on_epoch_end: called on every rank after each epoch with an :class:`EpochEnd`.
 
     Returns:
-        ``(model, history)``: the trained model (a ``PeftModel`` for LoRA) and one dict per
-        step: ``step``, ``epoch``, ``loss``, ``ce``, ``kl`` (nats/token), ``tokens``.
+        ``(model, history)``: the trained model (unwrapped from DDP; a ``PeftModel`` for
+        LoRA) and one dict per step: ``step``, ``epoch``, ``loss``, ``ce``, ``kl``
+        (nats/token, over the global batch), ``tokens`` (of the global batch).
 
     Raises:
-        TrainingDiverged: the loss became NaN or infinite (nothing is saved).
+        TrainingDiverged: the loss became NaN or infinite (on every rank at once; nothing
+            is saved).
     """
+    world = world or World()
+    device = torch.device(world.device)
     torch.manual_seed(seed)
-    rng = random.Random(seed)
     if cfg.method == "lora":
         model = attach_lora(model, cfg)
         ref_model = None
     else:
         ref_model = copy.deepcopy(model).eval() if cfg.kl_penalty > 0 else None
         freeze_bottom(model, cfg.freeze_layers)
-    params = [p for p in model.parameters() if p.requires_grad]
+    history: list[dict] = []
+    resumed_at: list[int] = []
+    start_epoch, step = 0, 0
+    if resume is not None:
+        _load_weights(model, resume["weights"], cfg.method)
+        history = list(resume["history"])
+        resumed_at = [*resume["resumed_at"], resume["step"]]
+        start_epoch, step = resume["epoch"] + 1, resume["step"]
+    core = model  # the unwrapped model: adapters, saving, the reference forward
+    net = world.prepare(core)
+    if ref_model is not None:
+        ref_model.to(device)
+    params = [p for p in core.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     enc = encode(tok, items, cfg.max_length)
     steps_per_epoch = math.ceil(len(enc) / cfg.batch_size)
     total = steps_per_epoch * cfg.epochs
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 - s / max(total, 1))
-    amp = torch.autocast("cpu", dtype=torch.bfloat16) if precision == "bf16" else nullcontext()
-    history: list[dict] = []
-    model.train()
-    step = 0
-    for epoch in range(cfg.epochs):
+    if resume is not None and start_epoch < cfg.epochs:
+        if resume["optimizer"] is None:
+            raise UserError(f"{stage}: resume checkpoint of epoch {resume['epoch']} has no optimiser state")
+        opt.load_state_dict(resume["optimizer"])
+        sched.load_state_dict(resume["scheduler"])
+    amp = autocast_for(precision, device)
+    rng = random.Random(seed)
+    orders = []
+    for _ in range(cfg.epochs):  # replayed from the seed, so a resumed run sees the same order
         order = list(range(len(enc)))
         rng.shuffle(order)
+        orders.append(order)
+    net.train()
+    for epoch in range(start_epoch, cfg.epochs):
+        order = orders[epoch]
         for s in range(steps_per_epoch):
-            batch = collate([enc[i] for i in order[s * cfg.batch_size:(s + 1) * cfg.batch_size]], tok.pad_token_id)
+            glob = [enc[i] for i in order[s * cfg.batch_size:(s + 1) * cfg.batch_size]]
+            n_answer = sum(sum(e.answer_mask[1:]) for e in glob)  # target positions of the global batch
+            shard = glob[world.rank::world.world_size]
+            weight = 1.0
+            if not shard:  # fewer sequences than ranks: take part in the gradient sync with zero weight
+                shard, weight = glob[:1], 0.0
+            batch = {k: v.to(device) for k, v in collate(shard, tok.pad_token_id).items()}
             labels, mask = _answer_positions(batch)
             with amp:
-                out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+                out = net(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
             logits = out.logits[:, :-1].float()
             ce_tok = F.cross_entropy(logits.reshape(-1, logits.size(-1)), labels.reshape(-1), reduction="none")
             m = mask.reshape(-1).float()
-            ce = (ce_tok * m).sum() / m.sum().clamp(min=1)
-            kl = torch.zeros(())
+            ce = weight * (ce_tok * m).sum() / max(n_answer, 1)
+            kl = torch.zeros((), device=device)
             if cfg.kl_penalty > 0:
                 with torch.no_grad(), amp:
                     if ref_model is None:
-                        with model.disable_adapter():
-                            ref = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+                        with core.disable_adapter():
+                            ref = core(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
                     else:
                         ref = ref_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-                kl = token_kl(ref[:, :-1], logits, mask)
+                kl = weight * token_kl(ref[:, :-1], logits, mask, n_tokens=n_answer)
             loss = ce + cfg.kl_penalty * kl
-            if not torch.isfinite(loss):
+            g_loss, g_ce, g_kl = world.sum(torch.stack([loss.detach(), ce.detach(), kl.detach()]).float()).tolist()
+            if not math.isfinite(g_loss):
                 raise TrainingDiverged(
-                    f"{stage}: loss became {loss.item()} at step {step} (lr={cfg.lr}); stage stopped, "
+                    f"{stage}: loss became {g_loss} at step {step} (lr={cfg.lr}); stage stopped, "
                     "earlier artifacts kept"
                 )
             opt.zero_grad(set_to_none=True)
-            loss.backward()
+            # DDP averages gradients over ranks; world_size x this rank's share makes the
+            # average the gradient of the global-batch loss.
+            (loss * world.world_size).backward()
             torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
             opt.step()
             sched.step()
             rec = {
-                "step": step, "epoch": epoch, "loss": loss.item(), "ce": ce.item(), "kl": kl.item(),
-                "tokens": int(batch["attention_mask"].sum()),
+                "step": step, "epoch": epoch, "loss": g_loss, "ce": g_ce, "kl": g_kl,
+                "tokens": sum(len(e.input_ids) for e in glob),
             }
             history.append(rec)
             if on_step is not None:
                 on_step({**rec, "total_steps": total})
             step += 1
-    model.eval()
-    return model, history
+        if on_epoch_end is not None:
+            final = epoch == cfg.epochs - 1
+            ep, st, hist = epoch, step, list(history)
+            on_epoch_end(EpochEnd(
+                epoch, step, hist, final,
+                lambda d, ep=ep, st=st, hist=hist, final=final: save_train_state(
+                    d, core, cfg.method, ep, st, hist, None if final else opt, None if final else sched, resumed_at),
+            ))
+    core.eval()
+    return core, history
 
 
 @dataclass
 class StageResult:
-    """What a training stage returns: its checkpoint and its per-step history."""
+    """What a training stage returns: its checkpoint and its per-step history.
+
+    Attributes:
+        checkpoint: the stage's output :class:`components.models.Checkpoint`.
+        history: one record per optimiser step (see :func:`train`).
+        n_items: training items.
+        run: how it ran (e.g. ``num_workers``, ``resumed_at``: the steps at which a
+            restarted worker group resumed from a checkpoint).
+    """
 
     checkpoint: "object"
     history: list[dict]
     n_items: int
+    run: dict = field(default_factory=dict)
+
+
+@dataclass
+class TrainSpec:
+    """Everything a training stage needs, as data (so a worker on another node can run it).
+
+    Attributes:
+        name: the output checkpoint's name (``aligned``, ``perturbed``, ``recovered/<arm>/<n>``).
+        parent: the checkpoint trained on.
+        items: the training items.
+        cfg: the stage's :class:`TrainConfig` (with its ``scaling`` section).
+        seed: seed of the LoRA init and the data order.
+        precision: ``fp32`` or ``bf16``.
+        trust_remote_code: passed to transformers when loading ``parent``.
+    """
+
+    name: str
+    parent: Checkpoint
+    items: list[Item]
+    cfg: TrainConfig
+    seed: int
+    precision: str = "fp32"
+    trust_remote_code: bool = False
+
+    def weights_dir(self, out_dir: Path) -> Path:
+        """Where the update lives inside a stage folder: ``adapter/`` (LoRA) or ``model/``."""
+        return Path(out_dir) / ("adapter" if self.cfg.method == "lora" else "model")
+
+    def output(self, out_dir: Path) -> Checkpoint:
+        """The checkpoint this stage produces once its weights are in ``out_dir``."""
+        w = str(self.weights_dir(out_dir))
+        if self.cfg.method == "lora":
+            return Checkpoint(self.name, self.parent.base_dir, [*self.parent.adapters, w], self.parent.full_dir)
+        return Checkpoint(self.name, self.parent.base_dir, [], w)
+
+
+def run_spec(
+    spec: TrainSpec, world: World | None = None, resume: dict | None = None,
+    on_step: Callable[[dict], None] | None = None, on_epoch_end: Callable[[EpochEnd], None] | None = None,
+):
+    """Load ``spec.parent`` and train it as one rank of ``world``; returns ``(model, history)``.
+
+    Raises:
+        TrainingDiverged: non-finite loss.
+    """
+    from components.models import load_checkpoint
+
+    model, tok = load_checkpoint(spec.parent, spec.trust_remote_code)
+    return train(model, tok, spec.items, spec.cfg, spec.seed, spec.precision, stage=spec.name,
+                 on_step=on_step, world=world, resume=resume, on_epoch_end=on_epoch_end)
 
 
 def train_checkpoint(
     name: str, parent, items: list[Item], cfg: TrainConfig, seed: int, precision: str, out_dir,
     trust_remote_code: bool = False, on_step: Callable[[dict], None] | None = None,
 ) -> StageResult:
-    """Load ``parent`` (a :class:`components.models.Checkpoint`), train it on ``items``,
-    and save the update under ``out_dir`` (``adapter/`` for LoRA, ``model/`` for full
-    fine-tuning; safetensors).
+    """Load ``parent`` (a :class:`components.models.Checkpoint`), train it on ``items``
+    in this process, and save the update under ``out_dir`` (``adapter/`` for LoRA,
+    ``model/`` for full fine-tuning; safetensors). ``cfg.scaling`` is not used here:
+    ``pipelines.train_ray.fit_stage`` runs the same loop on Ray Train workers.
 
     Returns:
         A :class:`StageResult` whose checkpoint stacks this stage's update on ``parent``.
@@ -242,19 +565,7 @@ def train_checkpoint(
     Raises:
         TrainingDiverged: non-finite loss (``out_dir`` is left empty).
     """
-    from pathlib import Path
-
-    from components.models import Checkpoint, load_checkpoint
-
-    out_dir = Path(out_dir)
-    model, tok = load_checkpoint(parent, trust_remote_code)
-    model, history = train(model, tok, items, cfg, seed, precision, stage=name, on_step=on_step)
-    if cfg.method == "lora":
-        adapter = out_dir / "adapter"
-        model.save_pretrained(str(adapter), safe_serialization=True)
-        ckpt = Checkpoint(name, parent.base_dir, [*parent.adapters, str(adapter)], parent.full_dir)
-    else:
-        full = out_dir / "model"
-        model.save_pretrained(str(full), safe_serialization=True)
-        ckpt = Checkpoint(name, parent.base_dir, [], str(full))
-    return StageResult(ckpt, history, len(items))
+    spec = TrainSpec(name, parent, items, cfg, seed, precision, trust_remote_code)
+    model, history = run_spec(spec, on_step=on_step)
+    model.save_pretrained(str(spec.weights_dir(out_dir)), safe_serialization=True)
+    return StageResult(spec.output(out_dir), history, len(items), {"num_workers": 0, "in_process": True})

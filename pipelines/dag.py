@@ -1,6 +1,8 @@
 """The audit DAG on Ray: prepare -> tune -> perturb -> recover[arm][n], a probe per checkpoint.
 
-Each stage is one Ray task with declared CPUs; tasks receive their inputs as object
+Each stage is one Ray task with declared CPUs; a training stage trains inside a Ray
+Train ``TorchTrainer`` (``pipelines.train_ray``: in-process by default, or data-parallel
+workers and GPUs from the stage's ``scaling`` section). Tasks receive their inputs as object
 references, so probes and recovery arms run in parallel where resources allow. Each
 task computes its store key and reuses a finished output (``components.artifacts.Store``).
 ``ray.init()`` starts a local Ray unless ``RAY_ADDRESS`` points at a cluster.
@@ -100,13 +102,19 @@ def train_stage(kind: str, cfg: AuditConfig, home: Path, parent: dict, data: Sui
                 arm: str | None = None, n: int | None = None, hub=None) -> dict:
     """Run (or reuse) one training stage; returns its stored result plus ``key`` and ``reused``.
 
+    The stage trains on Ray Train (``pipelines.train_ray.fit_stage``) with the workers
+    and GPUs of its ``scaling`` section; ``scaling`` is left out of the store key, since
+    the number of workers changes speed, not the result. Ray Train keeps the run's
+    latest checkpoint in ``<home>/ray_train/<key>`` until the stage is stored.
+
     ``hub``: an optional :class:`pipelines.progress.ProgressHub` that receives the
     optimiser steps as they happen (``"train <checkpoint name>"``).
     """
-    from components.perturb import perturb
-    from components.recover import recover, recovery_set
-    from components.tune import tune
+    from components.perturb import perturb_spec, reinit_blocks, unperturbed
+    from components.recover import recover_spec, recovery_set
+    from components.tune import tune_spec
     from pipelines.progress import TaskProgress
+    from pipelines.train_ray import fit_stage
 
     parent_ckpt = Checkpoint(**parent["checkpoint"])
     name = {"tune": "aligned", "perturb": "perturbed"}.get(kind, f"recovered/{arm}/{n}")
@@ -115,35 +123,67 @@ def train_stage(kind: str, cfg: AuditConfig, home: Path, parent: dict, data: Sui
     store = Store(Path(home) / "store")
     common = {"seed": cfg.seed, "precision": cfg.model.precision}
     if kind == "tune":
-        key = Store.key("tune", {**cfg.tune.model_dump(), **common}, [parent_ckpt.digest, _items_digest(data.align)])
-        run = lambda tmp: tune(cfg, parent_ckpt, data, tmp, step)  # noqa: E731
+        key = Store.key("tune", {**cfg.tune.result_fields(), **common}, [parent_ckpt.digest, _items_digest(data.align)])
+        spec = tune_spec(cfg, parent_ckpt, data)
     elif kind == "perturb":
         key = Store.key(
-            "perturb", {**cfg.perturb.model_dump(), **common}, [parent_ckpt.digest, _items_digest(data.perturb)]
+            "perturb", {**cfg.perturb.result_fields(), **common}, [parent_ckpt.digest, _items_digest(data.perturb)]
         )
-        run = lambda tmp: perturb(cfg, parent_ckpt, data, tmp, step)  # noqa: E731
+        spec = perturb_spec(cfg, parent_ckpt, data)
     else:
-        rc = cfg.recover.model_dump(exclude={"arms", "sizes"})
+        rc = cfg.recover.result_fields()
+        rc.pop("arms"), rc.pop("sizes")
         key = Store.key(
             "recover", {**rc, **common, "arm": arm, "n": n},
             [parent_ckpt.digest, _items_digest(recovery_set(data, arm, n))],
         )
-        run = lambda tmp: recover(cfg, parent_ckpt, data, arm, n, tmp, step)  # noqa: E731
+        spec = recover_spec(cfg, parent_ckpt, data, arm, n)
 
     def fn(tmp: Path) -> dict:
         _set_threads()
         t0 = time.time()
-        res = run(tmp)
-        tracker.finish(*tracker.last)
+        if kind == "perturb" and cfg.perturb.kind == "reinit":  # no training: blocks re-initialised
+            res = reinit_blocks(parent_ckpt, cfg.perturb.reinit_layers, cfg.seed + 1, tmp, cfg.model.trust_remote_code)
+        elif spec is None:  # perturb.kind == "none": nothing to train
+            res = unperturbed(parent_ckpt)
+        else:
+            res = fit_stage(spec, tmp, Path(home) / "ray_train", key, progress=tracker)
+        tracker.finish(len(res.history), len(res.history))
         ckpt = res.checkpoint
         ckpt.digest = key
         return {
             "checkpoint": ckpt.to_dict(), "history": res.history, "n_items": res.n_items,
-            "seconds": time.time() - t0, "dir": str(tmp), "machine": machine_info(),
+            "seconds": time.time() - t0, "dir": str(tmp), "machine": machine_info(), "train_run": res.run,
         }
 
     result, reused = store.produce(key, fn)
     return {**result, "key": key, "reused": reused}
+
+
+def stage_task_resources(cfg: AuditConfig, kind: str) -> dict:
+    """Ray task options of a training stage: with Ray Train workers the task only drives
+    them (no CPU of its own); in-process it takes ``ray.train_cpus`` (and a GPU with
+    ``scaling.use_gpu``)."""
+    sc = getattr(cfg, kind).scaling
+    if sc.num_workers > 0:
+        return {"num_cpus": 0, "num_gpus": 0}
+    return {"num_cpus": cfg.ray.train_cpus, "num_gpus": sc.gpus_per_worker if sc.use_gpu else 0}
+
+
+def check_scaling(cfg: AuditConfig) -> None:
+    """Fail fast when a training stage asks for more workers, CPUs or GPUs than the
+    local Ray has (a cluster named by ``RAY_ADDRESS`` may autoscale; it is not checked).
+
+    Raises:
+        UserError: naming the stage's ``scaling`` section.
+    """
+    from pipelines.train_ray import check_fits
+
+    if os.environ.get("RAY_ADDRESS"):
+        return
+    total = ray.cluster_resources()
+    for kind in ("tune", "perturb", "recover"):
+        check_fits(kind, getattr(cfg, kind).scaling, total)
 
 
 def probe_stage(cfg: AuditConfig, home: Path, stage: dict, data: SuiteData, hub=None) -> dict:
@@ -237,11 +277,13 @@ def run_dag(
         "drift": {"drift": result}}``.
     """
     init_ray()
+    check_scaling(cfg)
     home = str(Path(home).resolve())
-    tcpu, pcpu = cfg.ray.train_cpus, cfg.ray.probe_cpus
+    pcpu = cfg.ray.probe_cpus
     retries = cfg.ray.max_retries
     prep_t = ray.remote(num_cpus=pcpu, max_retries=retries)(prepare)
-    train_t = ray.remote(num_cpus=tcpu, max_retries=retries)(train_stage)
+    train_r = ray.remote(max_retries=retries)(train_stage)
+    train_t = {k: train_r.options(**stage_task_resources(cfg, k)) for k in ("tune", "perturb", "recover")}
     probe_t = ray.remote(num_cpus=pcpu, max_retries=retries)(probe_stage)
     drift_t = ray.remote(num_cpus=pcpu, max_retries=retries)(drift_stage)
 
@@ -258,18 +300,18 @@ def run_dag(
         hub = ProgressHub.remote()
 
     pending: dict = {}
-    aligned = train_t.remote("tune", cfg, home, base_stage, data_ref, hub=hub)
+    aligned = train_t["tune"].remote("tune", cfg, home, base_stage, data_ref, hub=hub)
     pending[aligned] = ("train", "aligned")
-    pending[probe_t.remote(cfg, home, base_stage, data_ref, hub=hub)] = ("probe", "base")
-    pending[probe_t.remote(cfg, home, aligned, data_ref, hub=hub)] = ("probe", "aligned")
-    perturbed = train_t.remote("perturb", cfg, home, aligned, data_ref, hub=hub)
+    pending[probe_t.remote(cfg, home, base_stage, data_ref)] = ("probe", "base")
+    pending[probe_t.remote(cfg, home, aligned, data_ref)] = ("probe", "aligned")
+    perturbed = train_t["perturb"].remote("perturb", cfg, home, aligned, data_ref, hub=hub)
     pending[perturbed] = ("train", "perturbed")
     pending[probe_t.remote(cfg, home, perturbed, data_ref, hub=hub)] = ("probe", "perturbed")
     names, refs = ["base", "aligned", "perturbed"], [base_stage, aligned, perturbed]
     for arm in cfg.recover.arms:
         for n in cfg.recover.sizes:
             name = f"recovered/{arm}/{n}"
-            rec = train_t.remote("recover", cfg, home, perturbed, data_ref, arm, n, hub=hub)
+            rec = train_t["recover"].remote("recover", cfg, home, perturbed, data_ref, arm, n, hub=hub)
             pending[rec] = ("train", name)
             pending[probe_t.remote(cfg, home, rec, data_ref, hub=hub)] = ("probe", name)
             names.append(name)
