@@ -16,18 +16,14 @@ from importlib import metadata
 from pathlib import Path
 from typing import Callable
 
-import numpy as np
 import pandas as pd
 
 from components.artifacts import atomic_copy, atomic_write, git_commit
 from components.config import AuditConfig, dump_yaml
 from components.errors import UserError
-from components.metrics import drift_kl, summarise
 from components.models import check_model_id
-from components.verdict import compute_verdict
+from components.verdict import STAGE_METRICS, assess  # noqa: F401 - STAGE_METRICS re-exported
 from pipelines.tracking import AuditTracker, resolve_tracking_uri
-
-STAGE_METRICS = ("task_acc", "knowledge_acc", "first_token_prob", "perturb_acc", "kl_to_base", "kl_to_aligned")
 
 
 def default_home() -> Path:
@@ -142,45 +138,12 @@ def run_audit(
 
     prep = results["prepare"]
     data = prep["data"]
-    chance = results["probe"]["base"]["knowledge_chance"]
-    boot = dict(n_boot=cfg.probe.n_bootstrap, level=cfg.probe.ci_level, seed=cfg.seed)
-    from components.probe import load_ref_logprobs
-
-    lp = {name: load_ref_logprobs(Path(results["probe"][name]["dir"])) for name in order}
-    lengths = np.array(results["probe"]["base"]["answer_tokens"])
-    stages, rows = {}, []
+    assessed = assess(results["probe"], order, cfg.verdict, cfg.probe.n_bootstrap, cfg.probe.ci_level, cfg.seed)
+    stages, verdict, rows = assessed["stages"], assessed["verdict"], assessed["rows"]
     for name in order:
-        p = results["probe"][name]
-        m = dict(p["metrics"])
-        m["kl_to_base"] = summarise(drift_kl(lp["base"], lp[name], lengths), **boot)
-        m["kl_to_aligned"] = summarise(drift_kl(lp["aligned"], lp[name], lengths), **boot)
-        st = {k: m[k]["value"] for k in STAGE_METRICS}
-        st["knowledge_chance"] = chance
-        st["ci"] = {k: [m[k]["ci_low"], m[k]["ci_high"]] for k in STAGE_METRICS}
-        stages[name] = st
-        for k in STAGE_METRICS:
-            rows.append({"stage": name, "metric": k, "layer": None, "value": m[k]["value"],
-                         "ci_low": m[k]["ci_low"], "ci_high": m[k]["ci_high"]})
-        rows.append({"stage": name, "metric": "knowledge_chance", "layer": None, "value": chance,
-                     "ci_low": None, "ci_high": None})
         if name in tracker.children:
             for k in ("kl_to_base", "kl_to_aligned"):
-                tracker.client.log_metric(tracker.children[name], k, m[k]["value"])
-
-    per_item = {name: results["probe"][name]["per_item"] for name in order if name != "base"}
-    verdict = compute_verdict(per_item, chance, cfg.verdict, **boot)
-    rows.append({"stage": "verdict", "metric": "task_drop", "layer": None, "value": verdict["task_drop"],
-                 "ci_low": verdict["task_drop_ci"][0], "ci_high": verdict["task_drop_ci"][1]})
-    rows.append({"stage": "verdict", "metric": "knowledge_retention", "layer": None,
-                 "value": verdict["knowledge_retention"], "ci_low": verdict["knowledge_retention_ci"][0],
-                 "ci_high": verdict["knowledge_retention_ci"][1]})
-    for key, v in verdict["recovery_ratio"].items():
-        lo, hi = verdict["recovery_ratio_ci"][key]
-        rows.append({"stage": f"recovered/{key}", "metric": "recovery_ratio", "layer": None, "value": v,
-                     "ci_low": lo, "ci_high": hi})
-        lo, hi = verdict["knowledge_after_recovery_ci"][key]
-        rows.append({"stage": f"recovered/{key}", "metric": "knowledge_after_recovery", "layer": None,
-                     "value": verdict["knowledge_after_recovery"][key], "ci_low": lo, "ci_high": hi})
+                tracker.client.log_metric(tracker.children[name], k, stages[name][k])
 
     summary = {
         "suite": cfg.suite,

@@ -88,8 +88,12 @@ def prepare(cfg: AuditConfig, home: Path) -> dict:
 
 
 def train_stage(kind: str, cfg: AuditConfig, home: Path, parent: dict, data: SuiteData,
-                arm: str | None = None, n: int | None = None) -> dict:
-    """Run (or reuse) one training stage; returns its stored result plus ``key`` and ``reused``."""
+                arm: str | None = None, n: int | None = None, reuse: bool = True) -> dict:
+    """Run (or reuse) one training stage; returns its stored result plus ``key`` and ``reused``.
+
+    ``reuse=False`` computes the stage even when ``<home>/store`` already holds its key
+    (the naive baseline of ``benchmarks/sweep_reuse.py``).
+    """
     from components.perturb import perturb
     from components.recover import recover, recovery_set
     from components.tune import tune
@@ -124,12 +128,12 @@ def train_stage(kind: str, cfg: AuditConfig, home: Path, parent: dict, data: Sui
             "seconds": time.time() - t0, "dir": str(tmp),
         }
 
-    result, reused = store.produce(key, fn)
+    result, reused = store.produce(key, fn, reuse=reuse)
     return {**result, "key": key, "reused": reused}
 
 
-def probe_stage(cfg: AuditConfig, home: Path, stage: dict, data: SuiteData) -> dict:
-    """Run (or reuse) the probe of one checkpoint."""
+def probe_stage(cfg: AuditConfig, home: Path, stage: dict, data: SuiteData, reuse: bool = True) -> dict:
+    """Run (or reuse) the probe of one checkpoint (``reuse`` as in :func:`train_stage`)."""
     from components.probe import probe
 
     ckpt = Checkpoint(**stage["checkpoint"])
@@ -145,7 +149,7 @@ def probe_stage(cfg: AuditConfig, home: Path, stage: dict, data: SuiteData) -> d
         res = probe(cfg, ckpt, data, tmp)
         return {**res, "dir": str(tmp), "seconds": time.time() - t0}
 
-    result, reused = store.produce(key, fn)
+    result, reused = store.produce(key, fn, reuse=reuse)
     return {**result, "key": key, "reused": reused}
 
 
