@@ -291,6 +291,117 @@ class RayConfig(_Strict):
     max_retries: int = Field(1, ge=0)
 
 
+SWEEP_METRICS = (
+    "recovery_ratio", "knowledge_after_recovery", "task_drop", "knowledge_retention", "perturb_acc",
+    "kl_to_aligned", "recovered_task_acc", "recovered_knowledge_acc", "recovered_kl_to_aligned",
+)
+
+
+class SweepConfig(_Strict):
+    """``cl-audit sweep``: a Ray Tune search over the perturbation's KL penalty and the
+    recovery-set size (optionally the recovery arm and the frozen bottom layers).
+
+    Each trial is one cell (kl_penalty, n[, arm, freeze_layers]): it runs the audit's
+    stages for that cell through the content-addressed store, so tune runs once for the
+    whole sweep, perturb once per (kl_penalty, freeze_layers), recover + probe per cell.
+
+    Attributes:
+        kl_penalty: the search space of ``perturb.kl_penalty`` (weight of the per-token
+            KL to the aligned model, unitless): a list of values >= 0 (a grid axis), or
+            ``{loguniform: [low, high]}`` with 0 < low < high (drawn log-uniformly,
+            ``num_samples`` times; per grid point under ``grid``).
+        sizes: recovery-set sizes ``n`` (items); None: ``recover.sizes``.
+        arms: recovery arms to try (``in_task``, ``irrelevant``); a grid axis.
+        freeze_layers: values of ``perturb.freeze_layers`` (bottom decoder layers
+            frozen); None: ``perturb.freeze_layers`` alone, not a search axis.
+        search: ``grid`` (every combination of the lists is a trial) or ``random``
+            (each trial draws every axis: a list uniformly, the range log-uniformly;
+            ``num_samples`` trials, with an ASHA scheduler that may stop a trial after
+            its perturb report when the objective is already known there).
+        num_samples: trials drawn under ``random``; under ``grid``, repeats of the grid
+            (only meaningful with ``kl_penalty_range``).
+        metric: the objective (one of the reported trial metrics, e.g.
+            ``recovery_ratio``, ``task_drop``, ``perturb_acc``, ``kl_to_aligned``).
+        mode: ``max`` or ``min`` of ``metric``.
+        recovery_target: recovery ratio that counts as "performance came back" in the
+            summary (smallest n per penalty); None: ``verdict.recovery_target``.
+        max_concurrent: trials running at once (each takes ``cpus_per_trial``).
+        cpus_per_trial: CPUs reserved per trial; torch uses this many threads.
+        max_failures: times Tune retries a trial that failed (worker died, error).
+        reuse: reuse stage outputs across trials through the store; false: every
+            trial computes every stage in a private store (the naive sweep, for the
+            benchmark).
+    """
+
+    kl_penalty: list[float] | dict[Literal["loguniform"], list[float]] = [0.0, 0.1, 1.0]
+    sizes: list[int] | None = None
+    arms: list[Literal["in_task", "irrelevant"]] = ["in_task"]
+    freeze_layers: list[int] | None = None
+    search: Literal["grid", "random"] = "grid"
+    num_samples: int = Field(1, ge=1)
+    metric: Literal[SWEEP_METRICS] = "recovery_ratio"  # type: ignore[valid-type]
+    mode: Literal["max", "min"] = "max"
+    recovery_target: float | None = Field(None, gt=0, le=1.5)
+    max_concurrent: int = Field(2, ge=1)
+    cpus_per_trial: float = Field(1, gt=0)
+    max_failures: int = Field(1, ge=0)
+    reuse: bool = True
+
+    @field_validator("kl_penalty", mode="before")
+    @classmethod
+    def _penalty_space(cls, v: Any) -> Any:
+        expected = "expected a list of penalties >= 0 (a grid) or {loguniform: [low, high]} with 0 < low < high"
+        num = (int, float)
+        if isinstance(v, dict):
+            bounds = v.get("loguniform")
+            if (set(v) != {"loguniform"} or not isinstance(bounds, list) or len(bounds) != 2
+                    or not all(isinstance(x, num) and not isinstance(x, bool) for x in bounds)
+                    or not 0 < bounds[0] < bounds[1]):
+                raise ValueError(expected)
+            return {"loguniform": [float(bounds[0]), float(bounds[1])]}
+        if isinstance(v, num) and not isinstance(v, bool):
+            v = [v]
+        if (not isinstance(v, list) or not v
+                or not all(isinstance(x, num) and not isinstance(x, bool) and x >= 0 for x in v)):
+            raise ValueError(expected)
+        return sorted(set(float(x) for x in v))
+
+    @field_validator("sizes")
+    @classmethod
+    def _sizes(cls, v: list[int] | None) -> list[int] | None:
+        if v is not None and (not v or any(n < 1 for n in v)):
+            raise ValueError("expected a non-empty list of integers >= 1")
+        return None if v is None else sorted(set(v))
+
+    @field_validator("freeze_layers")
+    @classmethod
+    def _freeze(cls, v: list[int] | None) -> list[int] | None:
+        if v is not None and (not v or any(k < 0 for k in v)):
+            raise ValueError("expected a non-empty list of integers >= 0")
+        return None if v is None else sorted(set(v))
+
+    @field_validator("arms")
+    @classmethod
+    def _arms(cls, v: list[str]) -> list[str]:
+        if not v:
+            raise ValueError("expected at least one arm")
+        return list(dict.fromkeys(v))
+
+    @model_validator(mode="after")
+    def _samples(self) -> "SweepConfig":
+        if self.search == "grid" and self.kl_grid is not None and self.num_samples != 1:
+            raise ValueError(
+                "sweep.num_samples: a grid of lists has nothing to sample; use 1, "
+                "or kl_penalty: {loguniform: [low, high]}, or search: random"
+            )
+        return self
+
+    @property
+    def kl_grid(self) -> list[float] | None:
+        """The penalty grid, or None when the penalty is drawn log-uniformly."""
+        return self.kl_penalty if isinstance(self.kl_penalty, list) else None
+
+
 class AuditConfig(_Strict):
     """The whole audit: suite, seed, model, data and one config per stage."""
 
@@ -305,10 +416,12 @@ class AuditConfig(_Strict):
     probe: ProbeConfig = ProbeConfig()
     verdict: VerdictConfig = VerdictConfig()
     ray: RayConfig = RayConfig()
+    sweep: SweepConfig = SweepConfig()
 
     def digest(self) -> str:
-        """sha256 (hex, 16 chars) of the canonical JSON of this config."""
-        return stable_hash(self.model_dump(mode="json"))
+        """sha256 (hex, 16 chars) of the canonical JSON of this config, without the
+        ``sweep`` section (it does not change what one audit computes)."""
+        return stable_hash(self.model_dump(mode="json", exclude={"sweep"}))
 
     @model_validator(mode="after")
     def _recover_fits_pool(self) -> "AuditConfig":

@@ -237,3 +237,68 @@ def bootstrap_diff(
     q = (1 - level) / 2
     lo, hi = float(np.quantile(fin, q)), float(np.quantile(fin, 1 - q))
     return {"diff": point, "ci_low": lo, "ci_high": hi, "significant": bool(lo > 0 or hi < 0)}
+
+
+STAGE_METRICS = ("task_acc", "knowledge_acc", "first_token_prob", "perturb_acc", "kl_to_base", "kl_to_aligned")
+
+
+def assess(probes: dict[str, dict], order: list[str], cfg: VerdictConfig,
+           n_boot: int = 1000, level: float = 0.95, seed: int = 0) -> dict:
+    """Per-checkpoint metrics, drift and the verdict from the probe results of one audit.
+
+    Args:
+        probes: checkpoint name -> the probe stage's result (``metrics``, ``per_item``,
+            ``knowledge_chance``, ``answer_tokens`` and ``dir`` holding
+            ``ref_logprobs.safetensors``); must hold ``base``, ``aligned`` and
+            ``perturbed``.
+        order: the checkpoint names to report, in DAG order (``base``, ``aligned``,
+            ``perturbed``, then any ``recovered/<arm>/<n>``).
+        cfg: the verdict thresholds.
+
+    Returns:
+        ``{"stages": {name: {metric: value, "knowledge_chance", "ci": {metric: [lo, hi]}}},
+        "verdict": compute_verdict(...), "rows": [long-form metric rows: stage, metric,
+        layer, value, ci_low, ci_high]}``. ``kl_to_base`` / ``kl_to_aligned`` are the
+        mean per-token KL(pi_ref || pi) over the gold answers' tokens (nats/token;
+        Shenfeld et al. 2025, arXiv 2509.04259), with bootstrap CIs over items.
+
+    Raises:
+        KeyError: a checkpoint of ``order`` (or base/aligned/perturbed) has no probe.
+    """
+    from components.metrics import drift_kl, summarise
+    from components.probe import load_ref_logprobs
+
+    boot = dict(n_boot=n_boot, level=level, seed=seed)
+    chance = probes["base"]["knowledge_chance"]
+    lp = {name: load_ref_logprobs(probes[name]["dir"]) for name in order}
+    lengths = np.array(probes["base"]["answer_tokens"])
+    stages, rows = {}, []
+    for name in order:
+        m = dict(probes[name]["metrics"])
+        m["kl_to_base"] = summarise(drift_kl(lp["base"], lp[name], lengths), **boot)
+        m["kl_to_aligned"] = summarise(drift_kl(lp["aligned"], lp[name], lengths), **boot)
+        st = {k: m[k]["value"] for k in STAGE_METRICS}
+        st["knowledge_chance"] = chance
+        st["ci"] = {k: [m[k]["ci_low"], m[k]["ci_high"]] for k in STAGE_METRICS}
+        stages[name] = st
+        for k in STAGE_METRICS:
+            rows.append({"stage": name, "metric": k, "layer": None, "value": m[k]["value"],
+                         "ci_low": m[k]["ci_low"], "ci_high": m[k]["ci_high"]})
+        rows.append({"stage": name, "metric": "knowledge_chance", "layer": None, "value": chance,
+                     "ci_low": None, "ci_high": None})
+
+    per_item = {name: probes[name]["per_item"] for name in order if name != "base"}
+    verdict = compute_verdict(per_item, chance, cfg, **boot)
+    rows.append({"stage": "verdict", "metric": "task_drop", "layer": None, "value": verdict["task_drop"],
+                 "ci_low": verdict["task_drop_ci"][0], "ci_high": verdict["task_drop_ci"][1]})
+    rows.append({"stage": "verdict", "metric": "knowledge_retention", "layer": None,
+                 "value": verdict["knowledge_retention"], "ci_low": verdict["knowledge_retention_ci"][0],
+                 "ci_high": verdict["knowledge_retention_ci"][1]})
+    for key, v in verdict["recovery_ratio"].items():
+        lo, hi = verdict["recovery_ratio_ci"][key]
+        rows.append({"stage": f"recovered/{key}", "metric": "recovery_ratio", "layer": None, "value": v,
+                     "ci_low": lo, "ci_high": hi})
+        lo, hi = verdict["knowledge_after_recovery_ci"][key]
+        rows.append({"stage": f"recovered/{key}", "metric": "knowledge_after_recovery", "layer": None,
+                     "value": verdict["knowledge_after_recovery"][key], "ci_low": lo, "ci_high": hi})
+    return {"stages": stages, "verdict": verdict, "rows": rows}

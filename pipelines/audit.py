@@ -124,7 +124,7 @@ def run_audit(
     """
     from ray.exceptions import RayTaskError
 
-    from pipelines.dag import parent_stage, run_dag
+    from pipelines.dag import run_dag
 
     if register is not None:
         check_model_name(register)
@@ -220,6 +220,7 @@ def _finish_audit(
     chance = results["probe"]["base"]["knowledge_chance"]
     boot = dict(n_boot=cfg.probe.n_bootstrap, level=cfg.probe.ci_level, seed=cfg.seed)
     from components.probe import load_ref_logprobs
+    from pipelines.dag import parent_stage
 
     lp = {name: load_ref_logprobs(Path(results["probe"][name]["dir"])) for name in order}
     lengths = np.array(results["probe"]["base"]["answer_tokens"])

@@ -212,6 +212,74 @@ class AuditProgress:
                 self.progress.update(self.bars[key], completed=st["done"], total=st["total"])
 
 
+def sweep_lines(s: dict) -> list[str]:
+    """The closing lines of ``cl-audit sweep``: trials, best cell, smallest n, Pareto set."""
+    t = s["trials"]
+    lines = [f"trials: {t['finished']} of {t['total']} finished {t['by_status']}"
+             + (f", {t['stopped_early']} stopped early by ASHA" if t["stopped_early"] else "")]
+    b = s.get("best")
+    if b:
+        cfg = ", ".join(f"{k}={v}" for k, v in b["config"].items())
+        lines.append(f"best by {b['metric']} ({b['mode']}): {_fmt(b['value'])} at {cfg} (verdict {b['label']})")
+    for r in s["smallest_n"]:
+        fz = f" freeze={r['freeze_layers']}" if r["freeze_layers"] else ""
+        lines.append(f"  kl_penalty={r['kl_penalty']:g} {r['arm']}{fz}: {r['note']} (task_drop {_fmt(r['task_drop'])})")
+    front = "; ".join(f"kl={p['kl_penalty']:g}: perturb_acc {_fmt(p['perturb_acc'])}, task_drop {_fmt(p['task_drop'])}"
+                      for p in s["pareto_perturb_acc_vs_task_drop"])
+    lines.append(f"Pareto set (perturb_acc up, task_drop down): {front or '-'}")
+    if s["stages_computed"]:
+        lines.append("stages computed: " + ", ".join(f"{k} {v}" for k, v in sorted(s["stages_computed"].items())))
+    m = s["mlflow"]
+    lines.append(f"MLflow: {m['tracking_uri']}  parent run {m['run_id']}")
+    return lines
+
+
+@app.command()
+def sweep(
+    suite: Optional[str] = typer.Argument(None, help="Suite name (default: capitals, or the config's suite)."),
+    config: Optional[Path] = typer.Option(None, "--config", "-c", help="YAML config file to merge over the suite's."),
+    set_: list[str] = typer.Option([], "--set", help="Override a config field: --set sweep.kl_penalty=[0,0.1,1]"),
+    out: Optional[Path] = typer.Option(None, "--out", help="Sweep folder (default: runs/sweeps/<suite>-<sweep digest>)."),
+    max_concurrent: Optional[int] = typer.Option(None, "--max-concurrent", help="Trials at once (sweep.max_concurrent)."),
+    tracking_uri: Optional[str] = typer.Option(None, "--tracking-uri", help="MLflow tracking URI (default: sqlite in runs/)."),
+    quick: bool = typer.Option(False, "--quick", help="A small version of the same sweep (smoke test)."),
+) -> None:
+    """Sweep perturb.kl_penalty x recover.size (config section `sweep`) with Ray Tune.
+
+    Writes sweep.parquet, sweep_summary.json and recovery_heatmap.png. Run the same
+    command again to resume an interrupted sweep (Ctrl-C) without redoing finished trials.
+
+    Example: cl-audit sweep capitals --quick --set "sweep.kl_penalty=[0,0.1,1]" --set "sweep.sizes=[2,4]"
+    """
+    from components.config import load_config
+    from pipelines.audit import default_home
+    from pipelines.sweep import run_sweep, sweep_digest
+
+    if max_concurrent is not None:
+        if max_concurrent < 1:
+            raise UserError(f"--max-concurrent {max_concurrent}: expected an integer >= 1")
+        set_ = [*set_, f"sweep.max_concurrent={max_concurrent}"]
+    cfg = load_config(suite, config, set_, quick)
+    home = default_home()
+    out_dir = out or home / "sweeps" / f"{cfg.suite}-{sweep_digest(cfg)[:12]}"
+    t0 = time.time()
+    with console.status("[bold]sweeping[/bold]") as status:
+        def progress(msg: str) -> None:
+            console.log(msg, highlight=False, markup=False)
+            status.update(f"[bold]sweeping[/bold] ({time.time() - t0:.0f} s)")
+
+        summary = run_sweep(cfg, out_dir, home, tracking_uri, progress)
+    for line in sweep_lines(summary):
+        console.print(line, highlight=False, markup=False)
+    if summary["interrupted"]:
+        err_console.print(
+            f"sweep interrupted after {summary['trials']['finished']} of {summary['trials']['total']} trials; "
+            f"run the same command again to resume ({out_dir})", highlight=False, markup=False)
+        raise typer.Exit(130)
+    files = ["sweep.parquet", "sweep_summary.json"] + (["recovery_heatmap.png"] if (out_dir / "recovery_heatmap.png").exists() else [])
+    console.print(f"Wrote {', '.join(f'{out_dir}/{f}' for f in files)} in {time.time() - t0:.0f} s", highlight=False)
+
+
 @app.command()
 def show(run_dir: Path = typer.Argument(..., help="A run folder with summary.json.")) -> None:
     """Print the table and verdict of a finished run.

@@ -99,7 +99,8 @@ def prepare(cfg: AuditConfig, home: Path) -> dict:
 
 
 def train_stage(kind: str, cfg: AuditConfig, home: Path, parent: dict, data: SuiteData,
-                arm: str | None = None, n: int | None = None, hub=None) -> dict:
+                arm: str | None = None, n: int | None = None, hub=None,
+                reuse: bool = True) -> dict:
     """Run (or reuse) one training stage; returns its stored result plus ``key`` and ``reused``.
 
     The stage trains on Ray Train (``pipelines.train_ray.fit_stage``) with the workers
@@ -108,7 +109,9 @@ def train_stage(kind: str, cfg: AuditConfig, home: Path, parent: dict, data: Sui
     latest checkpoint in ``<home>/ray_train/<key>`` until the stage is stored.
 
     ``hub``: an optional :class:`pipelines.progress.ProgressHub` that receives the
-    optimiser steps as they happen (``"train <checkpoint name>"``).
+    optimiser steps as they happen (``"train <checkpoint name>"``). ``reuse=False``
+    computes the stage even when ``<home>/store`` already holds its key (the naive
+    baseline of ``benchmarks/sweep_reuse.py``).
     """
     from components.perturb import perturb_spec, reinit_blocks, unperturbed
     from components.recover import recover_spec, recovery_set
@@ -119,7 +122,6 @@ def train_stage(kind: str, cfg: AuditConfig, home: Path, parent: dict, data: Sui
     parent_ckpt = Checkpoint(**parent["checkpoint"])
     name = {"tune": "aligned", "perturb": "perturbed"}.get(kind, f"recovered/{arm}/{n}")
     tracker = TaskProgress(hub, f"train {name}", "steps")
-    step = tracker.on_step
     store = Store(Path(home) / "store")
     common = {"seed": cfg.seed, "precision": cfg.model.precision}
     if kind == "tune":
@@ -156,7 +158,7 @@ def train_stage(kind: str, cfg: AuditConfig, home: Path, parent: dict, data: Sui
             "seconds": time.time() - t0, "dir": str(tmp), "machine": machine_info(), "train_run": res.run,
         }
 
-    result, reused = store.produce(key, fn)
+    result, reused = store.produce(key, fn, reuse=reuse)
     return {**result, "key": key, "reused": reused}
 
 
@@ -186,8 +188,11 @@ def check_scaling(cfg: AuditConfig) -> None:
         check_fits(kind, getattr(cfg, kind).scaling, total)
 
 
-def probe_stage(cfg: AuditConfig, home: Path, stage: dict, data: SuiteData, hub=None) -> dict:
-    """Run (or reuse) the probe of one checkpoint (scored items reported to ``hub``, if given)."""
+def probe_stage(
+    cfg: AuditConfig, home: Path, stage: dict, data: SuiteData, hub=None, reuse: bool = True
+) -> dict:
+    """Run (or reuse) the probe of one checkpoint (scored items reported to ``hub``, if given;
+    ``reuse`` as in :func:`train_stage`)."""
     from components.probe import probe
     from pipelines.progress import TaskProgress
 
@@ -206,7 +211,7 @@ def probe_stage(cfg: AuditConfig, home: Path, stage: dict, data: SuiteData, hub=
         report.finish(*report.last)
         return {**res, "dir": str(tmp), "seconds": time.time() - t0, "machine": machine_info()}
 
-    result, reused = store.produce(key, fn)
+    result, reused = store.produce(key, fn, reuse=reuse)
     return {**result, "key": key, "reused": reused}
 
 

@@ -86,6 +86,23 @@ class AuditTracker:
         self._params(self.parent_id, params)
         return self.parent_id
 
+    def attach(self, run_id: str, status: str | None = None) -> None:
+        """Continue an existing parent run (a resumed sweep, or a sweep trial that logs
+        its nested run under the sweep's parent); ``status`` (e.g. ``RUNNING``) is set
+        on it when given."""
+        self.parent_id = run_id
+        if status:
+            self.client.update_run(run_id, status=status)
+
+    def find_child(self, tag: str, value: str) -> str | None:
+        """The id of a nested run of the parent whose tag ``tag`` equals ``value``, if any."""
+        runs = self.client.search_runs(
+            [self.experiment_id],
+            f"tags.mlflow.parentRunId = '{self.parent_id}' and tags.`{tag}` = '{value}'",
+            max_results=1,
+        )
+        return runs[0].info.run_id if runs else None
+
     def _params(self, run_id: str, params: dict[str, Any]) -> None:
         from mlflow.entities import Param
 
@@ -102,13 +119,24 @@ class AuditTracker:
         metrics: dict[str, float],
         artifacts: dict[str, Path],
         tags: dict[str, str] | None = None,
+        run_id: str | None = None,
     ) -> str:
-        """A nested run for one checkpoint: stage params, per-step training curves
-        (``train/loss``, ``train/ce``, ``train/kl`` by step), probe metrics, artifacts
-        (``{artifact_path: local file or dir}``)."""
+        """A nested run for one checkpoint (or one sweep trial): stage params, per-step
+        training curves (``train/loss``, ``train/ce``, ``train/kl`` by step), probe
+        metrics, artifacts (``{artifact_path: local file or dir}``).
+
+        ``run_id`` logs into that existing nested run instead of creating one (a trial
+        that is restarted after an interruption keeps a single run); a run created up
+        front by :meth:`plan` is used likewise.
+        """
         from mlflow.entities import Metric, RunTag
 
-        if name in self.children:  # created by plan()
+        if run_id is not None:
+            rid = run_id
+            self.client.update_run(rid, status="RUNNING")
+            if tags:
+                self.client.log_batch(rid, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+        elif name in self.children:  # created by plan()
             rid = self.children[name]
             self.client.log_batch(rid, tags=[RunTag(k, str(v)) for k, v in (tags or {}).items()])
         else:
@@ -117,7 +145,7 @@ class AuditTracker:
                 tags={"mlflow.parentRunId": self.parent_id, "cl_audit.stage": name, **(tags or {})},
             )
             rid = run.info.run_id
-            self.children[name] = rid
+        self.children[name] = rid
         self._params(rid, params)
         now = int(time.time() * 1000)
         ms = []

@@ -8,7 +8,6 @@ import json
 import re
 import shutil
 
-import numpy as np
 import pandas as pd
 import pytest
 from matplotlib.image import imread

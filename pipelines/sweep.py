@@ -1,0 +1,593 @@
+"""The sweep: Ray Tune over ``perturb.kl_penalty`` x ``recover.size`` (x arm, x freeze).
+
+The questions (DESIGN.md): how strong must the KL penalty of the perturbing fine-tune be
+to keep the task alignment, and what does it cost in learning the new task? How many
+recovery examples, in-task or irrelevant, bring the task back?
+
+One Tune trial is one cell ``(kl_penalty, n[, arm, freeze_layers])``. The trainable
+(:func:`sweep_trial`) calls the DAG's stage functions in process (``pipelines.dag``:
+``train_stage`` / ``probe_stage``), which key every output by a hash of the stage config
+and its inputs (``components.artifacts.Store``). So across a grid of K penalties x S
+sizes, tune runs once, perturb once per penalty, and recover + probe per cell;
+concurrent trials that need the same output wait on the store's file lock for a single
+producer. Each trial reports twice through ``ray.tune.report`` (Ray Train V2 rules):
+after perturb (``training_iteration`` 1: task_drop, knowledge_retention, perturb_acc,
+kl_to_aligned; an ASHA scheduler may stop the trial here) and after recover (2: every
+metric, including recovery_ratio and knowledge_after_recovery).
+
+Records: one MLflow parent run per sweep (created by the driver), one nested run per
+trial created inside the trainable with the parent's id (``MLflowLoggerCallback`` does
+not work with Train V2); the table, summary and heatmap as artifacts on the parent.
+
+Outputs in the sweep folder: ``sweep.parquet`` (a row per trial with its status),
+``sweep_summary.json``, ``recovery_heatmap.png``, ``config.yaml`` and Tune's experiment
+under ``tune/sweep`` (absolute ``storage_path``), from which a killed sweep resumes with
+``Tuner.restore`` without redoing its finished trials.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import pandas as pd
+from ray.tune import Callback
+
+from components.artifacts import atomic_write, git_commit
+from components.config import AuditConfig, dump_yaml, stable_hash
+from components.errors import UserError
+
+EXPERIMENT_NAME = "sweep"
+HEATMAP = "recovery_heatmap.png"
+CELL_COLUMNS = ["kl_penalty", "n", "arm", "freeze_layers"]
+METRIC_COLUMNS = [
+    "task_drop", "task_drop_ci_low", "task_drop_ci_high", "knowledge_retention", "perturb_acc",
+    "kl_to_aligned", "aligned_task_acc", "perturbed_task_acc", "perturbed_knowledge_acc",
+    "recovery_ratio", "recovery_ratio_ci_low", "recovery_ratio_ci_high", "knowledge_after_recovery",
+    "recovered_task_acc", "recovered_knowledge_acc", "recovered_kl_to_aligned",
+]
+TABLE_COLUMNS = [
+    "trial_id", "status", *CELL_COLUMNS, *METRIC_COLUMNS, "label", "iterations", "stopped_early",
+    "stages_computed", "mlflow_run_id", "error",
+]
+# Progress lines of the driver go to these callables (set by run_sweep); the Tune
+# callback that calls them is pickled into the experiment, so it holds no reference.
+_SINK: list[Callable[[str], None]] = []
+
+
+def _num(x: Any) -> float:
+    return float("nan") if x is None else float(x)
+
+
+def sweep_digest(cfg: AuditConfig) -> str:
+    """Identity of a sweep: the audit config and the search space, without the fields
+    that only say how it runs (``max_concurrent``, ``max_failures``, ``cpus_per_trial``,
+    ``ray``), so a resumed sweep may run with other resources."""
+    space = cfg.sweep.model_dump(mode="json", exclude={"max_concurrent", "max_failures", "cpus_per_trial"})
+    return stable_hash({"audit": cfg.model_dump(mode="json", exclude={"sweep", "ray"}), "space": space})
+
+
+def sweep_sizes(cfg: AuditConfig) -> list[int]:
+    """The recovery-set sizes the sweep tries: ``sweep.sizes`` or ``recover.sizes``."""
+    return cfg.sweep.sizes or cfg.recover.sizes
+
+
+def param_space(cfg: AuditConfig) -> dict:
+    """The Tune search space of ``cfg.sweep``.
+
+    Under ``grid`` every list is ``tune.grid_search``; under ``random`` every list is
+    ``tune.choice``; ``{loguniform: [low, high]}`` is ``tune.loguniform``. An axis with
+    a single value is a constant (still a column of the table).
+    """
+    from ray import tune
+
+    sw = cfg.sweep
+
+    def axis(values: list) -> Any:
+        if len(values) == 1:
+            return values[0]
+        return tune.grid_search(values) if sw.search == "grid" else tune.choice(values)
+
+    grid = sw.kl_grid
+    return {
+        "kl_penalty": axis(grid) if grid is not None else tune.loguniform(*sw.kl_penalty["loguniform"]),
+        "n": axis(sweep_sizes(cfg)),
+        "arm": axis(sw.arms),
+        "freeze_layers": axis(sw.freeze_layers if sw.freeze_layers is not None else [cfg.perturb.freeze_layers]),
+    }
+
+
+def expected_trials(cfg: AuditConfig) -> int:
+    """How many trials the sweep has when complete: the product of the grid axes times
+    ``num_samples`` under ``grid``; ``num_samples`` under ``random``."""
+    sw = cfg.sweep
+    if sw.search == "random":
+        return sw.num_samples
+    axes = [sw.kl_grid or [None], sweep_sizes(cfg), sw.arms, sw.freeze_layers or [None]]
+    return math.prod(len(a) for a in axes) * sw.num_samples
+
+
+def cell_config(cfg: AuditConfig, cell: dict) -> AuditConfig:
+    """The audit config of one trial: the sweep's config with the cell's penalty,
+    frozen layers, recovery arm and size (the same store keys ``cl-audit run`` uses).
+
+    Raises:
+        UserError: the cell makes an invalid config.
+    """
+    tree = cfg.model_dump(mode="json")
+    tree["perturb"]["kl_penalty"] = float(cell["kl_penalty"])
+    tree["perturb"]["freeze_layers"] = int(cell["freeze_layers"])
+    tree["recover"]["arms"] = [cell["arm"]]
+    tree["recover"]["sizes"] = [int(cell["n"])]
+    try:
+        return AuditConfig.model_validate(tree)
+    except Exception as e:  # noqa: BLE001 - report as one line
+        raise UserError(f"sweep cell {cell}: {str(e).splitlines()[0]}") from None
+
+
+def cell_name(cell: dict) -> str:
+    """``trial/kl=0.1/in_task/n=4`` (``/freeze=k`` appended when layers are frozen)."""
+    name = f"trial/kl={float(cell['kl_penalty']):.4g}/{cell['arm']}/n={int(cell['n'])}"
+    return name + (f"/freeze={int(cell['freeze_layers'])}" if int(cell["freeze_layers"]) else "")
+
+
+def sweep_trial(cell: dict, cfg: AuditConfig, prep: dict, home: str, out_dir: str, mlflow_ctx: dict) -> None:
+    """The Tune trainable: one cell of the sweep, its stages through the store.
+
+    Args:
+        cell: the trial's config from Tune (``kl_penalty``, ``n``, ``arm``,
+            ``freeze_layers``).
+        cfg: the sweep's resolved config.
+        prep: :func:`pipelines.dag.prepare`'s result (model, split data), computed
+            once by the driver.
+        home: run folder whose ``store/`` holds the stage outputs (absolute).
+        out_dir: the sweep folder; with ``sweep.reuse`` false each trial computes
+            every stage in a private store under ``out_dir/naive/<trial_id>``.
+        mlflow_ctx: ``tracking_uri``, ``experiment`` and ``parent_run_id``.
+
+    Reports (``ray.tune.report``) twice: after perturb, then after recover (see the
+    module docstring); the final report holds the cell, :data:`METRIC_COLUMNS`,
+    ``label`` (the cell's verdict), ``stages_computed`` and ``mlflow_run_id``.
+    """
+    from ray import tune
+
+    from components.verdict import assess
+    from pipelines.dag import probe_stage, train_stage
+    from pipelines.tracking import AuditTracker
+
+    c = cell_config(cfg, cell)
+    trial_id = tune.get_context().get_trial_id()
+    reuse = c.sweep.reuse
+    where = home if reuse else str(Path(out_dir) / "naive" / trial_id)
+    data = prep["data"]
+    arm, n = c.recover.arms[0], c.recover.sizes[0]
+    rec_name = f"recovered/{arm}/{n}"
+    boot = (c.verdict, c.probe.n_bootstrap, c.probe.ci_level, c.seed)
+    computed: list[str] = []
+
+    def note(result: dict) -> dict:
+        if not result["reused"]:
+            computed.append(result["key"].split("-")[0])
+        return result
+
+    base = {"checkpoint": prep["base"], "history": []}
+    aligned = note(train_stage("tune", c, where, base, data, reuse=reuse))
+    probes = {"base": note(probe_stage(c, where, base, data, reuse=reuse)),
+              "aligned": note(probe_stage(c, where, aligned, data, reuse=reuse))}
+    perturbed = note(train_stage("perturb", c, where, aligned, data, reuse=reuse))
+    probes["perturbed"] = note(probe_stage(c, where, perturbed, data, reuse=reuse))
+
+    cfg_cols = {"kl_penalty": c.perturb.kl_penalty, "n": n, "arm": arm, "freeze_layers": c.perturb.freeze_layers}
+    a = assess(probes, ["base", "aligned", "perturbed"], *boot)
+    st, v = a["stages"], a["verdict"]
+    metrics = {
+        **cfg_cols,
+        "task_drop": _num(v["task_drop"]),
+        "task_drop_ci_low": _num(v["task_drop_ci"][0]), "task_drop_ci_high": _num(v["task_drop_ci"][1]),
+        "knowledge_retention": _num(v["knowledge_retention"]),
+        "perturb_acc": st["perturbed"]["perturb_acc"],
+        "kl_to_aligned": st["perturbed"]["kl_to_aligned"],
+        "aligned_task_acc": st["aligned"]["task_acc"],
+        "perturbed_task_acc": st["perturbed"]["task_acc"],
+        "perturbed_knowledge_acc": st["perturbed"]["knowledge_acc"],
+    }
+    # Every report carries every metric (Tune checks the objective in each); the
+    # recovery quantities are NaN until the recover stage has run.
+    tune.report({**{k: float("nan") for k in METRIC_COLUMNS}, **metrics})
+
+    recovered = note(train_stage("recover", c, where, perturbed, data, arm, n, reuse=reuse))
+    probes[rec_name] = note(probe_stage(c, where, recovered, data, reuse=reuse))
+    a = assess(probes, ["base", "aligned", "perturbed", rec_name], *boot)
+    st, v = a["stages"], a["verdict"]
+    key = f"{arm}/{n}"
+    metrics.update({
+        "recovery_ratio": _num(v["recovery_ratio"][key]),
+        "recovery_ratio_ci_low": _num(v["recovery_ratio_ci"][key][0]),
+        "recovery_ratio_ci_high": _num(v["recovery_ratio_ci"][key][1]),
+        "knowledge_after_recovery": _num(v["knowledge_after_recovery"][key]),
+        "recovered_task_acc": st[rec_name]["task_acc"],
+        "recovered_knowledge_acc": st[rec_name]["knowledge_acc"],
+        "recovered_kl_to_aligned": st[rec_name]["kl_to_aligned"],
+        "label": v["label"],
+        "stages_computed": ",".join(computed),
+    })
+
+    tracker = AuditTracker(mlflow_ctx["tracking_uri"], mlflow_ctx["experiment"])
+    tracker.attach(mlflow_ctx["parent_run_id"])
+    rid = tracker.stage(
+        cell_name(cfg_cols),
+        {**{f"recover.{k}": v for k, v in c.recover.model_dump(exclude={"arms", "sizes"}).items()},
+         **cfg_cols, "trial_id": trial_id, "stage": "sweep_trial"},
+        recovered.get("history", []),
+        {k: v for k, v in metrics.items() if isinstance(v, float) and math.isfinite(v)},
+        {"": Path(probes[rec_name]["dir"]) / "predictions.parquet"},
+        tags={"cl_audit.trial_id": trial_id, "cl_audit.label": v["label"],
+              "cl_audit.perturb_key": perturbed["key"], "cl_audit.recover_key": recovered["key"],
+              "cl_audit.stages_computed": metrics["stages_computed"] or "none"},
+        run_id=tracker.find_child("cl_audit.trial_id", trial_id),
+    )
+    tune.report({**metrics, "mlflow_run_id": rid})
+
+
+def _trial_dirname(trial) -> str:
+    return trial.trial_id
+
+
+def _say(msg: str) -> None:
+    for fn in _SINK:
+        fn(msg)
+
+
+class Progress(Callback):
+    """Tune callback: one progress line per finished or failed trial, through
+    :data:`_SINK` (it is pickled into the experiment, so it holds no printer)."""
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        r = trial.last_result or {}
+        parts = [f"{k}={r[k]:.3f}" for k in ("task_drop", "perturb_acc", "recovery_ratio")
+                 if isinstance(r.get(k), float)]
+        _say(f"trial {trial.trial_id} finished: {cell_name(trial.config)} " + " ".join(parts))
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        _say(f"trial {trial.trial_id} failed: {cell_name(trial.config)}")
+
+
+def sweep_table(exp_dir: Path) -> pd.DataFrame:
+    """A row per trial of the Tune experiment in ``exp_dir`` (read from its saved state),
+    with :data:`TABLE_COLUMNS`; rows sorted by the cell (arm, freeze_layers,
+    kl_penalty, n)."""
+    from ray.tune import ExperimentAnalysis
+
+    analysis = ExperimentAnalysis(str(exp_dir))
+    rows = []
+    for t in analysis.trials:
+        r = t.last_result or {}
+        row = {"trial_id": t.trial_id, "status": t.status}
+        for k in CELL_COLUMNS:
+            row[k] = t.config.get(k)
+        for k in METRIC_COLUMNS:
+            row[k] = _num(r.get(k)) if isinstance(r.get(k), (int, float)) or r.get(k) is None else float("nan")
+        row["label"] = r.get("label")
+        row["iterations"] = int(r.get("training_iteration", 0) or 0)
+        row["stopped_early"] = bool(t.status == "TERMINATED" and row["iterations"] < 2)
+        row["stages_computed"] = r.get("stages_computed")
+        row["mlflow_run_id"] = r.get("mlflow_run_id")
+        err = t.get_error() if t.status == "ERROR" else None
+        row["error"] = str(err).strip().splitlines()[-1][:500] if err else None
+        rows.append(row)
+    df = pd.DataFrame(rows, columns=TABLE_COLUMNS)
+    df["kl_penalty"] = df["kl_penalty"].astype(float)
+    df["n"] = df["n"].astype("Int64")
+    df["freeze_layers"] = df["freeze_layers"].astype("Int64")
+    return df.sort_values(["arm", "freeze_layers", "kl_penalty", "n", "trial_id"]).reset_index(drop=True)
+
+
+def pareto_front(df: pd.DataFrame) -> list[dict]:
+    """The perturbation settings not dominated in (``perturb_acc`` up, ``task_drop`` down).
+
+    ``perturb_acc`` (how well the new task was learned) and ``task_drop`` (alignment
+    lost) depend on the perturbed checkpoint only, so the front is taken over the
+    distinct ``(kl_penalty, freeze_layers)`` of the finished trials.
+    """
+    pts = (
+        df.dropna(subset=["perturb_acc", "task_drop"])
+        .groupby(["kl_penalty", "freeze_layers"], as_index=False)
+        .first()[["kl_penalty", "freeze_layers", "perturb_acc", "task_drop", "kl_to_aligned"]]
+    )
+    front = []
+    for _, p in pts.iterrows():
+        dominated = (
+            (pts.perturb_acc >= p.perturb_acc) & (pts.task_drop <= p.task_drop)
+            & ((pts.perturb_acc > p.perturb_acc) | (pts.task_drop < p.task_drop))
+        ).any()
+        if not dominated:
+            front.append({"kl_penalty": float(p.kl_penalty), "freeze_layers": int(p.freeze_layers),
+                          "perturb_acc": float(p.perturb_acc), "task_drop": float(p.task_drop),
+                          "kl_to_aligned": _none(p.kl_to_aligned)})
+    return sorted(front, key=lambda d: d["kl_penalty"])
+
+
+def _none(x: Any) -> Any:
+    """NaN -> None, numpy scalars -> Python (for JSON)."""
+    if x is None or (isinstance(x, float) and math.isnan(x)) or x is pd.NA:
+        return None
+    if isinstance(x, np.generic):
+        x = x.item()
+        return None if isinstance(x, float) and math.isnan(x) else x
+    return x
+
+
+def smallest_n(df: pd.DataFrame, target: float) -> list[dict]:
+    """Per (kl_penalty, arm, freeze_layers) of the finished trials in ``df``: the
+    smallest n whose recovery ratio reaches ``target`` (``n`` None when no tried size
+    does, or when the ratio is undefined because the task did not drop)."""
+    out = []
+    for (p, arm, fz), g in df.groupby(["kl_penalty", "arm", "freeze_layers"]):
+        g = g.sort_values("n")
+        tried = g.dropna(subset=["recovery_ratio"])
+        hit = tried[tried.recovery_ratio >= target]
+        if len(hit):
+            note = f"recovery ratio >= {target} at n={int(hit.n.iloc[0])}"
+        elif len(tried):
+            note = f"not within n <= {int(tried.n.max())}"
+        else:
+            note = "recovery ratio undefined: the task did not drop"
+        out.append({"kl_penalty": float(p), "arm": arm, "freeze_layers": int(fz), "target": target,
+                    "n": int(hit.n.iloc[0]) if len(hit) else None,
+                    "recovery_ratio": _none(hit.recovery_ratio.iloc[0]) if len(hit) else None,
+                    "task_drop": _none(g.task_drop.iloc[0]), "note": note})
+    return out
+
+
+def best_trial(df: pd.DataFrame, metric: str, mode: str) -> dict | None:
+    """The finished trial with the best ``metric`` (``max`` or ``min``), as a dict."""
+    ok = df[(df.status == "TERMINATED")].dropna(subset=[metric])
+    if ok.empty:
+        return None
+    row = ok.loc[ok[metric].idxmax() if mode == "max" else ok[metric].idxmin()]
+    return {
+        "trial_id": row.trial_id,
+        "config": {k: _none(row[k]) for k in CELL_COLUMNS},
+        "metric": metric, "mode": mode, "value": _none(row[metric]),
+        "metrics": {k: _none(row[k]) for k in METRIC_COLUMNS},
+        "label": row.label, "mlflow_run_id": row.mlflow_run_id,
+    }
+
+
+def recovery_heatmap(df: pd.DataFrame, title: str) -> bytes:
+    """PNG: recovery ratio over kl_penalty (rows) x n (columns), one panel per
+    (arm, freeze_layers); cells without a value are grey."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    groups = list(df.groupby(["arm", "freeze_layers"])) or [(("-", 0), df)]
+    fig, axes = plt.subplots(1, len(groups), figsize=(4.2 * len(groups) + 1, 3.6), squeeze=False)
+    cmap = plt.get_cmap("viridis").with_extremes(bad="#cccccc")
+    im = None
+    for ax, ((arm, fz), g) in zip(axes[0], groups):
+        piv = g.pivot_table(index="kl_penalty", columns="n", values="recovery_ratio", aggfunc="mean", dropna=False)
+        vals = piv.to_numpy(dtype=float)
+        top = float(np.nanmax(vals)) if np.isfinite(vals).any() else 1.0
+        low = float(np.nanmin(vals)) if np.isfinite(vals).any() else 0.0
+        im = ax.imshow(np.ma.masked_invalid(vals), cmap=cmap, vmin=min(0.0, low), vmax=max(1.0, top),
+                       aspect="auto", origin="lower")
+        ax.set_xticks(range(len(piv.columns)), [str(c) for c in piv.columns])
+        ax.set_yticks(range(len(piv.index)), [f"{p:.3g}" for p in piv.index])
+        ax.set_xlabel("recovery-set size n")
+        ax.set_ylabel("perturb.kl_penalty")
+        ax.set_title(f"{arm}" + (f", freeze {fz}" if fz else ""))
+        for i in range(vals.shape[0]):
+            for j in range(vals.shape[1]):
+                ok = np.isfinite(vals[i, j])
+                ax.text(j, i, f"{vals[i, j]:.2f}" if ok else "n/a", ha="center", va="center", fontsize=9,
+                        color="white" if ok and vals[i, j] < 0.6 else "black")
+    if im is not None:
+        fig.colorbar(im, ax=axes[0].tolist(), label="recovery ratio")
+    fig.suptitle(title, fontsize=10)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=120, bbox_inches="tight")
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def check_sweep(cfg: AuditConfig, data=None) -> None:
+    """Check the sweep's sizes against the recovery pools (``data.n_recover_pool``, or
+    the split pools of ``data`` when given).
+
+    Raises:
+        UserError: a size larger than the pool of an arm.
+    """
+    if data is None:
+        if "in_task" in cfg.sweep.arms and max(sweep_sizes(cfg)) > cfg.data.n_recover_pool:
+            raise UserError(
+                f"sweep.sizes: {max(sweep_sizes(cfg))} is larger than the in-task recovery pool "
+                f"data.n_recover_pool={cfg.data.n_recover_pool}"
+            )
+        return
+    pools = {"in_task": len(data.recover), "irrelevant": len(data.irrelevant)}
+    for arm in cfg.sweep.arms:
+        if max(sweep_sizes(cfg)) > pools[arm]:
+            raise UserError(
+                f"sweep.sizes: {max(sweep_sizes(cfg))} is larger than the {arm} recovery pool ({pools[arm]} items)"
+            )
+
+
+def run_sweep(
+    cfg: AuditConfig,
+    out_dir: Path,
+    home: Path | None = None,
+    tracking_uri: str | None = None,
+    progress: Callable[[str], None] | None = None,
+) -> dict:
+    """Run (or resume) the sweep of ``cfg.sweep`` and write its outputs into ``out_dir``.
+
+    A folder that holds an interrupted sweep of the same config (``sweep_digest``) is
+    resumed with ``Tuner.restore``: finished trials are kept, unfinished and failed
+    ones run again (their stages mostly come from the store).
+
+    Returns:
+        The ``sweep_summary.json`` content; ``"interrupted": true`` when the run was
+        stopped (SIGINT) before every trial finished (the table then holds the trials so
+        far; running again resumes).
+
+    Raises:
+        UserError: bad input (unwritable folder, a folder holding another sweep,
+            unreachable tracking store, sizes beyond a recovery pool, ...).
+    """
+    import ray
+    from ray import tune
+    from ray.exceptions import RayTaskError
+
+    from components.models import check_model_id
+    from pipelines.audit import check_writable, default_home, versions
+    from pipelines.dag import init_ray, prepare
+    from pipelines.tracking import AuditTracker, resolve_tracking_uri
+
+    home = Path(home or default_home()).resolve()
+    out_dir = Path(out_dir).resolve()
+    check_writable(out_dir)
+    uri = resolve_tracking_uri(tracking_uri, home)
+    check_model_id(cfg.model)
+    check_sweep(cfg)
+    say = progress or (lambda msg: None)
+    digest = sweep_digest(cfg)
+    state_path = out_dir / "sweep_state.json"
+    state = json.loads(state_path.read_text()) if state_path.exists() else {}
+    if state and state.get("sweep_digest") != digest:
+        raise UserError(
+            f"--out {out_dir}: holds a sweep of another config (digest {state.get('sweep_digest')}, "
+            f"this one {digest}); choose another --out"
+        )
+    tracker = AuditTracker(uri, cfg.experiment)
+
+    init_ray()
+    prep_t = ray.remote(num_cpus=cfg.ray.probe_cpus, max_retries=cfg.ray.max_retries)(prepare)
+    try:
+        prep = ray.get(prep_t.remote(cfg, str(home)))
+    except RayTaskError as e:
+        if isinstance(getattr(e, "cause", None), UserError):
+            raise UserError(str(e.cause)) from None
+        raise
+    check_sweep(cfg, prep["data"])
+    notes = prep["data"].notes
+    say(f"model ready; {notes['n_known']} of {notes['n_items']} facts known to the base model")
+
+    exp_dir = out_dir / "tune" / EXPERIMENT_NAME
+    resuming = tune.Tuner.can_restore(str(exp_dir))
+    prev = state.get("mlflow", {})
+    if resuming and prev.get("run_id") and prev.get("tracking_uri") == uri:
+        tracker.attach(prev["run_id"], status="RUNNING")
+    else:
+        tracker.start(
+            f"sweep-{cfg.suite}-{digest[:8]}",
+            cfg.model_dump(mode="json"),
+            {"cl_audit.kind": "sweep", "cl_audit.suite": cfg.suite, "cl_audit.sweep_digest": digest,
+             "cl_audit.config_digest": cfg.digest(), "git_commit": git_commit(), "cl_audit.seed": str(cfg.seed),
+             "model_digest": prep["model_digest"], "data_digest": prep["data_digest"],
+             **{f"version.{k}": v for k, v in versions().items()}},
+        )
+    mlflow_ctx = {"tracking_uri": uri, "experiment": cfg.experiment, "parent_run_id": tracker.parent_id}
+    atomic_write(state_path, json.dumps({"sweep_digest": digest, "mlflow": {
+        "tracking_uri": uri, "experiment_id": tracker.experiment_id, "run_id": tracker.parent_id}}, indent=1))
+    atomic_write(out_dir / "config.yaml", dump_yaml(cfg))
+
+    trainable = tune.with_resources(
+        tune.with_parameters(sweep_trial, cfg=cfg, prep=prep, home=str(home), out_dir=str(out_dir),
+                             mlflow_ctx=mlflow_ctx),
+        {"cpu": cfg.sweep.cpus_per_trial},
+    )
+    sw = cfg.sweep
+    _SINK[:] = [say]
+    try:
+        if resuming:
+            done = int((sweep_table(exp_dir).status == "TERMINATED").sum())
+            say(f"resuming the sweep in {exp_dir} ({done} trials already finished)")
+            tuner = tune.Tuner.restore(str(exp_dir), trainable, resume_unfinished=True, restart_errored=True)
+        else:
+            scheduler = None
+            if sw.search == "random":
+                from ray.tune.schedulers import ASHAScheduler
+
+                scheduler = ASHAScheduler(time_attr="training_iteration", max_t=2, grace_period=1,
+                                          reduction_factor=2)
+            tuner = tune.Tuner(
+                trainable,
+                param_space=param_space(cfg),
+                tune_config=tune.TuneConfig(
+                    metric=sw.metric, mode=sw.mode, num_samples=sw.num_samples, scheduler=scheduler,
+                    max_concurrent_trials=sw.max_concurrent, reuse_actors=True,
+                    trial_dirname_creator=_trial_dirname,
+                ),
+                run_config=tune.RunConfig(
+                    name=EXPERIMENT_NAME, storage_path=str(out_dir / "tune"), verbose=0,
+                    failure_config=tune.FailureConfig(max_failures=sw.max_failures),
+                    callbacks=[Progress()],
+                ),
+            )
+        tuner.fit()
+    except BaseException:
+        tracker.client.set_terminated(tracker.parent_id, status="FAILED")
+        raise
+    finally:
+        _SINK.clear()
+
+    table = sweep_table(exp_dir)
+    buf = io.BytesIO()
+    table.to_parquet(buf, index=False)
+    atomic_write(out_dir / "sweep.parquet", buf.getvalue())
+    finished = table[table.status == "TERMINATED"]
+    counts = {s: int(c) for s, c in table.status.value_counts().items()}
+    total = expected_trials(cfg)
+    # Tune creates trials lazily (max_concurrent), so a stopped sweep may also lack rows
+    interrupted = (any(s not in ("TERMINATED", "ERROR") for s in counts)
+                   or counts.get("TERMINATED", 0) + counts.get("ERROR", 0) < total)
+    target = sw.recovery_target if sw.recovery_target is not None else cfg.verdict.recovery_target
+    computed: dict[str, int] = {}
+    for s in finished.stages_computed.dropna():
+        for kind in filter(None, s.split(",")):
+            computed[kind] = computed.get(kind, 0) + 1
+    summary = {
+        "suite": cfg.suite,
+        "model": cfg.model.id,
+        "sweep_digest": digest,
+        "config_digest": cfg.digest(),
+        "search": sw.search,
+        "objective": {"metric": sw.metric, "mode": sw.mode},
+        "space": sw.model_dump(mode="json", include={"kl_penalty", "sizes", "arms", "freeze_layers", "num_samples"})
+        | {"sizes": sweep_sizes(cfg)},
+        "interrupted": interrupted,
+        "trials": {"total": total, "finished": len(finished), "by_status": counts,
+                   "stopped_early": int(finished.stopped_early.sum())},
+        "best": best_trial(table, sw.metric, sw.mode),
+        "recovery_target": target,
+        "smallest_n": smallest_n(finished, target),
+        "pareto_perturb_acc_vs_task_drop": pareto_front(finished),
+        "stages_computed": computed,
+        "reuse": sw.reuse,
+        "outputs": {"table": "sweep.parquet", "heatmap": HEATMAP, "tune_experiment": str(exp_dir)},
+        "mlflow": {"tracking_uri": uri, "experiment_id": tracker.experiment_id, "run_id": tracker.parent_id},
+    }
+    if len(finished):
+        atomic_write(out_dir / HEATMAP, recovery_heatmap(
+            finished, f"{cfg.suite} / {cfg.model.id}: recovery ratio (target {target})"))
+    atomic_write(out_dir / "sweep_summary.json", json.dumps(summary, indent=2))
+    arts = [out_dir / "sweep.parquet", out_dir / "sweep_summary.json", out_dir / "config.yaml"]
+    if (out_dir / HEATMAP).exists():
+        arts.append(out_dir / HEATMAP)
+    metrics = {"trials_finished": float(len(finished))}
+    if summary["best"] and summary["best"]["value"] is not None:
+        metrics[f"best_{sw.metric}"] = summary["best"]["value"]
+    if interrupted:
+        for p in arts:
+            tracker.client.log_artifact(tracker.parent_id, str(p))
+        tracker.client.set_terminated(tracker.parent_id, status="KILLED")
+    else:
+        tracker.finish(metrics, arts, {"cl_audit.trials_finished": str(len(finished))})
+    return summary
+

@@ -1,0 +1,183 @@
+"""The Ray Tune sweep on the tiny model: a 2 x 2 grid over perturb.kl_penalty x recover.size,
+stage reuse counted in the store, the table and summary, MLflow parent + nested runs, and a
+sweep interrupted after its first trial that resumes with ``Tuner.restore``."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+from collections import Counter
+from itertools import product
+
+import pandas as pd
+import pytest
+from mlflow.tracking import MlflowClient
+
+from components.artifacts import Store
+from pipelines.sweep import CELL_COLUMNS, METRIC_COLUMNS, run_sweep
+
+from conftest import TINY, tiny_config
+from test_cli import cli
+
+SWEEP = ("sweep.kl_penalty=[0.0,1.0]", "sweep.sizes=[2,4]", "sweep.arms=[in_task]")
+CELLS = set(product([0.0, 1.0], [2, 4]))
+
+
+@pytest.fixture(scope="module")
+def sweep_home(home, tmp_path_factory):
+    """A run folder with its own empty stage store that shares the session's model cache."""
+    h = tmp_path_factory.mktemp("sweephome")
+    (home / "cache").mkdir(exist_ok=True)
+    (h / "cache").symlink_to(home / "cache", target_is_directory=True)
+    return h
+
+
+@pytest.fixture(scope="module")
+def sweep_2x2(sweep_home, ray_local, tmp_path_factory):
+    cfg = tiny_config(*SWEEP)
+    out = tmp_path_factory.mktemp("sweep2x2")
+    summary = run_sweep(cfg, out, sweep_home)
+    return cfg, out, summary, pd.read_parquet(out / "sweep.parquet")
+
+
+def test_four_trials_and_each_shared_stage_computed_once(sweep_2x2, sweep_home):
+    _, _, s, table = sweep_2x2
+    assert s["interrupted"] is False
+    assert s["trials"]["finished"] == 4 and s["trials"]["by_status"] == {"TERMINATED": 4}
+    kinds = Counter(k.split("-")[0] for k in Store(sweep_home / "store").executions())
+    # tune once for the grid, perturb once per penalty, recover + probe per cell
+    # (probes: base, aligned, two perturbed, four recovered); "filter" is data preparation
+    assert kinds == {"filter": 1, "tune": 1, "perturb": 2, "recover": 4, "probe": 8}
+    assert s["stages_computed"] == {"tune": 1, "perturb": 2, "recover": 4, "probe": 8}
+    assert sorted(",".join(table.stages_computed).split(",")) == sorted(
+        ["tune"] + ["perturb"] * 2 + ["recover"] * 4 + ["probe"] * 8)
+
+
+def test_table_has_a_row_per_trial_with_the_reported_metrics(sweep_2x2):
+    _, out, s, table = sweep_2x2
+    assert len(table) == 4 and set(table.status) == {"TERMINATED"}
+    assert {(r.kl_penalty, r.n) for r in table.itertuples()} == CELLS
+    assert set(table.arm) == {"in_task"} and set(table.freeze_layers) == {0}
+    assert table.iterations.tolist() == [2] * 4 and not table.stopped_early.any()
+    for col in ("task_drop", "knowledge_retention", "perturb_acc", "kl_to_aligned", "recovered_task_acc",
+                "recovered_knowledge_acc", "knowledge_after_recovery", "recovered_kl_to_aligned"):
+        assert table[col].map(math.isfinite).all(), col
+    for r in table.itertuples():
+        assert r.task_drop == pytest.approx(r.aligned_task_acc - r.perturbed_task_acc)
+        if r.task_drop > 0:
+            assert r.recovery_ratio == pytest.approx((r.recovered_task_acc - r.perturbed_task_acc) / r.task_drop)
+        assert r.label in {"spurious", "knowledge_loss", "mixed", "no_forgetting"}
+    # trials of one penalty share one perturbed checkpoint; the penalty holds the drift down
+    by_p = table.groupby("kl_penalty")
+    for col in ("task_drop", "perturb_acc", "kl_to_aligned"):
+        assert (by_p[col].nunique() == 1).all(), col
+    kl = by_p.kl_to_aligned.first()
+    assert kl[1.0] < kl[0.0]
+    assert kl[0.0] > 0
+
+    # the summary is derived from the same rows
+    on_disk = json.loads((out / "sweep_summary.json").read_text())
+    assert on_disk == json.loads(json.dumps(s))
+    best = table.loc[table.recovery_ratio.idxmax()]
+    assert s["best"]["metric"] == "recovery_ratio" and s["best"]["value"] == pytest.approx(best.recovery_ratio)
+    assert set(s["best"]["config"]) == set(CELL_COLUMNS)
+    target = s["recovery_target"]
+    assert target == 0.5  # verdict.recovery_target
+    assert [(r["kl_penalty"], r["arm"]) for r in s["smallest_n"]] == [(0.0, "in_task"), (1.0, "in_task")]
+    for r in s["smallest_n"]:
+        rows = table[(table.kl_penalty == r["kl_penalty"]) & (table.recovery_ratio >= target)]
+        assert r["n"] == (int(rows.n.min()) if len(rows) else None)
+    pts = by_p[["perturb_acc", "task_drop"]].first()
+    front = {p["kl_penalty"] for p in s["pareto_perturb_acc_vs_task_drop"]}
+    for p, row in pts.iterrows():
+        dominated = ((pts.perturb_acc >= row.perturb_acc) & (pts.task_drop <= row.task_drop)
+                     & ((pts.perturb_acc > row.perturb_acc) | (pts.task_drop < row.task_drop))).any()
+        assert (p in front) == (not dominated)
+    png = (out / "recovery_heatmap.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
+
+
+def test_mlflow_parent_and_a_nested_run_per_trial(sweep_2x2):
+    _, _, s, table = sweep_2x2
+    client = MlflowClient(s["mlflow"]["tracking_uri"])
+    parent = client.get_run(s["mlflow"]["run_id"])
+    assert parent.info.status == "FINISHED"
+    assert parent.data.tags["cl_audit.kind"] == "sweep"
+    assert parent.data.params["sweep.kl_penalty"] == "[0.0, 1.0]"
+    assert parent.data.metrics["trials_finished"] == 4
+    arts = {f.path for f in client.list_artifacts(parent.info.run_id)}
+    assert {"sweep.parquet", "sweep_summary.json", "recovery_heatmap.png", "config.yaml"} <= arts
+    children = client.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    assert len(children) == 4
+    by_trial = {r.data.tags["cl_audit.trial_id"]: r for r in children}
+    assert set(by_trial) == set(table.trial_id)
+    for row in table.itertuples():
+        child = by_trial[row.trial_id]
+        assert child.info.run_id == row.mlflow_run_id and child.info.status == "FINISHED"
+        assert float(child.data.params["kl_penalty"]) == row.kl_penalty and int(child.data.params["n"]) == row.n
+        for k in ("task_drop", "perturb_acc", "kl_to_aligned", "recovered_task_acc"):
+            assert child.data.metrics[k] == pytest.approx(getattr(row, k))
+        assert len(client.get_metric_history(child.info.run_id, "train/loss")) >= 1  # the recover stage's curve
+
+
+def _cells_and_metrics(table: pd.DataFrame) -> pd.DataFrame:
+    cols = ["status", *CELL_COLUMNS, *METRIC_COLUMNS, "label"]
+    return table[cols].sort_values(CELL_COLUMNS).reset_index(drop=True)
+
+
+def test_interrupted_sweep_resumes_without_redoing_finished_trials(sweep_2x2, sweep_home, tmp_path):
+    out = tmp_path / "resumed"
+    overrides = (*SWEEP, "sweep.max_concurrent=1")
+
+    def ctrl_c_after_first_trial(msg: str) -> None:
+        # Tune's own SIGINT handler (as for Ctrl-C) stops the run and saves its state
+        if msg.startswith("trial ") and " finished: " in msg and not sent:
+            sent.append(msg)
+            os.kill(os.getpid(), signal.SIGINT)
+
+    sent: list[str] = []
+    first = run_sweep(tiny_config(*overrides), out, sweep_home, progress=ctrl_c_after_first_trial)
+    assert first["interrupted"] is True and first["trials"]["finished"] == 1
+    partial = pd.read_parquet(out / "sweep.parquet")
+    done_before = partial[partial.status == "TERMINATED"]
+    assert len(done_before) == 1
+    client = MlflowClient(first["mlflow"]["tracking_uri"])
+    assert client.get_run(first["mlflow"]["run_id"]).info.status == "KILLED"
+
+    # a new process runs the same command: Tune restores the experiment
+    r = cli("sweep", "--config", str(TINY), *[a for o in SWEEP for a in ("--set", o)], "--max-concurrent", "1",
+            "--out", str(out), home=sweep_home)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "resuming the sweep" in r.stdout and "(1 trials already finished)" in r.stdout
+    finished_now = [line for line in r.stdout.splitlines() if " finished: trial/" in line]
+    assert len(finished_now) == 3
+    assert not any(done_before.trial_id.iloc[0] in line for line in finished_now)
+
+    final = pd.read_parquet(out / "sweep.parquet")
+    pd.testing.assert_frame_equal(_cells_and_metrics(final), _cells_and_metrics(sweep_2x2[3]))
+    kept = final[final.trial_id == done_before.trial_id.iloc[0]].iloc[0]
+    assert kept.mlflow_run_id == done_before.mlflow_run_id.iloc[0]
+    s = json.loads((out / "sweep_summary.json").read_text())
+    assert s["mlflow"]["run_id"] == first["mlflow"]["run_id"]  # the same parent run, finished now
+    assert client.get_run(s["mlflow"]["run_id"]).info.status == "FINISHED"
+    children = client.search_runs([s["mlflow"]["experiment_id"]], f"tags.mlflow.parentRunId = '{s['mlflow']['run_id']}'")
+    assert sorted(c.data.tags["cl_audit.trial_id"] for c in children) == sorted(final.trial_id)
+
+
+@pytest.mark.parametrize(
+    "args, expected",
+    [
+        (["--set", "sweep.kl_penalty=[-1]"], "sweep.kl_penalty: Value error, expected a list of penalties >= 0"),
+        (["--set", "sweep.metric=accuracy"], "sweep.metric: Input should be 'recovery_ratio'"),
+        (["--set", "sweep.sizes=[99]"], "sweep.sizes: 99 is larger than the in-task recovery pool"),
+        (["--max-concurrent", "0"], "error: --max-concurrent 0: expected an integer >= 1"),
+    ],
+)
+def test_sweep_user_mistakes_exit_2_with_one_line(args, expected, tmp_path):
+    r = cli("sweep", "--config", str(TINY), *args, "--out", str(tmp_path / "out"), home=tmp_path)
+    assert r.returncode == 2, r.stderr
+    lines = [x for x in r.stderr.splitlines() if x.strip()]
+    assert len(lines) == 1 and expected in lines[0], r.stderr
+    assert not (tmp_path / "out" / "sweep.parquet").exists()
