@@ -332,10 +332,10 @@ def compile_(
 ) -> None:
     """Compile the audit to a Kubeflow Pipelines (kfp v2) pipeline YAML.
 
-    The config becomes the pipeline's default parameters; a run can override fields with
-    its `overrides` parameter (the names of --set).
+    The config becomes the pipeline's default parameters; a run can override
+    fields with its `overrides` parameter (the names of --set).
 
-    Example: cl-audit compile capitals --image registry.example.com/cl-audit:0.1.0 --out pipeline.yaml
+    Example: cl-audit compile capitals --image REGISTRY/cl-audit:0.1.0 --out pipeline.yaml
     """
     from components.config import load_config
     from pipelines.kubeflow import compile_pipeline, default_image
@@ -359,13 +359,12 @@ def submit(
 ) -> None:
     """Run a cl-audit command on a Ray cluster through the Ray Jobs API.
 
-    Packages this checkout, submits, streams the logs and exits with the job's status.
+    Packages this checkout, submits, streams the logs and exits with the
+    job's status. A cluster's token is read from RAY_AUTH_TOKEN,
+    RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token. Paths in the command (--out,
+    --config) are resolved on the cluster, relative to the uploaded checkout.
 
-    The token of a cluster with token authentication is read from RAY_AUTH_TOKEN,
-    RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token. Paths in the command (--out, --config)
-    are resolved on the cluster, relative to the uploaded checkout.
-
-    Example: cl-audit submit --address http://127.0.0.1:8265 --env CL_AUDIT_HOME=/data/runs -- run capitals --quick
+    Example: cl-audit submit --address http://127.0.0.1:8265 -- run capitals --quick
     """
     from pipelines.submit import parse_env
     from pipelines.submit import submit as submit_job

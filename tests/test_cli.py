@@ -83,6 +83,8 @@ def test_suites_lists_capitals(tmp_path):
     ("show", "Example: cl-audit show runs/audits/"),
     ("report", "Example: cl-audit report runs/audits/"),
     ("suites", "Example: cl-audit suites"),
+    ("compile", "Example: cl-audit compile capitals --image"),
+    ("submit", "Example: cl-audit submit --address http://127.0.0.1:8265 -- run capitals"),
 ])
 def test_help_has_examples(command, example, tmp_path):
     r = cli(command, "--help", home=tmp_path)

@@ -37,8 +37,16 @@ def free_port() -> int:
 
 def _session_pids(sid: int) -> list[int]:
     """Processes of the session the test's `ray start` leads (its own processes only)."""
-    out = subprocess.run(["ps", "-eo", "pid=,sid="], capture_output=True, text=True).stdout
-    return [int(p) for p, s in (line.split() for line in out.splitlines()) if int(s) == sid and int(p) != sid]
+    pids = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()  # after "pid (comm)"
+        except OSError:
+            continue
+        pid = int(stat.parent.name)
+        if int(fields[3]) == sid and pid != sid:  # state, ppid, pgrp, session
+            pids.append(pid)
+    return pids
 
 
 @pytest.fixture(scope="module")
@@ -153,10 +161,30 @@ def test_without_the_token_the_cluster_refuses_in_one_line(ray_cluster):
     assert "Traceback" not in r.stderr
 
 
-def test_submit_refuses_bad_input_before_contacting_a_cluster(tmp_path):
-    r = submit_cli("--address", "http://127.0.0.1:9", "--env", "HF_HUB_OFFLINE=0", "--", "run", token=None)
-    assert r.returncode == 2 and "--env HF_HUB_OFFLINE: set by cl-audit for every task" in r.stderr
-    r = submit_cli("--address", "http://127.0.0.1:9", "--working-dir", str(tmp_path), "--", "run", token=None)
-    assert r.returncode == 2 and "not a cl-audit checkout" in r.stderr
-    r = submit_cli("--address", "http://127.0.0.1:9", "--", "run", token=None)
-    assert r.returncode == 2 and "Ray Jobs API not reachable" in r.stderr
+def test_submit_refuses_bad_input_before_contacting_a_cluster(tmp_path, monkeypatch):
+    from components.errors import UserError
+    from pipelines.submit import parse_env, ray_auth_token, submit
+
+    with pytest.raises(UserError, match="--env HF_HUB_OFFLINE: set by cl-audit for every task"):
+        parse_env(["HF_HUB_OFFLINE=0"])
+    with pytest.raises(UserError, match="--env NOVALUE: expected KEY=VALUE"):
+        parse_env(["NOVALUE"])
+    assert parse_env(["CL_AUDIT_HOME=/data/runs", "A=b=c"]) == {"CL_AUDIT_HOME": "/data/runs", "A": "b=c"}
+    with pytest.raises(UserError, match="not a cl-audit checkout"):
+        submit("http://127.0.0.1:9", ["run"], working_dir=tmp_path)
+    with pytest.raises(UserError, match="no command given"):
+        submit("http://127.0.0.1:9", [])
+    with pytest.raises(UserError, match="Ray Jobs API not reachable"):
+        submit("http://127.0.0.1:9", ["run"], working_dir=ROOT)
+    # the token: RAY_AUTH_TOKEN, then RAY_AUTH_TOKEN_PATH, none when auth is disabled
+    monkeypatch.setenv("RAY_AUTH_TOKEN", "t1")
+    assert ray_auth_token() == "t1"
+    monkeypatch.delenv("RAY_AUTH_TOKEN")
+    (tmp_path / "tok").write_text("t2\n")
+    monkeypatch.setenv("RAY_AUTH_TOKEN_PATH", str(tmp_path / "tok"))
+    assert ray_auth_token() == "t2"
+    monkeypatch.setenv("RAY_AUTH_TOKEN_PATH", str(tmp_path / "missing"))
+    with pytest.raises(UserError, match="RAY_AUTH_TOKEN_PATH .*cannot read the token file"):
+        ray_auth_token()
+    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
+    assert ray_auth_token() is None
