@@ -41,8 +41,6 @@ STAGE_METRICS = ("task_acc", "knowledge_acc", "first_token_prob", "perturb_acc",
 # per-item transitions from the stage a checkpoint was trained from (Harmon et al. 2025)
 TRANSITION_METRICS = ("task_correct_to_wrong", "task_wrong_to_correct",
                       "knowledge_correct_to_wrong", "knowledge_wrong_to_correct")
-# per-layer metrics: name -> where it comes from
-LAYER_METRICS = ("probe_acc", "weight_drift", "principal_angle_mean", "principal_angle_min")
 
 
 def default_home() -> Path:

@@ -74,8 +74,9 @@ def prepare(cfg: AuditConfig, home: Path) -> dict:
         store = Store(home / "store")
         key = Store.key(
             "filter",
-            {"suite": cfg.suite, "items": _items_digest(items), "probe": cfg.probe.model_dump(),
-             "precision": cfg.model.precision},
+            {"suite": cfg.suite, "items": _items_digest(items), "precision": cfg.model.precision,
+             # only the generation settings decide which facts count as known
+             "probe": cfg.probe.model_dump(include={"batch_size", "max_new_tokens"})},
             [base.digest],
         )
 

@@ -73,3 +73,14 @@ def test_digest_is_stable_and_sensitive():
     assert a.digest() == b.digest()
     b.perturb.kl_penalty = 0.5
     assert a.digest() != b.digest()
+
+
+def test_perturb_kinds_and_probe_fields():
+    cfg = load_config("capitals", overrides=["perturb.kind=reinit", "perturb.reinit_layers=[3,1,3]",
+                                             "probe.probe_pooling=mean"])
+    assert cfg.perturb.reinit_layers == [1, 3] and cfg.probe.probe_pooling == "mean"
+    assert load_config("capitals").perturb.reinit_layers is None  # every block
+    with pytest.raises(UserError, match="perturb.reinit_layers"):
+        load_config("capitals", overrides=["perturb.reinit_layers=[-1]"])
+    with pytest.raises(UserError, match="probe.probe_pooling"):
+        load_config("capitals", overrides=["probe.probe_pooling=max"])
