@@ -8,7 +8,7 @@ STAMP  := $(VENV)/.installed
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup audit quick test test-fast clean
+.PHONY: setup audit quick test test-fast clean chromium
 
 setup: $(STAMP)
 
@@ -28,7 +28,13 @@ audit: setup
 quick: setup
 	$(BIN)/cl-audit run capitals --quick
 
-test: setup
+# The report test opens report.html in Debian's headless chromium (never a downloaded one).
+chromium:
+	@command -v chromium >/dev/null || { [ "$$(id -u)" = 0 ] && apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; } || \
+	  { echo "make test needs chromium (Debian: apt-get install chromium)"; exit 1; }
+
+test: setup chromium
 	$(BIN)/python -m pytest -q
 
 test-fast: setup
