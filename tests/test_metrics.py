@@ -38,16 +38,18 @@ def _one_by_one(model, tok, item, cand):
 def test_batched_scores_equal_unbatched(tiny):
     model, tok, items = tiny
     sub = items[:6]
-    sc = score_candidates(model, tok, sub, batch_size=5)  # batches mix items and lengths
-    assert sc.logprob.shape == (6, 4)
-    for n, it in enumerate(sub):
-        for k, c in enumerate(it.candidates):
-            ref, ftp = _one_by_one(model, tok, it, c)
+    refs = {(n, k): _one_by_one(model, tok, it, c) for n, it in enumerate(sub) for k, c in enumerate(it.candidates)}
+    # batch 5: one item (4 candidates) per pass; batch 12: three items of different prompt
+    # and answer lengths share a pass (left-padded prompts, right-padded continuations)
+    for batch_size in (5, 12):
+        sc = score_candidates(model, tok, sub, batch_size=batch_size)
+        assert sc.logprob.shape == (6, 4)
+        for (n, k), (ref, ftp) in refs.items():
             assert sc.logprob[n, k] == pytest.approx(ref, abs=1e-3)
             if k == 0:
                 assert sc.first_token_prob[n] == pytest.approx(ftp, abs=1e-5)
-    assert sc.gold_logprobs.shape[0] == int(sc.gold_lengths.sum())
-    assert sc.gold_logprobs.shape[1] == model.config.vocab_size
+        assert sc.gold_logprobs.shape[0] == int(sc.gold_lengths.sum())
+        assert sc.gold_logprobs.shape[1] == model.config.vocab_size
 
 
 def test_pretrained_tiny_model_ranks_gold_first(tiny):
