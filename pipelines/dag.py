@@ -22,6 +22,7 @@ from components.artifacts import Store, machine_info
 from components.config import AuditConfig, stable_hash
 from components.data import SUITES, SuiteData, pretraining_items, split_items, suite_texts
 from components.models import Checkpoint, model_digest, model_source, resolve_model
+from pipelines.train_ray import TEST_FAULT_ENV
 
 TASK_ENV = {
     "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "TRANSFORMERS_VERBOSITY": "error",
@@ -289,7 +290,9 @@ def run_dag(
     retries = cfg.ray.max_retries
     prep_t = ray.remote(num_cpus=pcpu, max_retries=retries)(prepare)
     train_r = ray.remote(max_retries=retries)(train_stage)
-    train_t = {k: train_r.options(**stage_task_resources(cfg, k)) for k in ("tune", "perturb", "recover")}
+    fault = os.environ.get(TEST_FAULT_ENV)  # test only: forwarded to the stage tasks
+    extra = {"runtime_env": {"env_vars": {TEST_FAULT_ENV: fault}}} if fault else {}
+    train_t = {k: train_r.options(**stage_task_resources(cfg, k), **extra) for k in ("tune", "perturb", "recover")}
     probe_t = ray.remote(num_cpus=pcpu, max_retries=retries)(probe_stage)
     drift_t = ray.remote(num_cpus=pcpu, max_retries=retries)(drift_stage)
 

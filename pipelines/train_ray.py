@@ -269,6 +269,7 @@ def fit_stage(
         raise
     ret = result.return_value or {}
     if ret.get("diverged"):
+        shutil.rmtree(run_dir, ignore_errors=True)  # resuming would diverge again
         raise TrainingDiverged(ret["diverged"])
     if result.checkpoint is None:
         raise RuntimeError(f"{spec.name}: Ray Train finished without a checkpoint")
