@@ -176,8 +176,13 @@ def sweep_trial(cell: dict, cfg: AuditConfig, prep: dict, home: str, out_dir: st
 
     base = {"checkpoint": prep["base"], "history": []}
     aligned = note(train_stage("tune", c, where, base, data, reuse=reuse))
-    probes = {"base": note(probe_stage(c, where, base, data, reuse=reuse)),
-              "aligned": note(probe_stage(c, where, aligned, data, reuse=reuse))}
+    # The two shared probes are independent: odd trials take them in the other order,
+    # so two trials starting together compute one each instead of one waiting.
+    probes: dict[str, dict] = {}
+    order = [("base", base), ("aligned", aligned)]
+    odd = trial_id[-1:].isdigit() and int(trial_id[-1]) % 2 == 1
+    for name, stage in order[::-1] if odd else order:
+        probes[name] = note(probe_stage(c, where, stage, data, reuse=reuse))
     perturbed = note(train_stage("perturb", c, where, aligned, data, reuse=reuse))
     probes["perturbed"] = note(probe_stage(c, where, perturbed, data, reuse=reuse))
 

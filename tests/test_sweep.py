@@ -16,7 +16,8 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from components.artifacts import Store
-from pipelines.sweep import CELL_COLUMNS, METRIC_COLUMNS, run_sweep
+from components.errors import UserError
+from pipelines.sweep import CELL_COLUMNS, METRIC_COLUMNS, expected_trials, param_space, run_sweep
 
 from conftest import TINY, tiny_config
 from test_cli import cli
@@ -167,17 +168,45 @@ def test_interrupted_sweep_resumes_without_redoing_finished_trials(sweep_2x2, sw
 
 
 @pytest.mark.parametrize(
-    "args, expected",
+    "overrides, expected",
     [
-        (["--set", "sweep.kl_penalty=[-1]"], "sweep.kl_penalty: Value error, expected a list of penalties >= 0"),
-        (["--set", "sweep.metric=accuracy"], "sweep.metric: Input should be 'recovery_ratio'"),
-        (["--set", "sweep.sizes=[99]"], "sweep.sizes: 99 is larger than the in-task recovery pool"),
-        (["--max-concurrent", "0"], "error: --max-concurrent 0: expected an integer >= 1"),
+        (["sweep.kl_penalty=[-1]"], "sweep.kl_penalty: Value error, expected a list of penalties >= 0"),
+        (["sweep.kl_penalty={loguniform: [0, 1]}"], "sweep.kl_penalty: Value error, expected a list"),
+        (["sweep.metric=accuracy"], "sweep.metric: Input should be 'recovery_ratio'"),
+        (["sweep.search=bayes"], "sweep.search: Input should be 'grid' or 'random'"),
+        (["sweep.num_samples=3"], "sweep.num_samples: a grid of lists has nothing to sample"),
+        (["sweep.arms=[]"], "sweep.arms: Value error, expected at least one arm"),
+        (["sweep.max_concurrent=0"], "sweep.max_concurrent: Input should be greater than or equal to 1"),
     ],
 )
-def test_sweep_user_mistakes_exit_2_with_one_line(args, expected, tmp_path):
-    r = cli("sweep", "--config", str(TINY), *args, "--out", str(tmp_path / "out"), home=tmp_path)
+def test_bad_sweep_config_is_one_line_user_error(overrides, expected):
+    with pytest.raises(UserError) as e:
+        tiny_config(*overrides)
+    assert expected in str(e.value) and "\n" not in str(e.value)
+
+
+def test_search_spaces():
+    grid = param_space(tiny_config("sweep.freeze_layers=[0,1]"))
+    assert grid["kl_penalty"] == {"grid_search": [0.0, 1.0]} and grid["n"] == {"grid_search": [2, 4]}
+    assert grid["freeze_layers"] == {"grid_search": [0, 1]} and grid["arm"] == "in_task"
+    assert expected_trials(tiny_config("sweep.freeze_layers=[0,1]")) == 8
+    cfg = tiny_config("sweep.kl_penalty={loguniform: [0.001, 1]}", "sweep.search=random", "sweep.num_samples=5")
+    space = param_space(cfg)
+    assert type(space["kl_penalty"]).__name__ == "Float" and space["kl_penalty"].lower == 0.001
+    assert type(space["n"]).__name__ == "Categorical" and expected_trials(cfg) == 5
+
+
+def test_sizes_beyond_the_recovery_pool_are_refused_before_any_work(home, tmp_path):
+    with pytest.raises(UserError, match=r"sweep.sizes: 99 is larger than the in-task recovery pool"):
+        run_sweep(tiny_config("sweep.sizes=[99]"), tmp_path / "out", home)
+    assert not (tmp_path / "out" / "sweep_state.json").exists()
+
+
+def test_sweep_user_mistake_exits_2_with_one_line(tmp_path):
+    r = cli("sweep", "--config", str(TINY), "--set", "sweep.kl_penalty=[-1]", "--out", str(tmp_path / "out"),
+            home=tmp_path)
     assert r.returncode == 2, r.stderr
     lines = [x for x in r.stderr.splitlines() if x.strip()]
-    assert len(lines) == 1 and expected in lines[0], r.stderr
+    assert len(lines) == 1 and "sweep.kl_penalty: Value error, expected a list of penalties >= 0" in lines[0]
+    assert "Traceback" not in r.stderr + r.stdout
     assert not (tmp_path / "out" / "sweep.parquet").exists()
