@@ -52,7 +52,7 @@ METRIC_COLUMNS = [
 ]
 TABLE_COLUMNS = [
     "trial_id", "status", *CELL_COLUMNS, *METRIC_COLUMNS, "label", "iterations", "stopped_early",
-    "stages_computed", "mlflow_run_id", "error",
+    "stages_computed", "seconds", "mlflow_run_id", "error",
 ]
 # Progress lines of the driver go to these callables (set by run_sweep); the Tune
 # callback that calls them is pickled into the experiment, so it holds no reference.
@@ -280,6 +280,7 @@ def sweep_table(exp_dir: Path) -> pd.DataFrame:
         row["iterations"] = int(r.get("training_iteration", 0) or 0)
         row["stopped_early"] = bool(t.status == "TERMINATED" and row["iterations"] < 2)
         row["stages_computed"] = r.get("stages_computed")
+        row["seconds"] = _num(r.get("time_total_s"))
         row["mlflow_run_id"] = r.get("mlflow_run_id")
         err = t.get_error() if t.status == "ERROR" else None
         row["error"] = str(err).strip().splitlines()[-1][:500] if err else None
@@ -463,7 +464,10 @@ def run_sweep(
     say = progress or (lambda msg: None)
     digest = sweep_digest(cfg)
     state_path = out_dir / "sweep_state.json"
-    state = json.loads(state_path.read_text()) if state_path.exists() else {}
+    try:
+        state = json.loads(state_path.read_text()) if state_path.exists() else {}
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise UserError(f"{state_path}: not valid JSON; remove the folder or choose another --out") from None
     if state and state.get("sweep_digest") != digest:
         raise UserError(
             f"--out {out_dir}: holds a sweep of another config (digest {state.get('sweep_digest')}, "
