@@ -16,7 +16,8 @@ def test_progress_counts_steps_and_items(tiny_run, home, tmp_path):
         {k: dict(v) for k, v in st.items()}))
     final = snapshots[-1]
     names = ["base", "aligned", "perturbed", "recovered/in_task/4"]
-    assert set(final) == {f"probe {n}" for n in names} | {f"train {n}" for n in names[1:]}
+    assert set(final) == {f"probe {n}" for n in names} | {f"train {n}" for n in names[1:]} | {"drift drift"}
+    assert final["drift drift"]["status"] in ("done", "reused")
     # stages computed in an earlier test are reused: no counts, status "reused"
     for key in ("train aligned", "train perturbed", "probe base", "probe aligned", "probe perturbed"):
         assert final[key]["status"] == "reused", final[key]
