@@ -186,7 +186,10 @@ def verdict_step(config: dict, overrides: List[str], data_dir: str, base_dir: st
     cfg, home = _setup(config, overrides, "probe")
     prepared = load_data(Path(data_dir))
     base = import_checkpoint(Path(base_dir), Path(base_dir))
-    prep = {**prepared, "base": base, "model_dir": base["base_dir"]}
+    from components.models import model_source
+
+    prep = {**prepared, "base": base, "model_dir": base["base_dir"],
+            "model_source": model_source(cfg.model, Path(base["base_dir"]))}
     train, probe = {}, {}
     for d in map(Path, trained):
         stage = json.loads((d / "stage.json").read_text())
