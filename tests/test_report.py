@@ -156,7 +156,7 @@ def test_report_opens_in_headless_chromium(tiny_run):
             page.screenshot(path=str(shot), full_page=True)
         finally:
             browser.close()
-    assert len(images) == 3
+    assert len(images) == 5  # the tiny run has per-layer probes and weight drift too
     assert all(i["complete"] and i["w"] > 400 for i in images), images
     assert [u for u in requests if not u.startswith(("data:", "file:"))] == []
     assert f"VERDICT: {s['verdict']['label']}".lower() in verdict.lower()
@@ -174,7 +174,7 @@ def test_report_on_mlflow_parent(tiny_run):
     top = {f.path for f in client.list_artifacts(s["mlflow"]["run_id"])}
     assert {"report.html", "plots"} <= top
     plots = {f.path for f in client.list_artifacts(s["mlflow"]["run_id"], "plots")}
-    assert plots == {f"plots/{n}.png" for n in BASIC}
+    assert plots == {f"plots/{n}.png" for n in BASIC | {"probe_layers", "weight_drift"}}
 
 
 def test_report_command_redraws_with_per_layer_data(tiny_run, tmp_path):
@@ -195,8 +195,9 @@ def test_report_command_redraws_with_per_layer_data(tiny_run, tmp_path):
     # the figure is embedded byte for byte
     assert (run / "plots" / "probe_layers.png").read_bytes() in [
         base64.b64decode(x) for x in re.findall(r"base64,([A-Za-z0-9+/=]+)", html)]
-    # back to the plain metrics: the per-layer figures go away again
-    (run / "metrics.parquet").write_bytes((out / "metrics.parquet").read_bytes())
+    # without per-layer rows the per-layer figures go away again
+    plain = pd.read_parquet(out / "metrics.parquet")
+    plain[plain["layer"].isna()].to_parquet(run / "metrics.parquet", index=False)
     write_report(run)
     assert {p.stem for p in (run / "plots").glob("*.png")} == BASIC
 
