@@ -150,6 +150,13 @@ def train_stage(kind: str, cfg: AuditConfig, home: Path, parent: dict, data: Sui
             res = reinit_blocks(parent_ckpt, cfg.perturb.reinit_layers, cfg.seed + 1, tmp, cfg.model.trust_remote_code)
         elif spec is None:  # perturb.kind == "none": nothing to train
             res = unperturbed(parent_ckpt)
+        elif spec.cfg.scaling.num_workers == 0 and _in_tune_trial():
+            # Inside a Ray Tune trial a nested local-mode TorchTrainer fails; the same loop
+            # runs in-process instead (identical result: num_workers 0 is one process).
+            from components.training import train_checkpoint
+
+            res = train_checkpoint(spec.name, spec.parent, spec.items, spec.cfg, spec.seed, spec.precision, tmp,
+                                   spec.trust_remote_code, tracker.on_step)
         else:
             res = fit_stage(spec, tmp, Path(home) / "ray_train", key, progress=tracker)
         tracker.finish(len(res.history), len(res.history))
@@ -162,6 +169,16 @@ def train_stage(kind: str, cfg: AuditConfig, home: Path, parent: dict, data: Sui
 
     result, reused = store.produce(key, fn, reuse=reuse)
     return {**result, "key": key, "reused": reused}
+
+
+def _in_tune_trial() -> bool:
+    """True inside a Ray Tune trial (a sweep cell)."""
+    try:
+        from ray import tune
+
+        return bool(tune.get_context().get_trial_id())
+    except Exception:  # noqa: BLE001 - outside Tune there is no trial context
+        return False
 
 
 def stage_task_resources(cfg: AuditConfig, kind: str) -> dict:
