@@ -139,6 +139,7 @@ class SuiteData:
         return {
             **{k: [i.to_dict() for i in v] for k, v in self.pools().items()},
             "task_matcher": self.task_matcher, "perturb_matcher": self.perturb_matcher, "notes": self.notes,
+            "probe_attribute": self.probe_attribute,
         }
 
     @classmethod
@@ -148,6 +149,7 @@ class SuiteData:
         return cls(
             **{k: [Item(**i) for i in d[k]] for k in pools},
             task_matcher=d["task_matcher"], perturb_matcher=d["perturb_matcher"], notes=dict(d.get("notes", {})),
+            probe_attribute=d.get("probe_attribute"),
         )
 
     def manifest(self) -> dict:

@@ -160,8 +160,9 @@ def probe_step(config: dict, overrides: List[str], data_dir: str, base_dir: str,
     result = probe_stage(cfg, home, {"checkpoint": ckpt}, data)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    for f in ("predictions.parquet", "probe.json", "ref_logprobs.safetensors"):
-        shutil.copyfile(Path(result["dir"]) / f, out / f)
+    for f in sorted(Path(result["dir"]).iterdir()):  # predictions, log-probs, probe features
+        if f.is_file():
+            shutil.copyfile(f, out / f.name)
     _write_json(out / "stage.json", {k: v for k, v in result.items() if k != "dir"})
     return result
 

@@ -10,6 +10,7 @@ import sys
 import warnings
 
 import pandas as pd
+import pytest
 import yaml
 
 from components.config import config_from_tree
@@ -106,7 +107,25 @@ def test_local_pipeline_run_equals_cl_audit_run(tiny_run, home, tmp_path, monkey
     assert sorted(computed) == sorted(["drift", "filter", "tune", "perturb", "recover", "recover"] + ["probe"] * 5)
     for k in ("config_digest", "model_digest", "data_digest", "seed"):
         assert got[k] == ref[k]
-    assert got["stages"] == ref["stages"]  # every metric, CI and drift value of every checkpoint
+    # every metric and CI of every checkpoint is equal; the weight-drift values are equal up
+    # to float32 summation order (the verdict component merges the LoRA deltas with another
+    # BLAS thread count than the Ray drift task)
+    drift_keys = {"weight_drift", "update_norm", "principal_angle_mean", "principal_angle_min"}
+
+    def split(stages):
+        exact = {n: {k: v for k, v in st.items() if k not in drift_keys} for n, st in stages.items()}
+        drift = {n: {k: v for k, v in st.items() if k in drift_keys} for n, st in stages.items()}
+        return exact, drift
+
+    (got_exact, got_drift), (ref_exact, ref_drift) = split(got["stages"]), split(ref["stages"])
+    differing = sorted((n, k) for n in ref_exact for k in set(ref_exact[n]) | set(got_exact.get(n, {}))
+                       if got_exact.get(n, {}).get(k) != ref_exact[n].get(k))
+    assert differing == [], [(n, k, got_exact.get(n, {}).get(k), ref_exact[n].get(k)) for n, k in differing]
+    assert set(got_exact) == set(ref_exact)
+    assert any(d for d in ref_drift.values())
+    for n, d in ref_drift.items():
+        for k, per_layer in d.items():
+            assert got_drift[n][k] == pytest.approx(per_layer, rel=1e-6, abs=1e-9), (n, k)
     assert got["verdict"] == ref["verdict"]
     assert got["verdict"]["task_drop"] == ref["verdict"]["task_drop"]
     assert got["mlflow"]["tracking_uri"] == uri and got["mlflow"]["run_id"] != ref["mlflow"]["run_id"]

@@ -102,3 +102,18 @@ def test_nan_loss_stops_the_stage(setup, tmp_path):
     with pytest.raises(TrainingDiverged, match="loss became"):
         train_checkpoint("aligned", base, data.align, tcfg, 0, "fp32", tmp_path)
     assert not (tmp_path / "adapter").exists()
+
+
+def test_prepared_data_round_trips_through_json(setup):
+    """The prepared split travels between Kubeflow components as JSON: every pool and
+    setting, the linear probe's attribute included, comes back."""
+    import dataclasses
+    import json
+
+    from components.data import SuiteData
+
+    _, data, _ = setup
+    data = dataclasses.replace(data, probe_attribute="continent")
+    back = SuiteData.from_dict(json.loads(json.dumps(data.to_dict())))
+    assert back == data
+    assert back.probe_attribute == "continent" and back.digest() == data.digest()
