@@ -28,6 +28,7 @@ from typing import Any, Callable
 from filelock import FileLock
 
 from components.config import stable_hash
+from components.faults import failpoint
 
 SECRET_MARKERS = ("TOKEN", "PASSWORD", "SECRET", "API_KEY", "ACCESS_KEY", "CREDENTIAL")
 
@@ -42,10 +43,21 @@ def atomic_write(path: Path, data: bytes | str) -> None:
             f.write(data.encode() if isinstance(data, str) else data)
             f.flush()
             os.fsync(f.fileno())
+        failpoint(f"atomic_write:{path.name}")
         os.replace(tmp, path)
+        _fsync_dir(path.parent)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def _fsync_dir(folder: Path) -> None:
+    """fsync a folder, so a rename in it survives a power loss (not only a crash)."""
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def atomic_copy(src: Path, dst: Path) -> None:
@@ -97,9 +109,11 @@ class Store:
                     if p.is_file():
                         with open(p, "rb") as f:
                             os.fsync(f.fileno())
+                failpoint(f"store_publish:{key}")
                 if final.exists():
                     shutil.rmtree(final)
                 os.rename(tmp, final)
+                _fsync_dir(self.root)
             except BaseException:
                 shutil.rmtree(tmp, ignore_errors=True)
                 raise

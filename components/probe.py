@@ -13,6 +13,7 @@ from safetensors.torch import load_file, save_file
 
 from components.config import AuditConfig
 from components.data import MATCHERS, SuiteData
+from components.faults import failpoint
 from components.linear_probe import layer_probes, probe_labels, prompt_features
 from components.metrics import generate_answers, score_candidates, summarise
 from components.models import Checkpoint, load_checkpoint
@@ -62,6 +63,7 @@ def probe(
     task_correct = np.array([task_match(a, it.answer) for a, it in zip(answers, data.eval)], dtype=float)
     scores = score_candidates(model, tok, data.eval, pc.batch_size, cfg.model.precision)
     tick(len(data.eval))
+    failpoint(f"probe:{ckpt.name}")
     knowledge_correct = (scores.logprob.argmax(1) == 0).astype(float)
     K = scores.logprob.shape[1]
     p_answers = generate_answers(

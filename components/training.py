@@ -43,6 +43,7 @@ import torch.nn.functional as F
 from components.config import TrainConfig
 from components.data import Item
 from components.errors import TrainingDiverged, UserError
+from components.faults import failpoint
 from components.models import Checkpoint
 
 log = logging.getLogger(__name__)
@@ -467,6 +468,7 @@ def train(
                 "tokens": sum(len(e.input_ids) for e in glob),
             }
             history.append(rec)
+            failpoint(f"train_step:{stage}:{step}")
             if on_step is not None:
                 on_step({**rec, "total_steps": total})
             step += 1

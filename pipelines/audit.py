@@ -32,7 +32,10 @@ from components.metrics import drift_kl, summarise, transitions
 from components.models import check_model_id
 from components.verdict import compute_verdict
 from pipelines.report import write_report
-from pipelines.tracking import AuditTracker, DatasetRecord, check_model_name, resolve_tracking_uri
+from pipelines.tracking import (
+    JOURNAL, AuditTracker, DatasetRecord, check_model_name, read_state, resolve_tracking_uri, unreachable,
+    write_state,
+)
 
 MANIFEST = "manifest.json"
 MANIFEST_FORMAT = "cl-audit-manifest/1"
@@ -131,8 +134,14 @@ def run_audit(
     check_writable(out_dir)
     uri = resolve_tracking_uri(tracking_uri, home)
     check_model_id(cfg.model)
-    tracker = AuditTracker(uri, cfg.experiment)
+    tracker = AuditTracker(uri, cfg.experiment, journal=out_dir / JOURNAL)
     say = progress or (lambda msg: None)
+    # A run folder whose audit was interrupted (killed, crashed) holds the MLflow runs
+    # it had created: the same command continues them instead of starting new ones.
+    state = read_state(out_dir)
+    if not (state and not state.get("finished") and state.get("config_digest") == cfg.digest()
+            and state.get("tracking_uri") == uri and _resumable(tracker, state.get("parent_run_id"))):
+        state = None
     order = stage_order(cfg)
     vers = versions()
     trained: dict[str, dict] = {}
@@ -152,6 +161,12 @@ def run_audit(
             n = result["data"].notes
             say(f"model ready; {n['n_known']} of {n['n_items']} facts known to the base model")
             common.update(_lineage_tags(cfg, result, vers))
+            if state is not None:
+                tracker.attach(state["parent_run_id"], status="RUNNING")
+                tracker.children.update(state["children"])
+                tracker._done.update(state["logged"])
+                say(f"continuing MLflow run {state['parent_run_id']} of the interrupted audit")
+                return
             tracker.start(
                 f"audit-{cfg.suite}-{cfg.digest()[:8]}",
                 cfg.model_dump(mode="json"),
@@ -161,7 +176,7 @@ def run_audit(
             sets = audit_datasets(cfg, result["data"])
             for ds_name, (items, _, _) in sets.items():
                 atomic_write(out_dir / "data" / f"{ds_name}.parquet", _items_parquet(items))
-            tracker.client.log_artifacts(tracker.parent_id, str(out_dir / "data"), "data")
+            tracker._send("log_artifacts", tracker.parent_id, str(out_dir / "data"), "data")
             tracker.log_datasets(tracker.parent_id, [
                 _dataset_record(tracker.parent_id, ds_name, *sets[ds_name]) for ds_name in POOLS
             ])
@@ -171,6 +186,7 @@ def run_audit(
                     _dataset_record(tracker.parent_id, ds_name, *sets[ds_name])
                     for ds_name in stage_datasets(stage_name)
                 ])
+            write_state(out_dir, _state(cfg, uri, tracker))
             return
         (trained if kind == "train" else probed)[name] = result
         what = "trained" if kind == "train" else "probed"
@@ -188,11 +204,14 @@ def run_audit(
         if t:
             tags["cl_audit.train_key"] = t["key"]
         tags.update(_machine_tags(t.get("machine") or p.get("machine") or {}))
+        if name in tracker._done:  # logged before the interruption
+            return
         tracker.stage(
             name, params, t.get("history", []),
             {k: v["value"] for k, v in p["metrics"].items()},
             arts, tags=tags,
         )
+        write_state(out_dir, _state(cfg, uri, tracker))
 
     try:
         results = (execute or run_dag)(cfg, home, on_event, on_progress)
@@ -203,7 +222,27 @@ def run_audit(
         cause = getattr(e, "cause", None) if isinstance(e, RayTaskError) else None
         if isinstance(cause, UserError):
             raise UserError(str(cause)) from None
+        if isinstance(cause, OSError):  # e.g. the disk filled while a stage saved its outputs
+            raise OSError(cause.errno, cause.strerror, cause.filename) from None
         raise
+
+
+def _resumable(tracker: AuditTracker, run_id: str | None) -> bool:
+    """True if ``run_id`` is an audit's parent run that has not finished."""
+    if not run_id:
+        return False
+    try:
+        run = tracker.client.get_run(run_id)
+    except Exception:  # noqa: BLE001 - deleted, another store: start afresh
+        return False
+    return run.info.status != "FINISHED" and run.info.lifecycle_stage == "active"
+
+
+def _state(cfg: AuditConfig, uri: str, tracker: AuditTracker, finished: bool = False) -> dict:
+    """The run folder's record of its MLflow runs (see :func:`pipelines.tracking.read_state`)."""
+    return {"config_digest": cfg.digest(), "tracking_uri": uri, "experiment_id": tracker.experiment_id,
+            "parent_run_id": tracker.parent_id, "children": dict(tracker.children),
+            "logged": sorted(tracker._done), "finished": finished}
 
 
 def _finish_audit(
@@ -298,11 +337,16 @@ def _finish_audit(
     if register:
         chains = _update_chains(order, logged, tracker.children)
         stages_reg = [n for n in order if n != "base" and chains.get(n)]
-        mvs = tracker.register(register, stages_reg, {
-            "cl_audit.verdict": verdict["label"], "cl_audit.suite": cfg.suite, "model.source": prep["model_source"],
-            "model_digest": prep["model_digest"],
-        }, chains)
-        registered = {"name": register, "versions": {n: str(mv.version) for n, mv in zip(stages_reg, mvs)}}
+        try:
+            mvs = tracker.register(register, stages_reg, {
+                "cl_audit.verdict": verdict["label"], "cl_audit.suite": cfg.suite,
+                "model.source": prep["model_source"], "model_digest": prep["model_digest"],
+            }, chains)
+            registered = {"name": register, "versions": {n: str(mv.version) for n, mv in zip(stages_reg, mvs)}}
+        except Exception as e:  # noqa: BLE001 - sorted by unreachable()
+            if not unreachable(e):
+                raise
+            say(f"MLflow tracking server at {uri} not answering: checkpoints not registered as {register!r}")
 
     summary = {
         "suite": cfg.suite,
@@ -356,6 +400,10 @@ def _finish_audit(
         {"verdict": verdict["label"], "cl_audit.manifest_sha256": hashlib.sha256(text.encode()).hexdigest(),
          "cl_audit.manifest_files": str(len(manifest["files"]))},
     )
+    write_state(out_dir, _state(cfg, uri, tracker, finished=True))
+    if not tracker.flush():
+        say(f"MLflow tracking server at {uri} not answering: {tracker.journal.pending()} records kept in "
+            f"{tracker.journal.path}; `cl-audit sync {out_dir}` sends them")
     return summary
 
 

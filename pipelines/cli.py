@@ -6,6 +6,7 @@ exits with code 2; nothing else is printed for it.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import sys
@@ -418,6 +419,26 @@ def verify(
 
 
 @app.command()
+def sync(
+    run_dir: Path = typer.Argument(..., help="The folder of an audit run."),
+    tracking_uri: Optional[str] = typer.Option(None, "--tracking-uri", help="Default: the one the audit used."),
+) -> None:
+    """Send the MLflow records an audit kept locally while its tracking server was down.
+
+    An audit never stops for an unreachable server: what it could not log is kept, in
+    order, in RUN_DIR/.mlflow-journal.jsonl and sent when the server answers again, by
+    the audit itself or by this command. Sending twice logs nothing twice.
+
+    Example: cl-audit sync runs/audits/capitals-0123abcd
+    """
+    from pipelines.tracking import sync as do_sync
+
+    sent, _ = do_sync(run_dir, tracking_uri)
+    console.print(f"sent {sent} records to MLflow" if sent else f"{run_dir}: nothing to send",
+                  highlight=False, markup=False, soft_wrap=True)
+
+
+@app.command()
 def history(
     suite: Optional[str] = typer.Option(None, "--suite", help="Only audits of this suite."),
     model: Optional[str] = typer.Option(None, "--model", help="Only audits of this model id (model.id)."),
@@ -501,6 +522,9 @@ def suites() -> None:
         console.print(f"{name:12s} {s.description}", highlight=False)
 
 
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+
+
 def main() -> None:
     """Entry point: run the typer app, turning user mistakes into one line and exit 2."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -517,6 +541,12 @@ def main() -> None:
         sys.exit(2)
     except typer.Abort:
         sys.exit(130)
+    except OSError as e:
+        if e.errno not in DISK_FULL:
+            raise
+        err_console.print(f"error: {e.filename or 'a file'}: {e.strerror}; nothing half-written, earlier results kept",
+                          highlight=False, markup=False, soft_wrap=True)
+        sys.exit(1)
     except Exception as e:  # click usage errors come through here with standalone_mode=False
         import click
 

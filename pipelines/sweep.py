@@ -155,6 +155,7 @@ def sweep_trial(cell: dict, cfg: AuditConfig, prep: dict, home: str, out_dir: st
     """
     from ray import tune
 
+    from components.faults import failpoint
     from components.verdict import assess
     from pipelines.dag import probe_stage, train_stage
     from pipelines.tracking import AuditTracker
@@ -166,6 +167,8 @@ def sweep_trial(cell: dict, cfg: AuditConfig, prep: dict, home: str, out_dir: st
     data = prep["data"]
     arm, n = c.recover.arms[0], c.recover.sizes[0]
     rec_name = f"recovered/{arm}/{n}"
+    failpoint("sweep_" + cell_name({"kl_penalty": c.perturb.kl_penalty, "n": n, "arm": arm,
+                                    "freeze_layers": c.perturb.freeze_layers}))
     boot = (c.verdict, c.probe.n_bootstrap, c.probe.ci_level, c.seed)
     computed: list[str] = []
 

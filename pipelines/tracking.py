@@ -56,11 +56,18 @@ class AuditTracker:
         UserError: the tracking store cannot be reached.
     """
 
-    def __init__(self, tracking_uri: str, experiment: str):
+    def __init__(self, tracking_uri: str, experiment: str, journal: Path | None = None):
         from mlflow.tracking import MlflowClient
 
         _quiet_mlflow()
+        if tracking_uri.startswith(("http://", "https://")):
+            # a few quick retries, not MLflow's minutes-long default: an unreachable
+            # server sends the records to the journal instead of stalling the audit
+            os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
+            os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
+            os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
         self.uri = tracking_uri
+        self.journal = Journal(journal) if journal is not None else None
         self.client = MlflowClient(tracking_uri=tracking_uri)
         try:
             exp = self.client.get_experiment_by_name(experiment)
@@ -78,11 +85,62 @@ class AuditTracker:
         self.parent_id: str | None = None
         self.children: dict[str, str] = {}
         self._done: set[str] = set()
+        self._start: dict[str, int] = {}  # run id -> start time (ms): the timestamp of its metrics
+
+    # -- writes: straight to the store, or to the journal while the store is unreachable --
+
+    def _send(self, method: str, *args, **kwargs) -> None:
+        """Call ``MlflowClient.<method>(*args, **kwargs)``; with a journal, a call that
+        fails because the tracking server is unreachable is kept in the journal (in
+        order, after anything already waiting there) and sent later by :meth:`flush`.
+
+        Raises:
+            MlflowException: the store refused the record (not a connection failure),
+                or it is unreachable and there is no journal.
+        """
+        if self.journal is None:
+            getattr(self.client, method)(*args, **kwargs)
+            return
+        if self.journal.pending() and not self.flush(quiet=True):
+            self.journal.append(method, args, kwargs)
+            return
+        try:
+            getattr(self.client, method)(*args, **kwargs)
+        except Exception as e:  # noqa: BLE001 - sorted by unreachable()
+            if not unreachable(e):
+                raise
+            self.journal.append(method, args, kwargs)
+            self.journal.failed()
+
+    def flush(self, quiet: bool = False) -> bool:
+        """Send the journal's records in order; True when none is left.
+
+        With ``quiet``, nothing is tried within :attr:`Journal.retry_s` of the last
+        failure (so an unreachable server costs one timeout per interval, not per record).
+        """
+        if self.journal is None or not self.journal.pending():
+            return True
+        if quiet and not self.journal.due():
+            return False
+        return self.journal.replay(self.client)
+
+    def _stamp(self, run_id: str) -> int:
+        """The timestamp (ms) of every metric logged to ``run_id``: the run's start time.
+
+        Fixed per run, so a record sent twice (a replayed journal, a resumed audit) is
+        the same record, which MLflow keeps once, instead of a second point at a new time."""
+        if run_id not in self._start:
+            try:
+                self._start[run_id] = int(self.client.get_run(run_id).info.start_time)
+            except Exception:  # noqa: BLE001 - unreachable: the journal keeps this time
+                self._start[run_id] = int(time.time() * 1000)
+        return self._start[run_id]
 
     def start(self, name: str, params: dict[str, Any], tags: dict[str, str]) -> str:
         """Create the parent run with the flattened config as params."""
         run = self.client.create_run(self.experiment_id, run_name=name, tags=tags)
         self.parent_id = run.info.run_id
+        self._start[self.parent_id] = int(run.info.start_time)
         self._params(self.parent_id, params)
         return self.parent_id
 
@@ -92,7 +150,7 @@ class AuditTracker:
         on it when given."""
         self.parent_id = run_id
         if status:
-            self.client.update_run(run_id, status=status)
+            self._send("update_run", run_id, status=status)
 
     def find_child(self, tag: str, value: str) -> str | None:
         """The id of a nested run of the parent whose tag ``tag`` equals ``value``, if any."""
@@ -109,7 +167,7 @@ class AuditTracker:
         flat = safe_params(flatten(params))
         items = [Param(k, str(v)[:6000]) for k, v in flat.items()]
         for s in range(0, len(items), 100):
-            self.client.log_batch(run_id, params=items[s:s + 100])
+            self._send("log_batch", run_id, params=items[s:s + 100])
 
     def stage(
         self,
@@ -133,35 +191,37 @@ class AuditTracker:
 
         if run_id is not None:
             rid = run_id
-            self.client.update_run(rid, status="RUNNING")
+            self._send("update_run", rid, status="RUNNING")
             if tags:
-                self.client.log_batch(rid, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+                self._send("log_batch", rid, tags=[RunTag(k, str(v)) for k, v in tags.items()])
         elif name in self.children:  # created by plan()
             rid = self.children[name]
-            self.client.log_batch(rid, tags=[RunTag(k, str(v)) for k, v in (tags or {}).items()])
+            if tags:
+                self._send("log_batch", rid, tags=[RunTag(k, str(v)) for k, v in tags.items()])
         else:
             run = self.client.create_run(
                 self.experiment_id, run_name=name,
                 tags={"mlflow.parentRunId": self.parent_id, "cl_audit.stage": name, **(tags or {})},
             )
             rid = run.info.run_id
+            self._start[rid] = int(run.info.start_time)
         self.children[name] = rid
         self._params(rid, params)
-        now = int(time.time() * 1000)
+        now = self._stamp(rid)
         ms = []
         for rec in history:
             for k in ("loss", "ce", "kl"):
                 ms.append(Metric(f"train/{k}", float(rec[k]), now, int(rec["step"])))
         ms += [Metric(k, float(v), now, 0) for k, v in metrics.items() if v is not None]
         for s in range(0, len(ms), 500):
-            self.client.log_batch(rid, metrics=ms[s:s + 500])
+            self._send("log_batch", rid, metrics=ms[s:s + 500])
         for apath, local in artifacts.items():
             local = Path(local)
             if local.is_dir():
-                self.client.log_artifacts(rid, str(local), apath)
+                self._send("log_artifacts", rid, str(local), apath)
             elif local.exists():
-                self.client.log_artifact(rid, str(local), apath or None)
-        self.client.set_terminated(rid)
+                self._send("log_artifact", rid, str(local), apath or None)
+        self._send("set_terminated", rid)
         self._done.add(name)
         return rid
 
@@ -183,9 +243,10 @@ class AuditTracker:
                     tags={"mlflow.parentRunId": self.parent_id, "cl_audit.stage": name, **tags},
                 )
                 self.children[name] = run.info.run_id
+                self._start[run.info.run_id] = int(run.info.start_time)
         for name, up in upstream.items():
             if name in self.children and up in self.children:
-                self.client.log_batch(self.children[name], tags=[
+                self._send("log_batch", self.children[name], tags=[
                     RunTag("cl_audit.upstream.stage", up), RunTag("cl_audit.upstream.run_id", self.children[up]),
                 ])
 
@@ -195,7 +256,7 @@ class AuditTracker:
 
         items = [RunTag(k, str(v)[:5000]) for k, v in tags.items()]
         for s in range(0, len(items), 100):
-            self.client.log_batch(run_id, tags=items[s:s + 100])
+            self._send("log_batch", run_id, tags=items[s:s + 100])
 
     def log_datasets(self, run_id: str, datasets: list["DatasetRecord"]) -> None:
         """Log data sets as MLflow dataset inputs of a run (``mlflow.data.from_pandas``).
@@ -217,27 +278,27 @@ class AuditTracker:
                 InputTag("n_items", str(len(d.frame))),
             ]))
         if inputs:
-            self.client.log_inputs(run_id, datasets=inputs)
+            self._send("log_inputs", run_id, datasets=inputs)
 
     def fail(self) -> None:
         """Mark the parent and every unfinished nested run FAILED (the DAG raised)."""
         for name, rid in self.children.items():
             if name not in self._done:
-                self.client.set_terminated(rid, status="FAILED")
+                self._send("set_terminated", rid, status="FAILED")
         if self.parent_id is not None:
-            self.client.set_terminated(self.parent_id, status="FAILED")
+            self._send("set_terminated", self.parent_id, status="FAILED")
 
     def extra_metrics(self, name: str, scalars: dict[str, float], per_layer: dict[str, dict]) -> None:
         """Metrics of a checkpoint known only after the DAG: scalars (step 0) and per-layer
         values (``{metric: {layer: value}}``, logged with ``step = layer``)."""
         from mlflow.entities import Metric
 
-        now = int(time.time() * 1000)
+        now = self._stamp(self.children[name])
         ms = [Metric(k, float(v), now, 0) for k, v in scalars.items() if v is not None]
         for k, by_layer in per_layer.items():
             ms += [Metric(k, float(v), now, int(lay)) for lay, v in by_layer.items() if v is not None]
         for s in range(0, len(ms), 500):
-            self.client.log_batch(self.children[name], metrics=ms[s:s + 500])
+            self._send("log_batch", self.children[name], metrics=ms[s:s + 500])
 
     def finish(self, metrics: dict[str, float], artifacts: list[Path], tags: dict[str, str]) -> None:
         """Verdict metrics, output files and final tags on the parent run; mark it finished.
@@ -245,16 +306,16 @@ class AuditTracker:
         ``artifacts``: files and folders, each logged at the artifact root under its name."""
         from mlflow.entities import Metric, RunTag
 
-        now = int(time.time() * 1000)
+        now = self._stamp(self.parent_id)
         ms = [Metric(k, float(v), now, 0) for k, v in metrics.items() if v is not None]
-        self.client.log_batch(self.parent_id, metrics=ms, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+        self._send("log_batch", self.parent_id, metrics=ms, tags=[RunTag(k, str(v)) for k, v in tags.items()])
         for p in artifacts:
             p = Path(p)
             if p.is_dir():
-                self.client.log_artifacts(self.parent_id, str(p), p.name)
+                self._send("log_artifacts", self.parent_id, str(p), p.name)
             elif p.exists():
-                self.client.log_artifact(self.parent_id, str(p))
-        self.client.set_terminated(self.parent_id)
+                self._send("log_artifact", self.parent_id, str(p))
+        self._send("set_terminated", self.parent_id)
 
     def register(self, name: str, stages: list[str], tags: dict[str, str], adapters: dict[str, list[str]]) -> list:
         """Register checkpoints as versions of the MLflow registered model ``name``.
@@ -437,3 +498,187 @@ def download(client, run_id: str, artifact_path: str, dst: Path) -> Path | None:
         return Path(client.download_artifacts(run_id, artifact_path, str(dst)))
     except (MlflowException, OSError):
         return None
+
+
+# -- the journal: MLflow records kept locally while the tracking server does not answer --
+
+JOURNAL = ".mlflow-journal.jsonl"
+
+
+def unreachable(e: BaseException) -> bool:
+    """True if ``e`` means the tracking store could not be reached (connection refused,
+    timeout, a 503), as opposed to the store refusing the record."""
+    import requests
+    from mlflow.exceptions import MlflowException
+
+    if isinstance(e, (requests.exceptions.ConnectionError, requests.exceptions.Timeout, ConnectionError,
+                      TimeoutError)):
+        return True
+    if isinstance(e, MlflowException):
+        text = str(e)
+        return (e.error_code == "TEMPORARILY_UNAVAILABLE" or "failed with exception" in text
+                or "Max retries exceeded" in text or "response code 50" in text.lower())
+    return False
+
+
+def _encode(v: Any) -> Any:
+    from google.protobuf.json_format import MessageToDict
+    from mlflow.entities import DatasetInput, Metric, Param, RunTag
+
+    if isinstance(v, Metric):
+        return {"__t": "Metric", "key": v.key, "value": v.value, "timestamp": v.timestamp, "step": v.step}
+    if isinstance(v, Param):
+        return {"__t": "Param", "key": v.key, "value": v.value}
+    if isinstance(v, RunTag):
+        return {"__t": "RunTag", "key": v.key, "value": v.value}
+    if isinstance(v, DatasetInput):
+        return {"__t": "DatasetInput", "proto": MessageToDict(v.to_proto())}
+    if isinstance(v, (list, tuple)):
+        return [_encode(x) for x in v]
+    return v
+
+
+def _decode(v: Any) -> Any:
+    from google.protobuf.json_format import ParseDict
+    from mlflow.entities import DatasetInput, Metric, Param, RunTag
+    from mlflow.protos.service_pb2 import DatasetInput as ProtoDatasetInput
+
+    if isinstance(v, list):
+        return [_decode(x) for x in v]
+    if isinstance(v, dict) and "__t" in v:
+        t = v["__t"]
+        if t == "Metric":
+            return Metric(v["key"], v["value"], v["timestamp"], v["step"])
+        if t == "Param":
+            return Param(v["key"], v["value"])
+        if t == "RunTag":
+            return RunTag(v["key"], v["value"])
+        if t == "DatasetInput":
+            return DatasetInput.from_proto(ParseDict(v["proto"], ProtoDatasetInput()))
+    return v
+
+
+class Journal:
+    """MLflow writes that could not be sent, one JSON line each, in the order they were made.
+
+    The file (``<run folder>/.mlflow-journal.jsonl``) is appended to and fsynced per
+    record, so a crash loses nothing already journaled; :meth:`replay` sends the records
+    in order and rewrites the file atomically with what is left. Replaying a record
+    twice is harmless: metrics carry fixed timestamps (MLflow keeps one copy of an
+    identical point), params and tags are set to the same value, artifacts overwritten.
+
+    Attributes:
+        retry_s: seconds after a failed send before :meth:`due` allows another try.
+    """
+
+    retry_s = 10.0
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self._last_failure = 0.0
+
+    def pending(self) -> int:
+        """Records waiting to be sent."""
+        if not self.path.exists():
+            return 0
+        return sum(1 for line in self.path.read_text().splitlines() if line.strip())
+
+    def append(self, method: str, args: tuple, kwargs: dict) -> None:
+        line = json.dumps({"method": method, "args": _encode(list(args)),
+                           "kwargs": {k: _encode(v) for k, v in kwargs.items()}})
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.path, "a") as f:
+            f.write(line + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+
+    def failed(self) -> None:
+        self._last_failure = time.time()
+
+    def due(self) -> bool:
+        return time.time() - self._last_failure >= self.retry_s
+
+    def replay(self, client) -> bool:
+        """Send every record with ``client``; True if all were sent.
+
+        Raises:
+            MlflowException: the store refused a record (not a connection failure).
+        """
+        from components.artifacts import atomic_write
+
+        lines = [x for x in self.path.read_text().splitlines() if x.strip()] if self.path.exists() else []
+        sent = 0
+        try:
+            for line in lines:
+                rec = json.loads(line)
+                getattr(client, rec["method"])(*_decode(rec["args"]), **{k: _decode(v) for k, v in rec["kwargs"].items()})
+                sent += 1
+        except Exception as e:  # noqa: BLE001 - sorted by unreachable()
+            if not unreachable(e):
+                raise
+            self.failed()
+        finally:
+            if sent:
+                rest = lines[sent:]
+                if rest:
+                    atomic_write(self.path, "\n".join(rest) + "\n")
+                else:
+                    self.path.unlink(missing_ok=True)
+        return sent == len(lines)
+
+
+def sync(run_dir: Path, tracking_uri: str | None = None) -> tuple[int, int]:
+    """Send the MLflow records a run folder kept while its tracking server was down.
+
+    Args:
+        run_dir: the audit's output folder (holding ``.mlflow-journal.jsonl``).
+        tracking_uri: default: the one the audit used (``.cl-audit-state.json``).
+
+    Returns:
+        ``(sent, left)``: records sent now, records still waiting.
+
+    Raises:
+        UserError: not a run folder, or the server is still unreachable.
+    """
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise UserError(f"{run_dir}: not a folder; expected the folder of an audit run")
+    journal = Journal(run_dir / JOURNAL)
+    n = journal.pending()
+    if n == 0:
+        return 0, 0
+    state = read_state(run_dir)
+    uri = tracking_uri or (state or {}).get("tracking_uri")
+    if not uri:
+        raise UserError(f"{run_dir / STATE}: missing; pass --tracking-uri")
+    from mlflow.tracking import MlflowClient
+
+    _quiet_mlflow()
+    if uri.startswith(("http://", "https://")):
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
+    journal.replay(MlflowClient(tracking_uri=uri))
+    left = journal.pending()
+    if left:
+        raise UserError(f"--tracking-uri {uri}: MLflow tracking server still not answering; "
+                        f"{n - left} of {n} records sent, {left} kept in {run_dir / JOURNAL}")
+    return n, 0
+
+
+# -- the audit's state in its run folder: which MLflow runs a resumed audit continues --
+
+STATE = ".cl-audit-state.json"
+
+
+def read_state(run_dir: Path) -> dict | None:
+    """The run folder's ``.cl-audit-state.json`` (None if absent or unreadable)."""
+    try:
+        return json.loads((Path(run_dir) / STATE).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def write_state(run_dir: Path, state: dict) -> None:
+    from components.artifacts import atomic_write
+
+    atomic_write(Path(run_dir) / STATE, json.dumps(state, indent=1))

@@ -57,3 +57,60 @@ def tiny_run(home, ray_local, tmp_path_factory):
     out = tmp_path_factory.mktemp("tinyrun")
     summary = run_audit(cfg, out, home)
     return cfg, out, summary
+
+
+class MlflowServer:
+    """A real ``mlflow server`` on 127.0.0.1 (sqlite backend, served artifacts) that a
+    test can kill and start again on the same port and store."""
+
+    def __init__(self, root: Path):
+        import socket
+
+        self.root = Path(root)
+        self.root.mkdir(parents=True, exist_ok=True)
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        self.uri = f"http://127.0.0.1:{self.port}"
+        self.artifacts = self.root / "artifacts"
+        self.proc = None
+
+    def start(self, timeout: float = 180) -> "MlflowServer":
+        import subprocess
+        import sys
+        import time
+        import urllib.request
+
+        log = open(self.root / "server.log", "a")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{self.root / 'mlflow.db'}",
+             "--artifacts-destination", str(self.artifacts), "--serve-artifacts",
+             "--host", "127.0.0.1", "--port", str(self.port), "--workers", "1"],
+            stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        )
+        log.close()
+        deadline = time.time() + timeout
+        while True:
+            if self.proc.poll() is not None:
+                pytest.fail(f"mlflow server exited: {(self.root / 'server.log').read_text()[-2000:]}")
+            try:
+                urllib.request.urlopen(f"{self.uri}/health", timeout=2)
+                return self
+            except OSError:
+                if time.time() > deadline:
+                    pytest.fail(f"mlflow server did not answer /health within {timeout} s")
+                time.sleep(0.5)
+
+    def stop(self, sig: int | None = None) -> None:
+        """Stop the server and its workers (SIGTERM, or ``sig``, e.g. SIGKILL)."""
+        import signal
+        import subprocess
+
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        os.killpg(self.proc.pid, sig or signal.SIGTERM)
+        try:
+            self.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()

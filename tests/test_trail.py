@@ -8,12 +8,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import signal
-import socket
 import subprocess
 import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import mlflow
@@ -27,7 +23,7 @@ from components.data import Item, items_sha256
 from components.verdict import bootstrap_diff
 from pipelines import trail
 
-from conftest import ROOT, TINY, tiny_config
+from conftest import ROOT, TINY, MlflowServer, tiny_config
 
 REGISTERED = "tiny-audit"
 
@@ -42,39 +38,11 @@ def cli(*args: str, home: Path, timeout: int = 300) -> subprocess.CompletedProce
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     """``mlflow server`` on a free port of 127.0.0.1; stopped at the end, also on failure."""
-    root = tmp_path_factory.mktemp("mlflow-server")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    log = open(root / "server.log", "w")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
-         "--artifacts-destination", str(root / "artifacts"), "--serve-artifacts",
-         "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
-        stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-    )
-    uri = f"http://127.0.0.1:{port}"
+    srv = MlflowServer(tmp_path_factory.mktemp("mlflow-server"))
     try:
-        deadline = time.time() + 180
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"mlflow server exited: {(root / 'server.log').read_text()[-2000:]}")
-            try:
-                urllib.request.urlopen(f"{uri}/health", timeout=2)
-                break
-            except OSError:
-                if time.time() > deadline:
-                    pytest.fail("mlflow server did not answer /health within 180 s")
-                time.sleep(0.5)
-        yield uri, root / "artifacts"
+        yield srv.start().uri, srv.artifacts
     finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-        log.close()
+        srv.stop()
 
 
 @pytest.fixture(scope="module")

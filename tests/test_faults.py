@@ -1,0 +1,282 @@
+"""Faults injected on purpose: kill -9 of the audit at known points, a Ray stage task
+that dies, a Tune trial that keeps failing, the MLflow server killed mid-audit.
+
+Each audit here is the `cl-audit` command in its own process group (its local Ray
+included), stopped at a failpoint (components/faults.py) and killed with SIGKILL.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from mlflow.tracking import MlflowClient
+
+from pipelines.tracking import JOURNAL, STATE
+
+from conftest import ROOT, TINY, MlflowServer
+
+# what a resumed audit must reproduce exactly (run ids, times and the machine differ)
+SAME = ("suite", "model", "config_digest", "model_digest", "data_digest", "seed", "stages", "verdict", "data")
+
+
+def _env(home: Path, marks: Path, failpoints: str = "") -> dict:
+    env = {**os.environ, "CL_AUDIT_HOME": str(home), "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1",
+           "CL_AUDIT_FAILPOINT_DIR": str(marks)}
+    for k in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI", "CL_AUDIT_FAILPOINTS"):
+        env.pop(k, None)
+    if failpoints:
+        env["CL_AUDIT_FAILPOINTS"] = failpoints
+    return env
+
+
+def _start(args: list[str], env: dict, log: Path) -> subprocess.Popen:
+    out = open(log, "w")
+    try:
+        return subprocess.Popen([sys.executable, "-m", "pipelines.cli", *args], cwd=ROOT, env=env, stdout=out,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+    finally:
+        out.close()
+
+
+def _wait_for(marker: Path, proc: subprocess.Popen, log: Path, timeout: float = 400) -> None:
+    deadline = time.time() + timeout
+    while not marker.exists():
+        if proc.poll() is not None:
+            pytest.fail(f"the audit exited ({proc.returncode}) before {marker.name}: {log.read_text()[-3000:]}")
+        if time.time() > deadline:
+            _kill(proc)
+            pytest.fail(f"no {marker.name} within {timeout} s: {log.read_text()[-3000:]}")
+        time.sleep(0.2)
+
+
+def _kill(proc: subprocess.Popen) -> None:
+    """kill -9 of the audit's whole process group (driver, Ray, its workers)."""
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.wait(timeout=60)
+
+
+def _visible(root: Path) -> list[Path]:
+    return [p for p in root.rglob("*") if p.is_file() and not any(x.startswith(".") for x in p.relative_to(root).parts)]
+
+
+def _assert_nothing_partial(home: Path, out: Path) -> None:
+    """Every published stage is complete; no file of the output contract is half-written."""
+    store = home / "store"
+    for d in store.iterdir():
+        if d.is_dir() and not d.name.startswith("."):
+            assert (d / "result.json").exists(), f"incomplete stage output visible: {d}"
+            json.loads((d / "result.json").read_text())
+    for p in _visible(out):
+        if p.suffix == ".json":
+            json.loads(p.read_text())
+        elif p.suffix == ".parquet":
+            pd.read_parquet(p)
+
+
+@pytest.fixture()
+def fault_home(home, tmp_path) -> Path:
+    """A fresh store and MLflow store; the tiny model built by the session is shared."""
+    h = tmp_path / "home"
+    h.mkdir()
+    (home / "cache").mkdir(exist_ok=True)
+    (h / "cache").symlink_to(home / "cache", target_is_directory=True)
+    return h
+
+
+def test_kill_9_anywhere_then_the_same_command_finishes_identically(tiny_run, fault_home, tmp_path):
+    """kill -9 during a training step, during a probe and while summary.json is being
+    written (a probe task also dies once and Ray retries it); after each, the same
+    command goes on from the finished stages and the last one ends with the summary of
+    an uninterrupted run, one MLflow parent run and no metric step logged twice."""
+    _, _, ref = tiny_run
+    out, marks = tmp_path / "run", tmp_path / "marks"
+    args = ["run", "--config", str(TINY), "--out", str(out)]
+    store = fault_home / "store"
+
+    # 1. killed in the middle of the perturbing fine-tune (step 2 of 16)
+    log = tmp_path / "1.log"
+    p = _start(args, _env(fault_home, marks, "train_step:perturbed:2=pause"), log)
+    _wait_for(marks / "train_step:perturbed:2", p, log)
+    _kill(p)
+    _assert_nothing_partial(fault_home, out)
+    kinds = Counter(k.split("-")[0] for k in (store / "executions.log").read_text().split()[1::2])
+    assert kinds["tune"] == 1 and kinds["perturb"] == 0 and not (out / "summary.json").exists()
+    state = json.loads((out / STATE).read_text())
+    parent = state["parent_run_id"]
+
+    # 2. killed while probing a recovered checkpoint
+    log = tmp_path / "2.log"
+    p = _start(args, _env(fault_home, marks, "probe:recovered/in_task/4=pause"), log)
+    _wait_for(marks / "probe:recovered_in_task_4", p, log)
+    _kill(p)
+    _assert_nothing_partial(fault_home, out)
+    assert "continuing MLflow run " + parent in log.read_text()
+
+    # 3. the Ray worker of every probe still to do dies once (Ray retries the task), then
+    #    the driver dies while writing summary.json
+    log, marks3 = tmp_path / "3.log", tmp_path / "marks3"
+    p = _start(args, _env(fault_home, marks3, "probe:*=kill-once,atomic_write:summary.json=kill"), log)
+    _wait_for(marks3 / "atomic_write:summary.json", p, log)
+    _kill(p)
+    assert (marks3 / "probe:recovered_in_task_4").read_text().count("\n") == 1  # killed once, then retried
+    _assert_nothing_partial(fault_home, out)
+    assert not (out / "summary.json").exists()
+    assert (out / "metrics.parquet").exists()  # written before the kill, complete
+
+    # 4. the same command, no fault: finishes
+    r = subprocess.run([sys.executable, "-m", "pipelines.cli", *args], cwd=ROOT, env=_env(fault_home, marks),
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    got = json.loads((out / "summary.json").read_text())
+    for k in SAME:
+        assert got[k] == ref[k], k
+    # each stage computed once over the four attempts (a killed stage never published)
+    keys = (store / "executions.log").read_text().split()[1::2]
+    assert len(keys) == len(set(keys))
+    assert Counter(k.split("-")[0] for k in keys) == Counter(
+        {"filter": 1, "tune": 1, "perturb": 1, "recover": 2, "probe": 5, "drift": 1})
+
+    # MLflow: the interrupted parent run was continued, not duplicated
+    client = MlflowClient(f"sqlite:///{fault_home / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("cl-audit").experiment_id
+    parents = client.search_runs([exp], "tags.cl_audit.kind = 'audit'")
+    assert [r.info.run_id for r in parents] == [parent] == [got["mlflow"]["run_id"]]
+    assert parents[0].info.status == "FINISHED"
+    children = client.search_runs([exp], f"tags.mlflow.parentRunId = '{parent}'")
+    assert sorted(r.data.tags["cl_audit.stage"] for r in children) == sorted(ref["stages"])
+    for child in children:
+        assert child.info.status == "FINISHED"
+        for key in child.data.metrics:
+            steps = [m.step for m in client.get_metric_history(child.info.run_id, key)]
+            assert len(steps) == len(set(steps)), (child.data.tags["cl_audit.stage"], key, steps)
+    assert json.loads((out / STATE).read_text())["finished"] is True
+
+
+def test_failing_sweep_trial_is_retried_then_reported_while_the_others_finish(fault_home, tmp_path):
+    """A trial that raises every time is retried `sweep.max_failures` times, ends as
+    ERROR in the table; the other trial finishes."""
+    out, marks = tmp_path / "sweep", tmp_path / "marks"
+    r = subprocess.run(
+        [sys.executable, "-m", "pipelines.cli", "sweep", "--config", str(TINY), "--out", str(out),
+         "--set", "sweep.kl_penalty=[0.0]", "--set", "sweep.sizes=[2,4]", "--set", "sweep.max_failures=1",
+         "--max-concurrent", "1"],
+        cwd=ROOT, env=_env(fault_home, marks, "sweep_trial/kl=0/in_task/n=4=raise"), capture_output=True,
+        text=True, timeout=600)
+    assert (out / "sweep.parquet").exists(), r.stdout[-3000:] + r.stderr[-3000:]
+    table = pd.read_parquet(out / "sweep.parquet")
+    summary = json.loads((out / "sweep_summary.json").read_text())
+    status = dict(zip(table["n"], table.status))
+    assert status == {2: "TERMINATED", 4: "ERROR"}, r.stdout[-3000:] + r.stderr[-3000:]
+    assert summary["trials"]["by_status"] == {"TERMINATED": 1, "ERROR": 1}
+    # the failing trial ran 1 + max_failures times
+    assert (marks / "sweep_trial_kl=0_in_task_n=4").read_text().count("\n") == 2
+    assert table.loc[table["n"] == 2, "recovery_ratio"].notna().all()
+
+
+def test_mlflow_server_killed_mid_audit(fault_home, tmp_path):
+    """The server dies while the audit runs and comes back before it ends: the audit
+    finishes, sends what waited in its journal, and the records are complete and
+    logged once."""
+    marks = tmp_path / "marks"
+    srv = MlflowServer(tmp_path / "server").start()
+    try:
+        out = tmp_path / "run"
+        args = ["run", "--config", str(TINY), "--out", str(out), "--tracking-uri", srv.uri]
+        log = tmp_path / "audit.log"
+        p = _start(args, _env(fault_home, marks, "probe:aligned=hold,probe:recovered/*=hold"), log)
+        _wait_for(marks / "probe:aligned", p, log)
+        srv.stop(signal.SIGKILL)  # killed while the audit runs
+        (marks / "probe:aligned").unlink()
+        # the audit goes on without the server until the recovered checkpoints are probed
+        deadline = time.time() + 400
+        while not any(m.name.startswith("probe:recovered") for m in marks.iterdir()):
+            assert p.poll() is None and time.time() < deadline, log.read_text()[-3000:]
+            time.sleep(0.2)
+        assert (out / JOURNAL).exists()  # what could not be sent is kept
+        srv.start()
+        for m in marks.glob("probe:recovered*"):
+            m.unlink()
+        deadline = time.time() + 400
+        while p.poll() is None:
+            for m in marks.glob("probe:recovered*"):
+                m.unlink()
+            assert time.time() < deadline, log.read_text()[-3000:]
+            time.sleep(0.2)
+        text = log.read_text()
+        assert p.returncode == 0, text[-3000:]
+        summary = json.loads((out / "summary.json").read_text())
+        assert not (out / JOURNAL).exists(), text[-2000:]  # everything sent once the server answered
+
+        client = MlflowClient(srv.uri)
+        parent = client.get_run(summary["mlflow"]["run_id"])
+        assert parent.info.status == "FINISHED"
+        assert parent.data.tags["verdict"] == summary["verdict"]["label"]
+        assert parent.data.metrics["task_drop"] == pytest.approx(summary["verdict"]["task_drop"])
+        assert {"report.html", "summary.json", "manifest.json"} <= {f.path for f in client.list_artifacts(parent.info.run_id)}
+        for name, rid in summary["mlflow"]["stage_run_ids"].items():
+            run = client.get_run(rid)
+            assert run.info.status == "FINISHED", name
+            assert run.data.metrics["task_acc"] == pytest.approx(summary["stages"][name]["task_acc"]), name
+            for key in run.data.metrics:
+                steps = [m.step for m in client.get_metric_history(rid, key)]
+                assert len(steps) == len(set(steps)), (name, key, steps)
+        n_loss = len(client.get_metric_history(summary["mlflow"]["stage_run_ids"]["perturbed"], "train/loss"))
+        assert n_loss == 16  # 8 epochs x 2 batches, each once
+
+        # a second `sync` has nothing left to send
+        r = subprocess.run([sys.executable, "-m", "pipelines.cli", "sync", str(out)], cwd=ROOT,
+                           env=_env(fault_home, marks), capture_output=True, text=True, timeout=120)
+        assert r.returncode == 0 and "nothing to send" in r.stdout, r.stderr
+    finally:
+        srv.stop()
+
+
+def test_journal_kept_while_the_server_is_down_and_sync_sends_it_once(tmp_path):
+    """The tracker against a real server that stops: records go to the journal, in order;
+    `cl-audit sync` sends them when it is back; a second sync sends nothing."""
+    from pipelines.tracking import AuditTracker, write_state
+
+    srv = MlflowServer(tmp_path / "server").start()
+    try:
+        out = tmp_path / "run"
+        out.mkdir()
+        t = AuditTracker(srv.uri, "journal-test", journal=out / JOURNAL)
+        parent = t.start("audit-x", {"seed": 0}, {"cl_audit.kind": "audit"})
+        t.plan(["base", "aligned"], {"aligned": "base"}, {})
+        write_state(out, {"tracking_uri": srv.uri, "parent_run_id": parent})
+        srv.stop(signal.SIGKILL)
+        (out / "predictions.parquet").write_bytes(b"PAR1")
+        history = [{"step": s, "loss": 1.0 / (s + 1), "ce": 1.0, "kl": 0.0} for s in range(5)]
+        t.stage("aligned", {"lr": 0.01}, history, {"task_acc": 0.5}, {"": out / "predictions.parquet"})
+        t.finish({"task_drop": 0.25}, [], {"verdict": "spurious"})
+        # the stage's params, metrics, artifact, end; the parent's metrics and tags, end
+        assert t.journal.pending() == 6
+        r = subprocess.run([sys.executable, "-m", "pipelines.cli", "sync", str(out)], cwd=ROOT,
+                           env=_env(tmp_path, tmp_path), capture_output=True, text=True, timeout=120)
+        assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+        assert "still not answering; 0 of 6 records sent, 6 kept in" in r.stderr
+        srv.start()
+        r = subprocess.run([sys.executable, "-m", "pipelines.cli", "sync", str(out)], cwd=ROOT,
+                           env=_env(tmp_path, tmp_path), capture_output=True, text=True, timeout=120)
+        assert r.returncode == 0 and "sent 6 records" in r.stdout, r.stdout + r.stderr
+        client = MlflowClient(srv.uri)
+        run = client.get_run(t.children["aligned"])
+        assert run.info.status == "FINISHED" and run.data.params["lr"] == "0.01"
+        assert [m.step for m in client.get_metric_history(run.info.run_id, "train/loss")] == [0, 1, 2, 3, 4]
+        assert client.get_run(parent).data.tags["verdict"] == "spurious"
+        assert [f.path for f in client.list_artifacts(run.info.run_id)] == ["predictions.parquet"]
+        assert not (out / JOURNAL).exists()
+    finally:
+        srv.stop()
