@@ -46,6 +46,11 @@ def atomic_write(path: Path, data: bytes | str) -> None:
         failpoint(f"atomic_write:{path.name}")
         os.replace(tmp, path)
         _fsync_dir(path.parent)
+    except OSError as e:  # e.g. disk full: the previous file, if any, is untouched
+        Path(tmp).unlink(missing_ok=True)
+        if e.filename is None:
+            raise OSError(e.errno, e.strerror, str(path)) from None
+        raise
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
@@ -58,6 +63,22 @@ def _fsync_dir(folder: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def inside(root: Path, rel: str) -> Path:
+    """``root / rel``, refusing a name that would land outside ``root`` (``..``, an
+    absolute path): artifact names never escape the run folder.
+
+    Raises:
+        UserError: ``rel`` is absolute or climbs out of ``root``.
+    """
+    from components.errors import UserError
+
+    root = Path(root).resolve()
+    target = (root / rel).resolve()
+    if Path(rel).is_absolute() or not target.is_relative_to(root):
+        raise UserError(f"{rel!r}: artifact name escapes its folder {root}; expected a relative name without '..'")
+    return target
 
 
 def atomic_copy(src: Path, dst: Path) -> None:

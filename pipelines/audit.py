@@ -24,7 +24,7 @@ from typing import Callable
 import numpy as np
 import pandas as pd
 
-from components.artifacts import atomic_copy, atomic_write, file_record, git_commit, git_dirty, machine_info
+from components.artifacts import atomic_copy, atomic_write, file_record, git_commit, git_dirty, inside, machine_info
 from components.config import AuditConfig, dump_yaml
 from components.data import SUITES, Item, SuiteData, items_sha256
 from components.errors import UserError
@@ -33,7 +33,7 @@ from components.models import check_model_id
 from components.verdict import compute_verdict
 from pipelines.report import write_report
 from pipelines.tracking import (
-    JOURNAL, AuditTracker, DatasetRecord, check_model_name, read_state, resolve_tracking_uri, unreachable,
+    JOURNAL, AuditTracker, DatasetRecord, check_model_name, read_state, redact_uri, resolve_tracking_uri, unreachable,
     write_state,
 )
 
@@ -140,7 +140,7 @@ def run_audit(
     # it had created: the same command continues them instead of starting new ones.
     state = read_state(out_dir)
     if not (state and not state.get("finished") and state.get("config_digest") == cfg.digest()
-            and state.get("tracking_uri") == uri and _resumable(tracker, state.get("parent_run_id"))):
+            and state.get("tracking_uri") == redact_uri(uri) and _resumable(tracker, state.get("parent_run_id"))):
         state = None
     order = stage_order(cfg)
     vers = versions()
@@ -175,7 +175,7 @@ def run_audit(
             )
             sets = audit_datasets(cfg, result["data"])
             for ds_name, (items, _, _) in sets.items():
-                atomic_write(out_dir / "data" / f"{ds_name}.parquet", _items_parquet(items))
+                atomic_write(inside(out_dir / "data", f"{ds_name}.parquet"), _items_parquet(items))
             tracker._send("log_artifacts", tracker.parent_id, str(out_dir / "data"), "data")
             tracker.log_datasets(tracker.parent_id, [
                 _dataset_record(tracker.parent_id, ds_name, *sets[ds_name]) for ds_name in POOLS
@@ -240,7 +240,7 @@ def _resumable(tracker: AuditTracker, run_id: str | None) -> bool:
 
 def _state(cfg: AuditConfig, uri: str, tracker: AuditTracker, finished: bool = False) -> dict:
     """The run folder's record of its MLflow runs (see :func:`pipelines.tracking.read_state`)."""
-    return {"config_digest": cfg.digest(), "tracking_uri": uri, "experiment_id": tracker.experiment_id,
+    return {"config_digest": cfg.digest(), "tracking_uri": redact_uri(uri), "experiment_id": tracker.experiment_id,
             "parent_run_id": tracker.parent_id, "children": dict(tracker.children),
             "logged": sorted(tracker._done), "finished": finished}
 
@@ -346,7 +346,7 @@ def _finish_audit(
         except Exception as e:  # noqa: BLE001 - sorted by unreachable()
             if not unreachable(e):
                 raise
-            say(f"MLflow tracking server at {uri} not answering: checkpoints not registered as {register!r}")
+            say(f"MLflow tracking server at {redact_uri(uri)} not answering: checkpoints not registered as {register!r}")
 
     summary = {
         "suite": cfg.suite,
@@ -362,7 +362,7 @@ def _finish_audit(
         "data": data.notes,
         "stages": stages,
         "verdict": verdict,
-        "mlflow": {"tracking_uri": uri, "experiment_id": tracker.experiment_id, "run_id": tracker.parent_id,
+        "mlflow": {"tracking_uri": redact_uri(uri), "experiment_id": tracker.experiment_id, "run_id": tracker.parent_id,
                    "stage_run_ids": dict(tracker.children)},
     }
     if registered:
@@ -376,7 +376,7 @@ def _finish_audit(
     atomic_write(out_dir / "metrics.parquet", buf.getvalue())
     for name in order:
         atomic_copy(Path(results["probe"][name]["dir"]) / "predictions.parquet",
-                    out_dir / "predictions" / f"{name}.parquet")
+                    inside(out_dir / "predictions", f"{name}.parquet"))
     atomic_write(out_dir / "config.yaml", dump_yaml(cfg))
     manifest = {"suite": cfg.suite, "data_digest": prep["data_digest"], "pools": data.manifest(),
                 "model": {"id": cfg.model.id, "dir": prep["model_dir"], "sha256": prep["model_digest"]}}
@@ -402,7 +402,7 @@ def _finish_audit(
     )
     write_state(out_dir, _state(cfg, uri, tracker, finished=True))
     if not tracker.flush():
-        say(f"MLflow tracking server at {uri} not answering: {tracker.journal.pending()} records kept in "
+        say(f"MLflow tracking server at {redact_uri(uri)} not answering: {tracker.journal.pending()} records kept in "
             f"{tracker.journal.path}; `cl-audit sync {out_dir}` sends them")
     return summary
 
@@ -531,7 +531,7 @@ def build_manifest(out_dir: Path, tracker: AuditTracker, logged: dict[str, dict[
                 files.append({"path": f"stages/{name}/{art}", **file_record(f), "run_id": tracker.children[name],
                               "artifact_path": art, "local": str(f)})
     return {
-        "format": MANIFEST_FORMAT, "audit_run_id": tracker.parent_id, "tracking_uri": uri,
+        "format": MANIFEST_FORMAT, "audit_run_id": tracker.parent_id, "tracking_uri": redact_uri(uri),
         "experiment_id": tracker.experiment_id, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "algorithm": "sha256", "files": files,
     }

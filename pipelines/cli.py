@@ -530,6 +530,9 @@ def main() -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    # the first failing stage is reported (one line for a user mistake); Ray's extra
+    # report of the downstream tasks that could not run would only repeat it
+    os.environ.setdefault("RAY_IGNORE_UNHANDLED_ERRORS", "1")
     import logging
 
     for name in ("mlflow", "alembic"):

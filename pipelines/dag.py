@@ -266,7 +266,7 @@ def parent_stage(name: str) -> str | None:
 
 
 def init_ray() -> None:
-    """Connect to ``RAY_ADDRESS`` if set, else start a local Ray on this machine."""
+    """Connect to ``RAY_ADDRESS`` if set, else start a local Ray on this machine (no dashboard)."""
     if ray.is_initialized():
         return
     address = os.environ.get("RAY_ADDRESS")

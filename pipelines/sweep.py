@@ -456,7 +456,7 @@ def run_sweep(
     from components.models import check_model_id
     from pipelines.audit import check_writable, default_home, versions
     from pipelines.dag import init_ray, prepare
-    from pipelines.tracking import AuditTracker, resolve_tracking_uri
+    from pipelines.tracking import AuditTracker, redact_uri, resolve_tracking_uri
 
     home = Path(home or default_home()).resolve()
     out_dir = Path(out_dir).resolve()
@@ -493,7 +493,7 @@ def run_sweep(
     exp_dir = out_dir / "tune" / EXPERIMENT_NAME
     resuming = tune.Tuner.can_restore(str(exp_dir))
     prev = state.get("mlflow", {})
-    if resuming and prev.get("run_id") and prev.get("tracking_uri") == uri:
+    if resuming and prev.get("run_id") and prev.get("tracking_uri") == redact_uri(uri):
         tracker.attach(prev["run_id"], status="RUNNING")
     else:
         tracker.start(
@@ -506,7 +506,8 @@ def run_sweep(
         )
     mlflow_ctx = {"tracking_uri": uri, "experiment": cfg.experiment, "parent_run_id": tracker.parent_id}
     atomic_write(state_path, json.dumps({"sweep_digest": digest, "mlflow": {
-        "tracking_uri": uri, "experiment_id": tracker.experiment_id, "run_id": tracker.parent_id}}, indent=1))
+        "tracking_uri": redact_uri(uri), "experiment_id": tracker.experiment_id, "run_id": tracker.parent_id}},
+        indent=1))
     atomic_write(out_dir / "config.yaml", dump_yaml(cfg))
 
     trainable = tune.with_resources(
@@ -583,7 +584,8 @@ def run_sweep(
         "stages_computed": computed,
         "reuse": sw.reuse,
         "outputs": {"table": "sweep.parquet", "heatmap": HEATMAP, "tune_experiment": str(exp_dir)},
-        "mlflow": {"tracking_uri": uri, "experiment_id": tracker.experiment_id, "run_id": tracker.parent_id},
+        "mlflow": {"tracking_uri": redact_uri(uri), "experiment_id": tracker.experiment_id,
+                   "run_id": tracker.parent_id},
     }
     if len(finished):
         atomic_write(out_dir / HEATMAP, recovery_heatmap(

@@ -34,6 +34,22 @@ def _quiet_mlflow() -> None:
     for name in ("mlflow", "alembic"):  # no schema-migration chatter on the console
         logging.getLogger(name).setLevel(logging.WARNING)
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    # MLflow prints "View run ... at: <tracking URI>" per finished run: noise, and the
+    # URI may carry a password (the summary holds the redacted URI and the run ids)
+    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
+
+
+def redact_uri(uri: str) -> str:
+    """``uri`` without a password (``http://user:secret@host`` -> ``http://user:***@host``),
+    for everything that is printed, logged or written to a file."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    parts = urlsplit(uri)
+    if parts.password is None:
+        return uri
+    host = parts.hostname or ""
+    netloc = f"{parts.username}:***@{host}" + (f":{parts.port}" if parts.port else "")
+    return urlunsplit(parts._replace(netloc=netloc))
 
 
 def resolve_tracking_uri(cli_uri: str | None, home: Path) -> str:
@@ -81,7 +97,8 @@ class AuditTracker:
                 self.experiment_id = exp.experiment_id
         except Exception as e:  # noqa: BLE001 - any failure here means "store unreachable"
             msg = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
-            raise UserError(f"--tracking-uri {tracking_uri}: MLflow tracking store not reachable ({msg})") from None
+            raise UserError(f"--tracking-uri {redact_uri(tracking_uri)}: MLflow tracking store not reachable ({msg})"
+                            ) from None
         self.parent_id: str | None = None
         self.children: dict[str, str] = {}
         self._done: set[str] = set()
@@ -447,7 +464,7 @@ def open_store(uri: str):
         client.search_experiments(max_results=1)
     except Exception as e:  # noqa: BLE001 - any failure here means "store unreachable"
         msg = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
-        raise UserError(f"--tracking-uri {uri}: MLflow tracking store not reachable ({msg})") from None
+        raise UserError(f"--tracking-uri {redact_uri(uri)}: MLflow tracking store not reachable ({msg})") from None
     return client
 
 
@@ -660,7 +677,7 @@ def sync(run_dir: Path, tracking_uri: str | None = None) -> tuple[int, int]:
     journal.replay(MlflowClient(tracking_uri=uri))
     left = journal.pending()
     if left:
-        raise UserError(f"--tracking-uri {uri}: MLflow tracking server still not answering; "
+        raise UserError(f"--tracking-uri {redact_uri(uri)}: MLflow tracking server still not answering; "
                         f"{n - left} of {n} records sent, {left} kept in {run_dir / JOURNAL}")
     return n, 0
 

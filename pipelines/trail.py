@@ -119,6 +119,12 @@ def _entries(manifest: dict, where: str) -> list[dict]:
     if not isinstance(files, list) or not all(isinstance(f, dict) and {"path", "sha256", "size"} <= set(f)
                                               for f in files):
         raise UserError(f"{where}: manifest.json: expected 'files', a list of {{path, sha256, size}}")
+    for i, f in enumerate(files):
+        for key in ("path", "artifact_path"):
+            rel = f.get(key)
+            if rel is not None and (not isinstance(rel, str) or Path(rel).is_absolute() or ".." in Path(rel).parts):
+                raise UserError(f"{where}: manifest.json: files[{i}].{key}: {rel!r} escapes the run folder; "
+                                "expected a relative path without '..'")
     return files
 
 
