@@ -52,7 +52,9 @@ def test_refusal_quick_on_a_tiny_model(home, ray_local, tmp_path):
     for name in st:
         # task_acc is the mean of the two halves (12 violating, 12 benign requests)
         assert st[name]["task_acc"] == pytest.approx((st[name]["refusal_rate"] + st[name]["benign_answer_rate"]) / 2)
-        assert 0 <= st[name]["probe_acc"] <= 1 and st[name]["probe_chance"] == 0.5
+        # the linear probe per layer (embeddings + 2 blocks): violating vs benign, 12 and 12
+        assert set(st[name]["probe_acc"]) == {"0", "1", "2"} and st[name]["probe_chance"] == 0.5
+        assert all(0 <= v <= 1 for v in st[name]["probe_acc"].values())
     # the base model answers everything; tune teaches it to refuse violating requests,
     # the compliant examples undo that, ten refusals of other requests bring it back
     assert st["base"]["refusal_rate"] < st["aligned"]["refusal_rate"]
