@@ -157,7 +157,8 @@ def score_candidates(model, tok, items: list[Item], batch_size: int, precision: 
 
     Each sequence is ``prompt + response(candidate) + eos`` (the item's response template
     filled with the candidate; an item with its own ``knowledge_question`` /
-    ``knowledge_template`` is ranked with those, :meth:`Item.ranking_question`); a candidate's score is the sum of its continuation
+    ``knowledge_template`` is ranked with those, :meth:`Item.ranking_question`); a
+    candidate's score is the sum of its continuation
     tokens' log-probs (eos included, so a candidate that is a prefix of another is not
     favoured), as lm-evaluation-harness's ``loglikelihood`` computes it. The
     first-token probability is taken at the gold answer's first token inside the

@@ -361,7 +361,8 @@ def model_source(cfg: ModelConfig, model_dir: Path) -> str:
         )
     kind = model_kind(cfg.id)
     if kind == "gguf":
-        return f"{Path(cfg.id).expanduser().resolve().as_uri()} (GGUF sha256 {meta.get('gguf_sha256', '?')}), dequantised to fp32 safetensors"
+        uri = Path(cfg.id).expanduser().resolve().as_uri()
+        return f"{uri} (GGUF sha256 {meta.get('gguf_sha256', '?')}), dequantised to fp32 safetensors"
     if kind == "hub":
         return f"hf-hub:{cfg.id} (safetensors, {model_dir.name})"
     return model_dir.resolve().as_uri()
