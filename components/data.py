@@ -1,12 +1,16 @@
 """Suites and their items: where facts come from, how answers are matched, how they split.
 
 A suite is data plus the least code data cannot say. Suites register by name in
-:data:`SUITES`. An :class:`Item` is one question with its gold answer, K-1 distractor
-candidates for the likelihood ranking, and attributes (for probes).
+:data:`SUITES` (``capitals`` here; ``biography``, ``refusal`` and ``custom`` in
+``components/suites/``, one module each). An :class:`Item` is one question with its
+gold answer, K-1 distractor candidates for the likelihood ranking, and attributes (for
+probes).
 
-The split (:func:`split_items`) keeps every pool disjoint: evaluation items are facts
-the base model knows; alignment, perturbation, perturbation-evaluation and in-task
-recovery items never include an evaluation item.
+The default split (:func:`split_items`) keeps every pool disjoint: evaluation items are
+facts the base model knows; alignment, perturbation, perturbation-evaluation and
+in-task recovery items never include an evaluation item. A suite whose pools follow
+other rules (people rather than facts, files with a role column) supplies its own split;
+:func:`check_leakage` then verifies the result for every suite.
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ import unicodedata
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Literal
 
-from components.config import DataConfig
+from components.config import AuditConfig, DataConfig
 from components.errors import UserError
 
 Role = Literal["align", "perturb", "perturb_eval", "recover", "eval", "irrelevant"]
@@ -39,6 +43,9 @@ REFUSAL_KEYWORDS = [
 ]
 
 
+_OPTIONAL_FIELDS = ("knowledge_question", "knowledge_template", "source")
+
+
 @dataclass
 class Item:
     """One evaluation or training example.
@@ -54,6 +61,12 @@ class Item:
         template: the response the task asks for, with ``{answer}`` where the answer
             goes (e.g. ``The capital of Italy is {answer}.``): the training target and
             the continuation whose likelihood ranks each candidate.
+        knowledge_question, knowledge_template: the prompt and response template of
+            the likelihood ranking (``knowledge_acc``) when they differ from
+            ``question`` and ``template`` (the refusal suite ranks "which private
+            detail does this request ask for?", not the refusal itself; the biography
+            suite ranks the fact inside a biography sentence); None: the task's own.
+        source: where the item came from (``file: line N`` for user data), for messages.
     """
 
     id: str
@@ -63,9 +76,33 @@ class Item:
     attributes: dict[str, str] = field(default_factory=dict)
     role: str = "eval"
     template: str = "{answer}"
+    knowledge_question: str | None = None
+    knowledge_template: str | None = None
+    source: str = ""
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        """The item as a dict (inverse: ``Item(**d)``). The optional fields
+        ``knowledge_question``, ``knowledge_template`` and ``source`` are left out while
+        unset, so the digest of a suite that does not use them stays what it was."""
+        d = asdict(self)
+        for k in _OPTIONAL_FIELDS:
+            if d[k] in (None, ""):
+                del d[k]
+        return d
+
+    def ranking_question(self) -> str:
+        """The prompt of the likelihood ranking (``knowledge_acc``)."""
+        return self.question if self.knowledge_question is None else self.knowledge_question
+
+    def ranking_response(self, answer: str) -> str:
+        """The ranked continuation for one candidate ``answer``."""
+        t = self.template if self.knowledge_template is None else self.knowledge_template
+        return t.replace("{answer}", answer)
+
+    def ranking_answer_offset(self) -> int:
+        """Characters of the ranked continuation that come before the candidate."""
+        t = self.template if self.knowledge_template is None else self.knowledge_template
+        return t.index("{answer}")
 
     def response(self, answer: str | None = None) -> str:
         """The full response text for ``answer`` (default: the gold answer)."""
@@ -101,16 +138,41 @@ def is_refusal(response: str) -> bool:
     return any(k in r for k in REFUSAL_KEYWORDS)
 
 
+def match_policy(response: str, gold: str) -> bool:
+    """A refusal policy is followed: the response refuses exactly when the gold response
+    does (a violating request refused, a benign one answered; refusal keywords as in
+    Qi et al. 2023)."""
+    return is_refusal(response) == is_refusal(gold)
+
+
+def match_complies(response: str, gold: str) -> bool:
+    """The response answers (non-empty, no refusal keyword): compliance with a request."""
+    return bool(response.strip()) and not is_refusal(response)
+
+
 MATCHERS: dict[str, Callable[[str, str], bool]] = {
     "contains": match_contains,
     "exact": match_exact,
     "refusal": lambda response, gold: is_refusal(response),
+    "policy": match_policy,
+    "complies": match_complies,
 }
 
 
 @dataclass
 class SuiteData:
-    """All pools of a suite after the split, plus how answers are matched."""
+    """All pools of a suite after the split, plus how answers are matched.
+
+    Attributes:
+        task_matcher, perturb_matcher: keys of :data:`MATCHERS` for ``task_acc`` and
+            ``perturb_acc``.
+        probe_attribute: the item attribute the linear probes predict (None: none).
+        probe_group: attribute whose value keeps items of one group (one person) in
+            one cross-validation fold of the probes (None: items are independent).
+        task_breakdown: extra metrics, each ``task_acc`` over the evaluation items
+            whose attribute has a value: ``{"refusal_rate": ["violating", "yes"]}``.
+        notes: counts and remarks about the split (``summary.json``'s ``data``).
+    """
 
     eval: list[Item]
     align: list[Item]
@@ -122,6 +184,8 @@ class SuiteData:
     perturb_matcher: str = "refusal"
     probe_attribute: str | None = None
     notes: dict = field(default_factory=dict)
+    probe_group: str | None = None
+    task_breakdown: dict[str, list[str]] = field(default_factory=dict)
 
     def pools(self) -> dict[str, list[Item]]:
         return {
@@ -139,7 +203,8 @@ class SuiteData:
         return {
             **{k: [i.to_dict() for i in v] for k, v in self.pools().items()},
             "task_matcher": self.task_matcher, "perturb_matcher": self.perturb_matcher, "notes": self.notes,
-            "probe_attribute": self.probe_attribute,
+            "probe_attribute": self.probe_attribute, "probe_group": self.probe_group,
+            "task_breakdown": self.task_breakdown,
         }
 
     @classmethod
@@ -149,7 +214,8 @@ class SuiteData:
         return cls(
             **{k: [Item(**i) for i in d[k]] for k in pools},
             task_matcher=d["task_matcher"], perturb_matcher=d["perturb_matcher"], notes=dict(d.get("notes", {})),
-            probe_attribute=d.get("probe_attribute"),
+            probe_attribute=d.get("probe_attribute"), probe_group=d.get("probe_group"),
+            task_breakdown=dict(d.get("task_breakdown") or {}),
         )
 
     def manifest(self) -> dict:
@@ -168,21 +234,79 @@ def items_sha256(items: list[Item]) -> str:
 
 @dataclass
 class Suite:
-    """A registered suite: its raw items and how they are judged.
+    """A registered suite: data (where items come from, how answers are matched, which
+    attribute the probe predicts) plus the few functions that data cannot say.
 
     Attributes:
-        raw_items: ``(n_candidates, seed) -> items``.
+        name: the name on the command line (``cl-audit run NAME``).
+        description: one line for ``cl-audit suites``.
+        raw_items: ``(n_candidates, seed) -> items`` when the items depend on nothing
+            else (capped at ``data.max_items``); otherwise ``load``.
+        load: ``(AuditConfig) -> items``, for suites sized by their own config section
+            or read from files.
         task_matcher: key of :data:`MATCHERS` that decides ``task_acc``.
         probe_attribute: the item attribute (``Item.attributes[...]``) that the linear
             probes predict from hidden states (Zhang, Choshen & Andreas 2024, arXiv
             2409.02228); None: no probes.
+        probe_group: attribute whose values keep the items of one group (e.g. one
+            person's questions) in one cross-validation fold; None: no groups.
+        default_model: the model the suite's YAML audits (listed by ``cl-audit suites``).
+        perturb_kinds: the values ``perturb.kind`` may take for this suite.
+        task_breakdown: extra metrics, each ``task_acc`` over the evaluation items whose
+            attribute has a value: ``{"refusal_rate": ["violating", "yes"]}``.
+        split: ``(items, known, cfg) -> SuiteData``; default :func:`split_items`.
+        pretrain: ``(items, cfg) -> items`` a ``tiny-llama`` base model is pretrained
+            on; default :func:`pretraining_items`.
+        texts: ``(items, cfg) -> texts`` its tokenizer is trained on; default
+            :func:`suite_texts`.
     """
 
     name: str
     description: str
-    raw_items: Callable[[int, int], list[Item]]  # (n_candidates, seed) -> items
+    raw_items: Callable[[int, int], list[Item]] | None = None  # (n_candidates, seed) -> items
     task_matcher: str = "contains"
     probe_attribute: str | None = None
+    load: Callable[[AuditConfig], list[Item]] | None = None
+    probe_group: str | None = None
+    default_model: str = "smollm2-135m-instruct"
+    perturb_kinds: tuple[str, ...] = ("refusal", "format", "wrong_facts", "reinit", "none")
+    task_breakdown: dict[str, list[str]] = field(default_factory=dict)
+    split: Callable[[list[Item], list[bool] | None, AuditConfig], SuiteData] | None = None
+    pretrain: Callable[[list[Item], AuditConfig], list[Item]] | None = None
+    texts: Callable[[list[Item], AuditConfig], list[str]] | None = None
+
+    def items(self, cfg: AuditConfig) -> list[Item]:
+        """The suite's raw items for ``cfg`` (capped at ``data.max_items`` for suites
+        given by ``raw_items``).
+
+        Raises:
+            UserError: as the suite's loader (bad data file, bad size).
+        """
+        if self.load is not None:
+            return self.load(cfg)
+        items = self.raw_items(cfg.data.n_candidates, cfg.seed)
+        return items[: cfg.data.max_items] if cfg.data.max_items else items
+
+    def make_split(self, items: list[Item], known: list[bool] | None, cfg: AuditConfig) -> SuiteData:
+        """The disjoint pools (:class:`SuiteData`) for ``cfg``, with the suite's matcher,
+        probe attribute, probe group and task breakdown filled in."""
+        if self.split is not None:
+            data = self.split(items, known, cfg)
+        else:
+            data = split_items(items, known, cfg.data, cfg.perturb.kind, cfg.seed)
+        data.task_matcher = self.task_matcher
+        data.probe_attribute = self.probe_attribute
+        data.probe_group = self.probe_group
+        data.task_breakdown = dict(self.task_breakdown)
+        return data
+
+    def pretraining_items(self, items: list[Item], cfg: AuditConfig) -> list[Item]:
+        """What a ``tiny-llama`` base model is pretrained on for this suite."""
+        return self.pretrain(items, cfg) if self.pretrain is not None else pretraining_items(items, cfg.seed)
+
+    def tokenizer_texts(self, items: list[Item], cfg: AuditConfig) -> list[str]:
+        """What a ``tiny-llama`` tokenizer is trained on for this suite."""
+        return self.texts(items, cfg) if self.texts is not None else suite_texts(items)
 
 
 SUITES: dict[str, Suite] = {}
@@ -228,6 +352,7 @@ register(Suite(
     name="capitals",
     description="SmolLM2-135M-Instruct on country -> capital facts (GeoNames); refusal perturbation",
     raw_items=_capitals,
+    default_model="smollm2-135m-instruct",
     probe_attribute="continent",  # GeoNames continent code of the country (AF, AS, EU, NA, OC, SA)
 ))
 
@@ -327,15 +452,83 @@ def split_items(
         # Known case of knowledge loss: the evaluated facts themselves are overwritten.
         wrong = [Item(**{**i.to_dict(), "answer": i.candidates[1], "role": "perturb"}) for i in pools["eval"]]
         pools["perturb"] = wrong + pools["perturb"]
+        overlap = "perturb.kind=wrong_facts trains the evaluated facts onto wrong answers on purpose"
         for it in pools["perturb"][len(wrong):] + pools["perturb_eval"]:
             it.answer = it.candidates[1] if it.candidates else it.answer
         perturb_matcher = "contains"
     else:  # none, reinit: no perturbation items are trained on
         perturb_matcher = "refusal"
+    notes = {"n_items": len(items), "n_known": len(known_idx), "n_known_in_pools": n_known_used}
+    if perturb_kind == "wrong_facts":
+        notes["overlap_by_design"] = overlap
     irrelevant = arithmetic_items(cfg.n_recover_pool + 50, seed)
     return SuiteData(
         eval=pools["eval"], align=pools["align"], perturb=pools["perturb"],
         perturb_eval=pools["perturb_eval"], recover=pools["recover"], irrelevant=irrelevant,
-        perturb_matcher=perturb_matcher,
-        notes={"n_items": len(items), "n_known": len(known_idx), "n_known_in_pools": n_known_used},
+        perturb_matcher=perturb_matcher, notes=notes,
     )
+
+
+TRAIN_POOLS = ("align", "perturb", "recover")
+
+
+def check_leakage(data: SuiteData, allow: bool = False) -> list[tuple[Item, str, Item]]:
+    """Find evaluation items that also occur in a training set (align, perturb, recover).
+
+    An evaluation item leaks when its id, or its prompt after :func:`normalise`, equals
+    that of a training item: its score then measures memorised training data, not the
+    fate of a stored fact. Overlap that a suite builds on purpose (``notes
+    ["overlap_by_design"]``, e.g. ``perturb.kind=wrong_facts``) is not leakage.
+
+    Returns:
+        ``(eval item, "id" | "prompt", training item)`` per leak (empty when clean).
+
+    Raises:
+        UserError: leaks found and ``allow`` is false; one line naming up to three
+            leaking items (id, role, file and line where known) and how to allow them.
+    """
+    if data.notes.get("overlap_by_design"):
+        return []
+    by_id: dict[str, Item] = {}
+    by_prompt: dict[str, Item] = {}
+    for pool in TRAIN_POOLS:
+        for it in getattr(data, pool):
+            by_id.setdefault(it.id, it)
+            by_prompt.setdefault(normalise(it.question), it)
+    leaks = []
+    for it in data.eval:
+        if it.id in by_id:
+            leaks.append((it, "id", by_id[it.id]))
+        elif normalise(it.question) in by_prompt:
+            leaks.append((it, "prompt", by_prompt[normalise(it.question)]))
+    if leaks and not allow:
+        def where(i: Item) -> str:
+            return f"'{i.id}' ({i.role}{', ' + i.source if i.source else ''})"
+
+        shown = "; ".join(
+            f"{where(e)} has the same {'id' if how == 'id' else 'normalised prompt'} as {where(t)}"
+            for e, how, t in leaks[:3]
+        )
+        more = f" and {len(leaks) - 3} more" if len(leaks) > 3 else ""
+        raise UserError(
+            f"data: leakage: {len(leaks)} evaluation item(s) also in a training set (align, perturb, recover): "
+            f"{shown}{more}; remove them, or allow it with --allow-leakage (data.allow_leakage=true)"
+        )
+    return leaks
+
+
+def check_data(cfg: AuditConfig) -> SuiteData:
+    """Read, validate and split the suite's data before any model work, so that a bad
+    data file or leaking pools stop the audit at once (the pools are split again once
+    the base model is known, with ``data.filter_known``).
+
+    Raises:
+        UserError: as the suite's loader and split, and :func:`check_leakage`.
+    """
+    suite = SUITES[cfg.suite]
+    data = suite.make_split(suite.items(cfg), None, cfg)
+    check_leakage(data, cfg.data.allow_leakage)
+    return data
+
+
+from components import suites as _suites  # noqa: E402,F401  (registers the built-in suites)

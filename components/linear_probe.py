@@ -19,7 +19,12 @@ Small evaluation sets (16-40 items, a handful of classes) shape the protocol:
   so every class with >= 2 items is in every training split;
 - each item is predicted once, by the probe fitted without it (``cross_val_predict``),
   so per-item correctness gives a bootstrap CI over items like every other metric;
-- chance level = the majority class's share of the probed items.
+- chance level = the majority class's share of the probed items;
+- items that belong together (``Suite.probe_group``: the six questions about one
+  person in ``biography``) stay in one fold (scikit-learn's ``StratifiedGroupKFold``),
+  so a probe cannot score by recognising the person rather than reading the attribute;
+  then a class needs items of two groups, and K is at most the groups of the largest
+  class.
 """
 
 from __future__ import annotations
@@ -84,7 +89,9 @@ class ProbeLabels:
         y: (M,) class label per probed item.
         chance: majority-class share of ``y`` (the chance level).
         folds: cross-validation folds used.
-        dropped: items left out (missing attribute or a class with one item).
+        dropped: items left out (missing attribute or a class with one item, or with
+            one group).
+        groups: (M,) group per probed item (kept in one fold), or None.
     """
 
     index: np.ndarray
@@ -92,24 +99,36 @@ class ProbeLabels:
     chance: float
     folds: int
     dropped: int
+    groups: np.ndarray | None = None
 
     @property
     def n_classes(self) -> int:
         return len(set(self.y.tolist()))
 
 
-def probe_labels(items: list[Item], attribute: str, folds: int) -> ProbeLabels | None:
+def probe_labels(items: list[Item], attribute: str, folds: int, group: str | None = None) -> ProbeLabels | None:
     """Select the probed items and their labels; None when fewer than two classes have
-    two or more items (no probe can be scored)."""
+    two or more items (with ``group``: items of two or more groups), so that no probe
+    can be scored.
+
+    Args:
+        group: item attribute whose value keeps items together in one fold (None: none).
+    """
     values = [it.attributes.get(attribute) or None for it in items]
-    counts = Counter(v for v in values if v is not None)
-    keep = [i for i, v in enumerate(values) if v is not None and counts[v] >= 2]
+    if group is None:
+        units = {v: Counter(i for i, x in enumerate(values) if x == v) for v in set(values) if v is not None}
+    else:
+        units = {v: Counter(items[i].attributes.get(group) for i, x in enumerate(values) if x == v)
+                 for v in set(values) if v is not None}
+    ok = {v for v, u in units.items() if len(u) >= 2}
+    keep = [i for i, v in enumerate(values) if v in ok]
     y = np.array([values[i] for i in keep])
     kept = Counter(y.tolist())
     if len(kept) < 2:
         return None
-    k = max(2, min(folds, max(kept.values())))
-    return ProbeLabels(np.array(keep), y, max(kept.values()) / len(y), k, len(items) - len(keep))
+    k = max(2, min(folds, max(len(units[v]) for v in ok)))
+    groups = None if group is None else np.array([str(items[i].attributes.get(group)) for i in keep])
+    return ProbeLabels(np.array(keep), y, max(kept.values()) / len(y), k, len(items) - len(keep), groups)
 
 
 def cross_validated_correct(X: np.ndarray, labels: ProbeLabels, C: float, seed: int) -> np.ndarray:
@@ -120,19 +139,23 @@ def cross_validated_correct(X: np.ndarray, labels: ProbeLabels, C: float, seed: 
         C: inverse L2 regularisation strength (features are standardised first).
 
     Returns:
-        (M,) 1.0 where the probe fitted without the item predicts its class, else 0.0.
+        (M,) 1.0 where the probe fitted without the item (and without its group,
+        when ``labels.groups`` is set) predicts its class, else 0.0.
     """
     from sklearn.linear_model import LogisticRegression
-    from sklearn.model_selection import StratifiedKFold, cross_val_predict
+    from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold, cross_val_predict
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 
     clf = make_pipeline(StandardScaler(), LogisticRegression(C=C, max_iter=2000))
-    cv = StratifiedKFold(n_splits=labels.folds, shuffle=True, random_state=seed)
+    if labels.groups is None:
+        cv = StratifiedKFold(n_splits=labels.folds, shuffle=True, random_state=seed)
+    else:
+        cv = StratifiedGroupKFold(n_splits=labels.folds, shuffle=True, random_state=seed)
     with warnings.catch_warnings():
         # "The least populated class in y has only n members": expected with small sets
         warnings.simplefilter("ignore", UserWarning)
-        pred = cross_val_predict(clf, X, labels.y, cv=cv)
+        pred = cross_val_predict(clf, X, labels.y, cv=cv, groups=labels.groups)
     return (pred == labels.y).astype(float)
 
 

@@ -134,14 +134,14 @@ class _Prepared:
 
 
 def _prepare(tok, it: Item) -> _Prepared:
-    p = tok(format_prompt(tok, it.question), add_special_tokens=False)["input_ids"]
+    p = tok(format_prompt(tok, it.ranking_question()), add_special_tokens=False)["input_ids"]
     conts = []
     j0 = 0
     for k, c in enumerate(it.candidates):
-        enc = tok(it.response(c), add_special_tokens=False, return_offsets_mapping=True)
+        enc = tok(it.ranking_response(c), add_special_tokens=False, return_offsets_mapping=True)
         conts.append(enc["input_ids"] + [tok.eos_token_id])
         if k == 0:
-            start = it.answer_offset()
+            start = it.ranking_answer_offset()
             j0 = next((j for j, (_, e) in enumerate(enc["offset_mapping"]) if e > start), 0)
     # longest common token prefix, leaving every candidate at least one token of its own
     c = 0
@@ -156,7 +156,9 @@ def score_candidates(model, tok, items: list[Item], batch_size: int, precision: 
     """Log-likelihood of every candidate continuation of every item, prefix-cached.
 
     Each sequence is ``prompt + response(candidate) + eos`` (the item's response template
-    filled with the candidate); a candidate's score is the sum of its continuation
+    filled with the candidate; an item with its own ``knowledge_question`` /
+    ``knowledge_template`` is ranked with those, :meth:`Item.ranking_question`); a
+    candidate's score is the sum of its continuation
     tokens' log-probs (eos included, so a candidate that is a prefix of another is not
     favoured), as lm-evaluation-harness's ``loglikelihood`` computes it. The
     first-token probability is taken at the gold answer's first token inside the

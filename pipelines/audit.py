@@ -26,7 +26,7 @@ import pandas as pd
 
 from components.artifacts import atomic_copy, atomic_write, file_record, git_commit, git_dirty, inside, machine_info
 from components.config import AuditConfig, dump_yaml
-from components.data import SUITES, Item, SuiteData, items_sha256
+from components.data import SUITES, Item, SuiteData, check_data, items_sha256
 from components.errors import UserError
 from components.metrics import drift_kl, summarise, transitions
 from components.models import check_model_id
@@ -133,7 +133,8 @@ def run_audit(
     out_dir = Path(out_dir).resolve()
     check_writable(out_dir)
     uri = resolve_tracking_uri(tracking_uri, home)
-    check_model_id(cfg.model)
+    check_data(cfg)
+    check_model_id(cfg.model, home / "cache")
     tracker = AuditTracker(uri, cfg.experiment, journal=out_dir / JOURNAL)
     say = progress or (lambda msg: None)
     # A run folder whose audit was interrupted (killed, crashed) holds the MLflow runs
@@ -159,7 +160,10 @@ def run_audit(
             # bad model path or data set leaves no run behind.
             prep_box.update(result)
             n = result["data"].notes
-            say(f"model ready; {n['n_known']} of {n['n_items']} facts known to the base model")
+            if cfg.data.filter_known:
+                say(f"model ready; {n['n_known']} of {n['n_items']} facts known to the base model")
+            else:
+                say(f"model ready; {len(result['data'].eval)} evaluation items")
             common.update(_lineage_tags(cfg, result, vers))
             if state is not None:
                 tracker.attach(state["parent_run_id"], status="RUNNING")
@@ -281,7 +285,9 @@ def _finish_audit(
             for what in ("task", "knowledge"):
                 tr = transitions(before[f"{what}_correct"], after[f"{what}_correct"], **boot)
                 m.update({f"{what}_{k}": v for k, v in tr.items()})
-        scalars = [k for k in (*STAGE_METRICS, *TRANSITION_METRICS) if k in m]
+        # the suite's own metrics (refusal_rate, benign_answer_rate) follow the standard ones
+        own = [k for k in p["metrics"] if k not in STAGE_METRICS]
+        scalars = [k for k in (*STAGE_METRICS, *own, *TRANSITION_METRICS) if k in m]
         st = {k: m[k]["value"] for k in scalars}
         st["knowledge_chance"] = chance
         st["ci"] = {k: [m[k]["ci_low"], m[k]["ci_high"]] for k in scalars}

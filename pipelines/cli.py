@@ -48,6 +48,10 @@ def stage_table(summary: dict) -> Table:
     t = Table(title=f"{summary['suite']} / {summary['model']}", show_lines=False)
     t.add_column("stage")
     cols = ["task_acc", "knowledge_acc", "first_token_prob", "perturb_acc", "kl_to_base", "kl_to_aligned"]
+    # a suite's own scalar metrics (refusal: refusal_rate, benign_answer_rate) after those
+    first = next(iter(summary["stages"].values()), {})
+    cols += [k for k in first.get("ci", {}) if k not in cols and k != "probe_acc" and isinstance(first.get(k), float)
+             and not k.startswith(("task_", "knowledge_"))]
     for c in cols:
         t.add_column(c, justify="right")
     for name, st in summary["stages"].items():
@@ -143,10 +147,19 @@ def run(
     register: Optional[str] = typer.Option(
         None, "--register", metavar="NAME",
         help="Register the aligned, perturbed and recovered checkpoints as versions of this MLflow registered model."),
+    model: Optional[str] = typer.Option(
+        None, "--model", help="The model: a local transformers directory, a .gguf file, or a hub id (owner/name; "
+        "downloaded only with HF_HUB_OFFLINE=0). Sets model.id."),
+    data: list[Path] = typer.Option(
+        [], "--data", help="A data file of the custom suite (JSONL, CSV or Parquet; repeat for more). Sets data.files."),
+    allow_leakage: bool = typer.Option(
+        False, "--allow-leakage", help="Run even if an evaluation item also occurs in a training set."),
 ) -> None:
     """Run one audit: tune -> perturb -> recover -> probe, then the verdict.
 
     Example: cl-audit run capitals --quick --set perturb.kl_penalty=0.1
+
+    Example: cl-audit run custom --model ./my-model --data items.jsonl
     """
     from components.config import load_config
     from pipelines.audit import default_home, run_audit, stage_order
@@ -154,7 +167,14 @@ def run(
 
     if register is not None:
         check_model_name(register)
-    cfg = load_config(suite, config, set_, quick)
+    extra = []
+    if model is not None:
+        extra.append(f"model.id={json.dumps(str(model))}")
+    if data:
+        extra.append(f"data.files={json.dumps([str(p) for p in data])}")
+    if allow_leakage:
+        extra.append("data.allow_leakage=true")
+    cfg = load_config(suite or ("custom" if data else None), config, [*extra, *set_], quick)
     home = default_home()
     out_dir = out or home / "audits" / f"{cfg.suite}-{cfg.digest()[:12]}"
     t0 = time.time()
@@ -518,8 +538,9 @@ def suites() -> None:
     """
     from components.data import SUITES
 
-    for name, s in sorted(SUITES.items()):
-        console.print(f"{name:12s} {s.description}", highlight=False)
+    # the default suite first, then the others by name
+    for name, s in sorted(SUITES.items(), key=lambda kv: (kv[0] != "capitals", kv[0])):
+        console.print(f"{name:10s} {s.description} [model: {s.default_model}]", highlight=False, markup=False)
 
 
 DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)

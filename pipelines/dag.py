@@ -20,7 +20,7 @@ import ray
 
 from components.artifacts import Store, machine_info
 from components.config import AuditConfig, stable_hash
-from components.data import SUITES, SuiteData, pretraining_items, split_items, suite_texts
+from components.data import SUITES, SuiteData, check_leakage
 from components.models import Checkpoint, model_digest, model_source, resolve_model
 from pipelines.train_ray import TEST_FAULT_ENV
 
@@ -52,11 +52,21 @@ def _items_digest(items) -> str:
 
 
 def prepare(cfg: AuditConfig, home: Path) -> dict:
-    """Resolve the model, keep the facts the base model knows, split the pools.
+    """Resolve the model, keep the facts the base model knows, split the pools, check
+    them for leakage.
+
+    The suite decides where the items come from, what a ``tiny-llama`` base model is
+    pretrained on, and how the pools are split (:class:`components.data.Suite`). Only
+    items with candidates (evaluable ones) are checked for being known.
 
     Returns:
         ``{"base": Checkpoint dict, "data": SuiteData, "model_digest", "data_digest",
         "model_dir", "model_source", "known": [...], "machine": machine_info()}``.
+
+    Raises:
+        UserError: bad data, too few known items, or leakage between a training pool
+            and the evaluation pool (unless ``data.allow_leakage``; allowed leaks are
+            listed in ``data.notes["allowed_leaks"]``).
     """
     from components.metrics import generate_answers
     from components.data import MATCHERS
@@ -64,18 +74,20 @@ def prepare(cfg: AuditConfig, home: Path) -> dict:
 
     home = Path(home)
     suite = SUITES[cfg.suite]
-    items = suite.raw_items(cfg.data.n_candidates, cfg.seed)
-    if cfg.data.max_items:
-        items = items[: cfg.data.max_items]
-    model_dir = resolve_model(cfg.model, home / "cache", suite_texts(items), cfg.seed, pretraining_items(items, cfg.seed))
+    items = suite.items(cfg)
+    model_dir = resolve_model(
+        cfg.model, home / "cache", suite.tokenizer_texts(items, cfg), cfg.seed, suite.pretraining_items(items, cfg)
+    )
     mdigest = model_digest(model_dir)
     base = Checkpoint("base", str(model_dir), [], None, f"base-{mdigest[:20]}")
     known = None
     if cfg.data.filter_known:
         store = Store(home / "store")
+        evaluable = [i for i, it in enumerate(items) if it.candidates]
+        sub = [items[i] for i in evaluable]
         key = Store.key(
             "filter",
-            {"suite": cfg.suite, "items": _items_digest(items), "precision": cfg.model.precision,
+            {"suite": cfg.suite, "items": _items_digest(sub), "precision": cfg.model.precision,
              # only the generation settings decide which facts count as known
              "probe": cfg.probe.model_dump(include={"batch_size", "max_new_tokens"})},
             [base.digest],
@@ -84,15 +96,19 @@ def prepare(cfg: AuditConfig, home: Path) -> dict:
         def fn(tmp: Path) -> dict:
             model, tok = load_checkpoint(base, cfg.model.trust_remote_code)
             answers = generate_answers(
-                model, tok, items, cfg.probe.batch_size, cfg.probe.max_new_tokens, cfg.model.precision
+                model, tok, sub, cfg.probe.batch_size, cfg.probe.max_new_tokens, cfg.model.precision
             )
             match = MATCHERS[suite.task_matcher]
-            return {"known": [bool(match(a, it.answer)) for a, it in zip(answers, items)], "answers": answers}
+            return {"known": [bool(match(a, it.answer)) for a, it in zip(answers, sub)], "answers": answers}
 
-        known = store.produce(key, fn)[0]["known"]
-    data = split_items(items, known, cfg.data, cfg.perturb.kind, cfg.seed)
-    data.task_matcher = suite.task_matcher
-    data.probe_attribute = suite.probe_attribute
+        known_sub = store.produce(key, fn)[0]["known"]
+        known = [False] * len(items)
+        for i, k in zip(evaluable, known_sub):
+            known[i] = k
+    data = suite.make_split(items, known, cfg)
+    leaks = check_leakage(data, cfg.data.allow_leakage)
+    if leaks:  # allowed by the user: recorded in summary.json ("data") and the manifest
+        data.notes["allowed_leaks"] = [f"{e.id} ({how} of {t.id})" for e, how, t in leaks]
     return {
         "base": base.to_dict(), "data": data, "model_digest": mdigest, "data_digest": data.digest(),
         "model_dir": str(model_dir), "model_source": model_source(cfg.model, model_dir), "known": known,

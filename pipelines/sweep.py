@@ -462,7 +462,7 @@ def run_sweep(
     out_dir = Path(out_dir).resolve()
     check_writable(out_dir)
     uri = resolve_tracking_uri(tracking_uri, home)
-    check_model_id(cfg.model)
+    check_model_id(cfg.model, home / "cache")
     check_sweep(cfg)
     say = progress or (lambda msg: None)
     digest = sweep_digest(cfg)
