@@ -285,7 +285,14 @@ def check_model_id(cfg: ModelConfig, cache_dir: Path | None = None) -> None:
     if kind == "smollm2":
         find_smollm2_gguf()
     elif kind == "dir":
-        _local_model_dir(cfg.id)
+        path = _local_model_dir(cfg.id)
+        try:
+            conf = json.loads((path / "config.json").read_text())
+        except (OSError, ValueError) as e:
+            raise UserError(f"model.id: {path / 'config.json'}: not readable JSON ({e})") from None
+        if isinstance(conf, dict) and conf.get("auto_map") and not cfg.trust_remote_code:
+            raise UserError(f"model.id: {path}: the model needs its own Python code (auto_map in config.json); "
+                            "it is not run unless model.trust_remote_code=true")
     elif kind == "gguf":
         with open(Path(cfg.id).expanduser(), "rb") as f:
             if f.read(4) != b"GGUF":

@@ -4,6 +4,7 @@ MLflow. The command is run as a user runs it (a subprocess)."""
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import sqlite3
@@ -31,7 +32,40 @@ def _files(tmp: Path) -> dict[str, str]:
     (tmp / "latin1.yaml").write_bytes("tune:\n  lr: 0.1  # d\xe9j\xe0 vu\n".encode("latin-1"))
     (tmp / "blocker").write_text("a file, not a folder")
     (tmp / "empty_run").mkdir()
-    return {k.replace(".", "_"): str(tmp / k) for k in ("bad.yaml", "list.yaml", "latin1.yaml", "blocker", "empty_run")}
+    row = {"id": "q1", "prompt": "What is the capital of Peru?", "answer": "Lima", "role": "eval"}
+    (tmp / "bad.jsonl").write_text(json.dumps(row) + "\n{not json\n")
+    (tmp / "nofield.jsonl").write_text(json.dumps({k: v for k, v in row.items() if k != "answer"}) + "\n")
+    (tmp / "empty.jsonl").write_text("")
+    (tmp / "latin1.jsonl").write_bytes(b'{"id": "q1", "prompt": "Caf\xe9?"}\n')
+    (tmp / "leak.jsonl").write_text("".join(json.dumps(r) + "\n" for r in [
+        {**row, "candidates": ["Lima", "Quito", "Bogota", "Caracas"]}, {**row, "id": "a1", "prompt": "What is the capital of Chile?", "answer": "Santiago", "role": "align"},
+        {**row, "id": "r1", "prompt": "what is the capital of PERU", "role": "recover"},
+        {**row, "id": "p1", "prompt": "2+2=", "answer": "4", "role": "perturb"},
+    ]))
+    # a GGUF file whose architecture transformers cannot load
+    import gguf
+
+    w = gguf.GGUFWriter(str(tmp / "rwkv.gguf"), "rwkv-unknown")
+    w.add_block_count(1)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    # a model folder with pickled weights only, and one that needs its own Python code
+    pickled = tmp / "pickled-model"
+    pickled.mkdir()
+    (pickled / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    (pickled / "pytorch_model.bin").write_bytes(b"not loaded")
+    custom_code = tmp / "custom-code-model"
+    custom_code.mkdir()
+    (custom_code / "config.json").write_text(json.dumps({
+        "model_type": "evil", "auto_map": {"AutoConfig": "modeling_evil.EvilConfig",
+                                           "AutoModelForCausalLM": "modeling_evil.EvilModel"}}))
+    (custom_code / "modeling_evil.py").write_text(f"open({str(tmp / 'CODE_RAN')!r}, 'w').write('x')\n")
+    (custom_code / "model.safetensors").write_bytes(b"")
+    names = ("bad.yaml", "list.yaml", "latin1.yaml", "blocker", "empty_run", "bad.jsonl", "nofield.jsonl",
+             "empty.jsonl", "latin1.jsonl", "leak.jsonl", "rwkv.gguf", "pickled-model", "custom-code-model")
+    return {k.replace(".", "_").replace("-", "_"): str(tmp / k) for k in names}
 
 
 # (id, command line with {placeholders}, expected text of the one line)
@@ -68,6 +102,29 @@ MISTAKES = [
     ("sweep: unknown search", "sweep --config {tiny} --set sweep.search=bogus", "sweep.search: Input should be"),
     ("sweep: empty grid", "sweep --config {tiny} --set sweep.kl_penalty=[]", "sweep.kl_penalty"),
     ("compile: unknown suite", "compile nosuchsuite", "error: suite 'nosuchsuite': unknown"),
+    # the user's data (custom suite)
+    ("malformed JSONL line", "run custom --data {bad_jsonl}",
+     "error: {bad_jsonl}: line 2: invalid JSON (Expecting property name enclosed in double quotes, column 2)"),
+    ("missing field", "run custom --data {nofield_jsonl}",
+     "error: {nofield_jsonl}: line 1: field 'answer': missing; every row needs id, prompt, answer, role"),
+    ("empty data file", "run custom --data {empty_jsonl}",
+     "error: {empty_jsonl}: empty data file; expected one JSON object per line with id, prompt, answer, role"),
+    ("data file not UTF-8", "run custom --data {latin1_jsonl}", "error: {latin1_jsonl}: not UTF-8 text (byte 27)"),
+    ("data file not found", "run custom --data /no/such/items.jsonl",
+     "error: /no/such/items.jsonl: data file not found"),
+    ("recovery items leak into evaluation", "run custom --data {leak_jsonl} --set recover.sizes=[1]",
+     "error: data: leakage: 1 evaluation item(s) also in a training set (align, perturb, recover): 'q1' (eval, "),
+    # the user's model
+    ("hub id while offline", "run capitals --model someorg/some-model",
+     "error: model.id: 'someorg/some-model' is no local path and looks like a Hugging Face Hub id, but "
+     "HF_HUB_OFFLINE is set"),
+    ("GGUF of an unsupported architecture", "run capitals --config {tiny} --model {rwkv_gguf}",
+     "error: model.id: {rwkv_gguf}: cannot load it as a GGUF causal language model"),
+    ("pickled weights only", "run capitals --config {tiny} --model {pickled_model}",
+     "error: model.id: {pickled_model}: no .safetensors weights (pickled .bin weights are not loaded)"),
+    ("model that needs its own code", "run capitals --config {tiny} --model {custom_code_model}",
+     "error: model.id: {custom_code_model}: the model needs its own Python code (auto_map in config.json); "
+     "it is not run unless model.trust_remote_code=true"),
 ]
 
 
@@ -92,6 +149,7 @@ def test_user_mistake_exits_2_with_one_line_and_writes_nothing(args, expected, t
     assert "Traceback" not in r.stderr + r.stdout
     # nothing written: no file in the run folder, no run in the tracking store
     assert not out.exists() or not [p for p in out.rglob("*") if p.is_file()]
+    assert not (tmp_path / "CODE_RAN").exists()  # a model's own Python code never ran
     db = home / "mlflow.db"
     if db.exists():
         with sqlite3.connect(db) as con:

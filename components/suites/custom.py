@@ -71,6 +71,8 @@ def _rows(path: Path) -> Iterator[tuple[str, Any]]:
             table = pq.read_table(path)
         except Exception as e:  # noqa: BLE001 - pyarrow raises several types for a bad file
             raise UserError(f"{path}: not a readable Parquet file ({str(e).splitlines()[0][:120]})") from None
+        if table.num_rows == 0:
+            raise UserError(f"{path}: empty data file; expected rows with {', '.join(REQUIRED)}")
         for n, row in enumerate(table.to_pylist(), start=1):
             yield f"row {n}", row
         return
@@ -79,6 +81,8 @@ def _rows(path: Path) -> Iterator[tuple[str, Any]]:
     except UnicodeDecodeError as e:
         raise UserError(f"{path}: not UTF-8 text (byte {e.start})") from None
     if fmt == "jsonl":
+        if not text.strip():
+            raise UserError(f"{path}: empty data file; expected one JSON object per line with {', '.join(REQUIRED)}")
         for n, line in enumerate(text.splitlines(), start=1):
             if not line.strip():
                 continue
