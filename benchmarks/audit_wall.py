@@ -12,10 +12,11 @@ is shared, so neither pays the GGUF conversion):
 The orchestration share is (orchestrated - direct) / orchestrated wall time; a negative
 value means Ray's parallel stages more than paid for themselves. MLflow's share is the
 time spent inside the tracker's calls. Peak RSS is sampled every 0.2 s over this process
-and every Ray worker (``ray::`` processes) together.
+and every Ray process together, as RSS and as PSS (shared library pages split between
+the processes that map them).
 
 Usage:
-    .venv/bin/python benchmarks/audit_wall.py [--quick] [--set key=value ...]
+    .venv/bin/python benchmarks/audit_wall.py [--quick] [--set key=value ...] [--keep DIR]
 """
 
 from __future__ import annotations
@@ -37,24 +38,29 @@ from components.config import load_config  # noqa: E402
 
 
 class RSSSampler:
-    """Peak of the summed RSS (bytes) of this process and all Ray worker processes."""
+    """Peaks (bytes) of the summed memory of this process and all Ray processes: RSS
+    (shared pages such as torch's libraries counted once per process) and PSS (each
+    shared page split between the processes that map it: what they use together)."""
 
-    def __init__(self, period: float = 0.2):
-        self.period, self.peak, self._stop = period, 0, threading.Event()
+    def __init__(self, period: float = 0.3):
+        self.period, self.peak, self.peak_pss, self._stop = period, 0, 0, threading.Event()
         self._t = threading.Thread(target=self._run, daemon=True)
 
     def _run(self) -> None:
         me = os.getpid()
         while not self._stop.is_set():
-            total = 0
-            for p in psutil.process_iter(["pid", "cmdline", "memory_info"]):
+            total = pss = 0
+            for p in psutil.process_iter(["pid", "cmdline"]):
                 try:
                     cmd = " ".join(p.info["cmdline"] or [])
                     if p.info["pid"] == me or cmd.startswith("ray::") or "raylet" in cmd or "gcs_server" in cmd:
-                        total += p.info["memory_info"].rss
-                except (psutil.Error, TypeError):
+                        full = p.memory_full_info()
+                        total += full.rss
+                        pss += full.pss
+                except (psutil.Error, TypeError, AttributeError):
                     pass
             self.peak = max(self.peak, total)
+            self.peak_pss = max(self.peak_pss, pss)
             time.sleep(self.period)
 
     def __enter__(self):
@@ -138,6 +144,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--set", dest="overrides", action="append", default=[])
+    ap.add_argument("--keep", type=Path, default=None,
+                    help="copy the orchestrated run's folder (summary.json, ...) here, e.g. to compare precisions")
     args = ap.parse_args()
     cfg = load_config("capitals", overrides=args.overrides, quick=args.quick)
     cache = Path(os.environ.get("CL_AUDIT_HOME", "runs")).resolve() / "cache"
@@ -156,10 +164,14 @@ def main() -> None:
     print(f"{'stage (direct, in-process)':42s} {'seconds':>8s}")
     for k, v in stages.items():
         print(f"{k:42s} {v:8.1f}")
-    print(f"{'direct total':42s} {direct_wall:8.1f}   peak RSS {rss_d.peak / 2**30:.2f} GiB")
-    print(f"{'orchestrated (Ray + MLflow) total':42s} {orch_wall:8.1f}   peak RSS {rss_o.peak / 2**30:.2f} GiB")
+    print(f"{'direct total':42s} {direct_wall:8.1f}   peak RSS {rss_d.peak / 2**30:.2f} GiB"
+          f"   peak PSS {rss_d.peak_pss / 2**30:.2f} GiB")
+    print(f"{'orchestrated (Ray + MLflow) total':42s} {orch_wall:8.1f}   peak RSS {rss_o.peak / 2**30:.2f} GiB"
+          f"   peak PSS {rss_o.peak_pss / 2**30:.2f} GiB (summed over processes)")
     print(f"{'  of which inside MLflow calls':42s} {mlflow_s:8.1f}   ({mlflow_s / orch_wall:.1%} of wall)")
     print(f"orchestration share (orchestrated - direct) / orchestrated: {(orch_wall - direct_wall) / orch_wall:+.1%}")
+    if args.keep:
+        shutil.copytree(h2 / "out", args.keep, dirs_exist_ok=True)
     for h in (h1, h2):
         shutil.rmtree(h, ignore_errors=True)
 

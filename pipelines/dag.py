@@ -30,6 +30,19 @@ TASK_ENV = {
 }
 
 
+def _release_memory() -> None:
+    """After a stage task: free its model and hand freed heap pages back to the OS, so an
+    idle Ray worker waiting for its next task does not hold a model's worth of memory."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
+
+
 def _set_threads() -> None:
     """Inside a Ray task, as many torch threads as the task's CPUs.
 
@@ -109,6 +122,7 @@ def prepare(cfg: AuditConfig, home: Path) -> dict:
     leaks = check_leakage(data, cfg.data.allow_leakage)
     if leaks:  # allowed by the user: recorded in summary.json ("data") and the manifest
         data.notes["allowed_leaks"] = [f"{e.id} ({how} of {t.id})" for e, how, t in leaks]
+    _release_memory()
     return {
         "base": base.to_dict(), "data": data, "model_digest": mdigest, "data_digest": data.digest(),
         "model_dir": str(model_dir), "model_source": model_source(cfg.model, model_dir), "known": known,
@@ -184,6 +198,7 @@ def train_stage(kind: str, cfg: AuditConfig, home: Path, parent: dict, data: Sui
         }
 
     result, reused = store.produce(key, fn, reuse=reuse)
+    _release_memory()
     return {**result, "key": key, "reused": reused}
 
 
@@ -247,6 +262,7 @@ def probe_stage(
         return {**res, "dir": str(tmp), "seconds": time.time() - t0, "machine": machine_info()}
 
     result, reused = store.produce(key, fn, reuse=reuse)
+    _release_memory()
     return {**result, "key": key, "reused": reused}
 
 
