@@ -210,3 +210,23 @@ def test_sweep_user_mistake_exits_2_with_one_line(tmp_path):
     assert len(lines) == 1 and "sweep.kl_penalty: Value error, expected a list of penalties >= 0" in lines[0]
     assert "Traceback" not in r.stderr + r.stdout
     assert not (tmp_path / "out" / "sweep.parquet").exists()
+
+
+def test_random_search_with_asha_draws_log_uniform_penalties(home, ray_local, tmp_path):
+    """``search: random``: ``num_samples`` trials under the ASHA scheduler, penalties drawn
+    log-uniformly from the range; each distinct penalty has its own perturb stage."""
+    h = tmp_path / "home"
+    h.mkdir()
+    (home / "cache").mkdir(exist_ok=True)
+    (h / "cache").symlink_to(home / "cache", target_is_directory=True)
+    cfg = tiny_config("sweep.kl_penalty={loguniform: [0.01, 1.0]}", "sweep.search=random", "sweep.num_samples=3",
+                      "sweep.sizes=[2,4]", "sweep.arms=[in_task]", "sweep.max_concurrent=1")
+    summary = run_sweep(cfg, tmp_path / "out", h)
+    table = pd.read_parquet(tmp_path / "out" / "sweep.parquet")
+    assert summary["search"] == "random" and summary["trials"]["total"] == 3
+    assert summary["trials"]["finished"] == 3 and summary["trials"]["by_status"] == {"TERMINATED": 3}
+    assert len(table) == 3 and set(table.status) <= {"TERMINATED"}
+    assert table.kl_penalty.between(0.01, 1.0).all() and table.kl_penalty.nunique() == 3
+    assert set(table.n) <= {2, 4}
+    kinds = Counter(k.split("-")[0] for k in Store(h / "store").executions())
+    assert kinds["tune"] == 1 and kinds["perturb"] == 3
