@@ -593,12 +593,13 @@ class Journal:
     def __init__(self, path: Path):
         self.path = Path(path)
         self._last_failure = 0.0
+        self._pending = (sum(1 for line in self.path.read_text().splitlines() if line.strip())
+                         if self.path.exists() else 0)
 
     def pending(self) -> int:
-        """Records waiting to be sent."""
-        if not self.path.exists():
-            return 0
-        return sum(1 for line in self.path.read_text().splitlines() if line.strip())
+        """Records waiting to be sent (counted once from the file, then kept up to date:
+        every MLflow write asks, so the file is not read per write)."""
+        return self._pending
 
     def append(self, method: str, args: tuple, kwargs: dict) -> None:
         line = json.dumps({"method": method, "args": _encode(list(args)),
@@ -608,6 +609,7 @@ class Journal:
             f.write(line + "\n")
             f.flush()
             os.fsync(f.fileno())
+        self._pending += 1
 
     def failed(self) -> None:
         self._last_failure = time.time()
@@ -641,6 +643,7 @@ class Journal:
                     atomic_write(self.path, "\n".join(rest) + "\n")
                 else:
                     self.path.unlink(missing_ok=True)
+                self._pending = len(rest)
         return sent == len(lines)
 
 
