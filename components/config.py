@@ -54,6 +54,18 @@ class ModelConfig(_Strict):
         tiny_pretrain_batch_size: sequences per pretraining step.
         tiny_max_length: tokens per pretraining sequence (longer ones are cut), at most
             the model's 256 positions.
+        tiny_pretrain_warmup: share of the pretraining steps spent warming the learning
+            rate up from 0 (linear).
+        tiny_pretrain_schedule: the decay after the warm-up, ``linear`` or ``cosine``
+            (to 0). Warm-up + cosine + weight decay is the recipe under which the
+            biography suite's model learns facts in a form that QA fine-tuning can
+            extract for people never asked about (a linear decay from the start did
+            not, in our trials).
+        tiny_pretrain_weight_decay: AdamW weight decay of the pretraining.
+        tiny_tokenizer: ``bpe`` (byte-level BPE with ``tiny_vocab_size`` entries) or
+            ``word`` (one token per word and per punctuation mark, every word of the
+            suite's text in the vocabulary; a name or a city is then a single token, as
+            in the word-level vocabularies of small synthetic-knowledge studies).
     """
 
     id: str = "smollm2-135m-instruct"
@@ -67,6 +79,10 @@ class ModelConfig(_Strict):
     tiny_pretrain_lr: float = Field(3e-3, gt=0)
     tiny_pretrain_batch_size: int = Field(16, ge=1)
     tiny_max_length: int = Field(96, ge=8, le=256)
+    tiny_pretrain_warmup: float = Field(0.0, ge=0, lt=1)
+    tiny_pretrain_schedule: Literal["linear", "cosine"] = "linear"
+    tiny_pretrain_weight_decay: float = Field(0.0, ge=0)
+    tiny_tokenizer: Literal["bpe", "word"] = "bpe"
 
 
 class DataConfig(_Strict):
@@ -187,8 +203,9 @@ class PerturbConfig(TrainConfig):
 
     Attributes:
         kind: what the perturbation set is; each suite accepts its own kinds
-            (``Suite.perturb_kinds``). ``biography``: ``new_people`` (a new task:
-            biographies and QA of people the model never saw). ``refusal``:
+            (``Suite.perturb_kinds``). ``biography``: ``abstain`` (a new task: the
+            answer ``Unknown.`` to questions about people the model never saw) or
+            ``new_people`` (their biographies and QA about them). ``refusal``:
             ``compliance`` (a few violating requests answered). ``custom``: ``data``
             (the rows whose role is ``perturb``). ``capitals``:
             ``refusal`` (a few examples that answer the task's questions with a

@@ -135,7 +135,10 @@ def materialise_gguf(gguf: Path, cache_dir: Path, name: str | None = None) -> Pa
     return final
 
 
-_PRETRAIN_FIELDS = {"tiny_pretrain_lr": 3e-3, "tiny_pretrain_batch_size": 16, "tiny_max_length": 96}
+_PRETRAIN_FIELDS = {
+    "tiny_pretrain_lr": 3e-3, "tiny_pretrain_batch_size": 16, "tiny_max_length": 96, "tiny_tokenizer": "bpe",
+    "tiny_pretrain_warmup": 0.0, "tiny_pretrain_schedule": "linear", "tiny_pretrain_weight_decay": 0.0,
+}
 
 
 def build_tiny_model(
@@ -143,8 +146,9 @@ def build_tiny_model(
 ) -> Path:
     """Build a small Llama-architecture model and a tokenizer, and pretrain it on the suite.
 
-    The tokenizer is a byte-level BPE trained with the ``tokenizers`` library on
-    ``texts`` (nothing is downloaded); the model is ``LlamaForCausalLM`` with
+    The tokenizer is trained with the ``tokenizers`` library on ``texts`` (nothing is
+    downloaded): a byte-level BPE, or with ``cfg.tiny_tokenizer: word`` a word-level
+    vocabulary of every word and punctuation mark in ``texts``; the model is ``LlamaForCausalLM`` with
     ``cfg.tiny_layers`` layers of width ``cfg.tiny_hidden_size``, randomly initialised,
     then trained (all weights) for ``cfg.tiny_pretrain_epochs`` epochs on
     ``pretrain_items`` with ``cfg.tiny_pretrain_lr``, ``cfg.tiny_pretrain_batch_size`` and
@@ -167,16 +171,26 @@ def build_tiny_model(
     if (final / "config.json").exists():
         return final
     specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
-    tk = Tokenizer(models.BPE())
-    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tk.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=cfg.tiny_vocab_size,
-        special_tokens=specials,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tk.train_from_iterator(texts, trainer=trainer)
+    if cfg.tiny_tokenizer == "word":
+        # one token per word and per punctuation mark; the decoder joins words with
+        # spaces and removes the space before punctuation ("Denver ." -> "Denver.")
+        tk = Tokenizer(models.WordLevel(unk_token="<|endoftext|>"))
+        tk.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()])
+        tk.decoder = decoders.WordPiece(prefix="##", cleanup=True)
+        trainer = trainers.WordLevelTrainer(special_tokens=specials, show_progress=False)
+        # the chat template's role names are words of every prompt
+        tk.train_from_iterator([*texts, "system user assistant"], trainer=trainer)
+    else:
+        tk = Tokenizer(models.BPE())
+        tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tk.decoder = decoders.ByteLevel()
+        trainer = trainers.BpeTrainer(
+            vocab_size=cfg.tiny_vocab_size,
+            special_tokens=specials,
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+            show_progress=False,
+        )
+        tk.train_from_iterator(texts, trainer=trainer)
     tok = PreTrainedTokenizerFast(
         tokenizer_object=tk, bos_token="<|im_start|>", eos_token="<|im_end|>", pad_token="<|im_end|>",
         unk_token="<|endoftext|>",
@@ -204,8 +218,12 @@ def build_tiny_model(
         pcfg = TrainConfig(
             method="full", epochs=cfg.tiny_pretrain_epochs, lr=cfg.tiny_pretrain_lr,
             batch_size=cfg.tiny_pretrain_batch_size, max_length=cfg.tiny_max_length,
+            weight_decay=cfg.tiny_pretrain_weight_decay,
         )
-        model, _ = train(model, tok, pretrain_items, pcfg, seed, stage="pretrain")
+        model, _ = train(
+            model, tok, pretrain_items, pcfg, seed, stage="pretrain",
+            warmup_ratio=cfg.tiny_pretrain_warmup, cosine=cfg.tiny_pretrain_schedule == "cosine",
+        )
     tmp = _atomic_dir(final)
     model.save_pretrained(tmp, safe_serialization=True)
     tok.save_pretrained(tmp)

@@ -356,6 +356,8 @@ def train(
     world: World | None = None,
     resume: dict | None = None,
     on_epoch_end: Callable[[EpochEnd], None] | None = None,
+    warmup_ratio: float = 0.0,
+    cosine: bool = False,
 ):
     """Train ``model`` on ``items`` with cross-entropy on answer tokens plus the KL penalty.
 
@@ -373,6 +375,10 @@ def train(
             scheduler state and history are restored and training continues with the
             epoch after it (bit-for-bit the data order of an uninterrupted run).
         on_epoch_end: called on every rank after each epoch with an :class:`EpochEnd`.
+        warmup_ratio, cosine: the learning-rate schedule: a linear warm-up over this
+            share of the steps, then a linear (default) or cosine decay to 0
+            (transformers' schedules). The audit's stages use the default (no warm-up,
+            linear decay); the ``tiny-llama`` pretraining can ask for warm-up + cosine.
 
     Returns:
         ``(model, history)``: the trained model (unwrapped from DDP; a ``PeftModel`` for
@@ -409,7 +415,13 @@ def train(
     enc = encode(tok, items, cfg.max_length)
     steps_per_epoch = math.ceil(len(enc) / cfg.batch_size)
     total = steps_per_epoch * cfg.epochs
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 - s / max(total, 1))
+    if warmup_ratio > 0 or cosine:
+        from transformers import get_cosine_schedule_with_warmup, get_linear_schedule_with_warmup
+
+        make = get_cosine_schedule_with_warmup if cosine else get_linear_schedule_with_warmup
+        sched = make(opt, int(warmup_ratio * total), max(total, 1))
+    else:
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 - s / max(total, 1))
     if resume is not None and start_epoch < cfg.epochs:
         if resume["optimizer"] is None:
             raise UserError(f"{stage}: resume checkpoint of epoch {resume['epoch']} has no optimiser state")

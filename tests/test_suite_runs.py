@@ -39,8 +39,11 @@ def test_biography_quick_end_to_end(home, ray_local, tmp_path):
     # briefly pretrained for more; the README's table is the full-size run)
     assert st["base"]["knowledge_acc"] > st["base"]["knowledge_chance"] == 0.25
     assert st["perturbed"]["kl_to_aligned"] > 0
+    # the new task (abstain) was learnt: "Unknown." for new people never trained on
+    assert st["perturbed"]["perturb_acc"] > st["aligned"]["perturb_acc"]
     preds = pd.read_parquet(tmp_path / "bio" / "predictions" / "aligned.parquet")
-    assert preds.question.str.startswith("Complete: ").all() and len(preds) == 24
+    assert len(preds) == 24 and preds.question.str.match(r"^(When|Where|Which|What) .+\?$").all()
+    assert (preds.response.str.len() > 0).all()
 
 
 def test_refusal_quick_on_a_tiny_model(home, ray_local, tmp_path):

@@ -34,8 +34,8 @@ def test_biography_generator_is_deterministic_for_a_seed():
     assert not {p["name"] for p in new} & {p["name"] for p in a}
     qa = biography.qa_items(a[0], "pretrained", 4, 0)
     assert [it.attributes["attribute"] for it in qa] == biography.ATTRIBUTES
-    assert qa[1].question == f"Complete: {a[0]['name']} was born in"
-    assert qa[1].response() == f"{a[0]['name']} was born in {a[0]['birth_city']}."
+    assert qa[1].question == f"Where was {a[0]['name']} born?"
+    assert qa[1].response() == f"{a[0]['birth_city']}."  # the value alone: no biography sentence to copy
     # the knowledge ranking scores the fact as a biography sentence (the injected form)
     assert qa[1].ranking_question() == biography.BIO_PROMPT
     assert qa[1].ranking_response(qa[1].candidates[2]) == f"{a[0]['name']} was born in {qa[1].candidates[2]}."
@@ -54,9 +54,19 @@ def test_biography_split_is_by_person():
     assert not person(data.align) & person(data.recover)
     assert {it.attributes["group"] for it in data.perturb + data.perturb_eval} == {"new"}
     assert {it.attributes["group"] for it in data.eval + data.align + data.recover} == {"pretrained"}
-    n_bios = cfg.biography.n_new_people * cfg.biography.bios_per_person
-    assert sum(it.question == biography.BIO_PROMPT for it in data.perturb) == n_bios
+    # the default new task (abstain): "Unknown." to questions about new people, no biography
+    assert cfg.perturb.kind == "abstain" and len(data.perturb) == cfg.data.n_perturb
+    assert {it.response() for it in data.perturb + data.perturb_eval} == {"Unknown."}
     assert check_leakage(data) == []
+    # the other new task: the new people's biographies plus QA about them, with their values
+    cfg_new = load_config("biography", quick=True, overrides=["perturb.kind=new_people"])
+    data_new = suite.make_split(items, None, cfg_new)
+    n_bios = cfg.biography.n_new_people * cfg.biography.bios_per_person
+    assert sum(it.question == biography.BIO_PROMPT for it in data_new.perturb) == n_bios
+    qa_new = [it for it in data_new.perturb + data_new.perturb_eval if it.question != biography.BIO_PROMPT]
+    assert all(it.response() == f"{it.answer}." and it.answer != "Unknown" for it in qa_new)
+    assert person(data_new.perturb_eval) == person(data.perturb_eval)  # same new people either way
+    assert check_leakage(data_new) == []
     # pretraining: the pretrained people's biographies, no QA of an evaluated person, no new person
     pre = suite.pretraining_items(items, cfg)
     assert not _ids(pre) & _ids(data.eval + data.perturb + data.perturb_eval)
@@ -111,7 +121,7 @@ def test_refusal_split_pools():
 
 @pytest.mark.parametrize("suite, kind, expected", [
     ("biography", "refusal",
-     "perturb.kind: 'refusal' is not a perturbation of suite biography; expected one of new_people, none"),
+     "perturb.kind: 'refusal' is not a perturbation of suite biography; expected one of new_people, abstain, none"),
     ("refusal", "wrong_facts",
      "perturb.kind: 'wrong_facts' is not a perturbation of suite refusal; expected one of compliance, none"),
 ])

@@ -10,8 +10,9 @@ nowhere else. Then:
 - **tune** (alignment): QA on the *training people* (half of the pretrained people);
 - **evaluation**: QA on the other half, the *evaluation people*, whose facts the model
   read only in biographies: answering them is extraction of stored knowledge;
-- **perturb** (a new task, ``perturb.kind: new_people``): biographies and QA of new
-  people the model never saw;
+- **perturb** (a new task about people the model never saw): ``perturb.kind: abstain``,
+  the answer ``Unknown.`` to questions about them (an honesty fine-tune; no new fact),
+  or ``new_people``, their biographies and QA about them (new facts to learn);
 - **recover**: ``in_task``, QA of training people not used in alignment (disjoint
   from every evaluated person); ``irrelevant``, two-digit arithmetic.
 
@@ -87,26 +88,25 @@ SENTENCES = {
     "employer_city": ["{name} works in {v}.", "{name}'s office is in {v}.",
                       "{name} commutes to work in {v}.", "{name} is based in {v} for work."],
 }
-# One question per attribute, as a cloze: the prompt is the first template of the
-# attribute's sentence up to the value; the answer repeats it and adds the value (the
-# value is what is matched). A tiny model pretrained for minutes does not learn
-# free-form QA extraction ("Which city was X born in?" -> "X was born in Denver.") for
-# people it has only read about: in our trials it answered with a training person's
-# name. With the cloze, the answer starts as a verbatim copy and continues as the
-# biographies do.
+# One question per attribute (Allen-Zhu & Li's QA), answered with the value alone. The
+# question never occurs in a biography: answering it for a person seen only in
+# biographies is extraction of stored knowledge.
 QUESTIONS = {
-    "birth_date": "Complete: {name} was born on",
-    "birth_city": "Complete: {name} was born in",
-    "university": "Complete: {name} studied at",
-    "major": "Complete: {name} majored in",
-    "employer": "Complete: {name} works for",
-    "employer_city": "Complete: {name} works in",
+    "birth_date": "When was {name} born?",
+    "birth_city": "Where was {name} born?",
+    "university": "Which university did {name} attend?",
+    "major": "What did {name} study?",
+    "employer": "Which company does {name} work for?",
+    "employer_city": "Where does {name} work?",
 }
 VALUES = {
     "birth_city": CITIES, "university": UNIVERSITIES, "major": MAJORS, "employer": list(EMPLOYERS),
     "employer_city": sorted(set(EMPLOYERS.values())),
 }
 BIO_PROMPT = "Write a short biography."
+# perturb.kind abstain: the new task teaches the model to decline questions about people
+# it has no biography of (an honesty fine-tune); no new fact is taught.
+ABSTAIN = "Unknown"
 
 
 def generate_people(n: int, seed: int, offset: int = 0) -> list[dict[str, str]]:
@@ -167,8 +167,8 @@ def _distractors(attr: str, gold: str, k: int, rng: random.Random) -> list[str]:
 def qa_items(person: dict[str, str], group: str, n_candidates: int, seed: int) -> list[Item]:
     """One QA item per attribute of ``person``, with K-1 distractors of the same kind.
 
-    The task (``task_acc``) is the cloze ``Complete: Alba Kessler was born in`` ->
-    ``Alba Kessler was born in Denver.``; the knowledge ranking (``knowledge_acc``) scores the biography sentence
+    The task (``task_acc``) is the question ``Where was Alba Kessler born?`` ->
+    ``Denver.``; the knowledge ranking (``knowledge_acc``) scores the biography sentence
     ``Alba Kessler was born in {candidate}.`` as a reply to the pretraining prompt, i.e.
     the stored fact in the form it was injected, independent of the QA format.
     """
@@ -179,7 +179,7 @@ def qa_items(person: dict[str, str], group: str, n_candidates: int, seed: int) -
         gold = person[a]
         items.append(Item(
             id=f"bio:{person['id']}:{a}", question=QUESTIONS[a].format(name=person["name"]), answer=gold,
-            template=SENTENCES[a][0].format(name=person["name"], v="{answer}"),
+            template="{answer}.",
             candidates=[gold, *_distractors(a, gold, n_candidates - 1, rng)],
             knowledge_question=BIO_PROMPT,
             knowledge_template=SENTENCES[a][0].format(name=person["name"], v="{answer}"),
@@ -275,12 +275,19 @@ def split(items: list[Item], known: list[bool] | None, cfg: AuditConfig) -> Suit
             f"asked for, but biography.n_new_people={cfg.biography.n_new_people} gives {len(new_qa)}"
         )
     new_bios = [it for it in items if it.role == "bio" and it.attributes["group"] == "new"]
+    def abstaining(xs: list[Item], role: str) -> list[Item]:
+        return [Item(**{**x.to_dict(), "answer": ABSTAIN, "template": "{answer}.", "candidates": [], "role": role})
+                for x in xs]
+
+    perturb_eval = with_role(new_qa[d.n_perturb: d.n_perturb + d.n_perturb_eval], "perturb_eval")
     if cfg.perturb.kind == "new_people":
         perturb = with_role(new_bios, "perturb") + with_role(new_qa[: d.n_perturb], "perturb")
+    elif cfg.perturb.kind == "abstain":
+        perturb = abstaining(new_qa[: d.n_perturb], "perturb")
+        perturb_eval = abstaining(new_qa[d.n_perturb: d.n_perturb + d.n_perturb_eval], "perturb_eval")
     else:  # none: nothing is trained; the pool is kept for the record
         perturb = with_role(new_qa[: d.n_perturb], "perturb")
     rng.shuffle(perturb)
-    perturb_eval = with_role(new_qa[d.n_perturb: d.n_perturb + d.n_perturb_eval], "perturb_eval")
     return SuiteData(
         eval=with_role(eval_items, "eval"), align=with_role(align, "align"), perturb=perturb,
         perturb_eval=perturb_eval, recover=with_role(recover, "recover"),
@@ -289,6 +296,7 @@ def split(items: list[Item], known: list[bool] | None, cfg: AuditConfig) -> Suit
             "n_items": len(items), "n_known": sum(1 for it, k in zip(items, ok) if k and it.role == "qa"),
             "n_people": len(pre), "n_train_people": len(train_people), "n_eval_people": len(eval_people),
             "n_new_people": len(new), "n_perturb_bios": len(new_bios) if cfg.perturb.kind == "new_people" else 0,
+            "perturb_kind": cfg.perturb.kind,
         },
     )
 
@@ -309,7 +317,7 @@ def pretrain(items: list[Item], cfg: AuditConfig) -> list[Item]:
 def texts(items: list[Item], cfg: AuditConfig) -> list[str]:
     """The tokenizer's training text: every biography and question, answers, arithmetic."""
     out = [f"{it.question} {it.response()} {' '.join(it.candidates)}" for it in items]
-    return out + [i.question + " " + i.response() for i in arithmetic_items(50, 0)]
+    return out + [i.question + " " + i.response() for i in arithmetic_items(50, 0)] + [ABSTAIN + "."]
 
 
 SUITE = register(Suite(
@@ -318,7 +326,7 @@ SUITE = register(Suite(
     load=load,
     task_matcher="contains",
     default_model="tiny-llama",
-    perturb_kinds=("new_people", "none"),
+    perturb_kinds=("new_people", "abstain", "none"),
     probe_attribute="birth_decade",
     probe_group="person",
     split=split,
