@@ -3,11 +3,12 @@
 Two runs of the same config, each with an empty stage store (the converted model cache
 is shared, so neither pays the GGUF conversion):
 
-1. ``direct``: the stage functions called one after another in this process (torch on
+1. ``orchestrated``: ``run_audit`` as ``cl-audit run`` does it: Ray tasks (stages in
+   parallel where the DAG allows) and MLflow logging (sqlite). It runs first, so the
+   driver holds what ``cl-audit run``'s does (no torch, no model).
+2. ``direct``: the stage functions called one after another in this process (torch on
    all cores), no Ray, no MLflow. Gives the time of model load, the known-fact filter,
    each training stage and each probe.
-2. ``orchestrated``: ``run_audit`` as ``cl-audit run`` does it: Ray tasks (stages in
-   parallel where the DAG allows) and MLflow logging (sqlite).
 
 The orchestration share is (orchestrated - direct) / orchestrated wall time; a negative
 value means Ray's parallel stages more than paid for themselves. MLflow's share is the
@@ -219,17 +220,20 @@ def main() -> None:
     cache = Path(os.environ.get("CL_AUDIT_HOME", "runs")).resolve() / "cache"
     cache.mkdir(parents=True, exist_ok=True)
 
-    homes, stages, rss_d, rss_o = [], {}, None, None
+    # The orchestrated run goes first, so that its driver has imported what `cl-audit run`
+    # imports and no more (the direct run loads torch and the model into this process).
+    homes, stages, rss_d, rss_o, orch_home = [], {}, None, None, None
+    if args.only != "direct":
+        orch_home = fresh_home(cache)
+        homes.append(orch_home)
+        with RSSSampler(trace=args.trace) as rss_o:
+            orch_wall, mlflow_s = orchestrated(cfg, orch_home)
     if args.only != "orchestrated":
         homes.append(fresh_home(cache))
         with RSSSampler() as rss_d:
             s = time.perf_counter()
             stages = direct(cfg, homes[-1])
             direct_wall = time.perf_counter() - s
-    if args.only != "direct":
-        homes.append(fresh_home(cache))
-        with RSSSampler(trace=args.trace) as rss_o:
-            orch_wall, mlflow_s = orchestrated(cfg, homes[-1])
 
     print(f"config: capitals{' --quick' if args.quick else ''} {' '.join(args.overrides)}; cores={os.cpu_count()}"
           f"; load average at the end {' '.join(f'{x:.1f}' for x in os.getloadavg())}")
@@ -248,7 +252,7 @@ def main() -> None:
     if rss_o is not None:
         print(rss_o.report("orchestrated"))
     if args.keep and rss_o is not None:
-        shutil.copytree(homes[-1] / "out", args.keep, dirs_exist_ok=True)
+        shutil.copytree(orch_home / "out", args.keep, dirs_exist_ok=True)
     for h in homes:
         shutil.rmtree(h, ignore_errors=True)
 
