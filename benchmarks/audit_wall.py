@@ -70,7 +70,7 @@ class RSSSampler:
     ``peak_split`` holds, for the sample with the highest summed RSS, one
     ``(pid, name, rss, pss)`` per process (bytes). ``strays`` records Ray-looking
     processes that are *not* descendants of this one (another user's Ray, or a process
-    Ray re-parented to init): name -> their largest RSS; they are not counted.
+    Ray re-parented to init): pid -> its largest RSS; they are not counted.
     """
 
     def __init__(self, period: float = 0.3, trace: Path | None = None):
@@ -78,7 +78,7 @@ class RSSSampler:
         self.period, self.peak, self.peak_pss, self._stop = period, 0, 0, threading.Event()
         self.peak_split: list[tuple[int, str, int, int]] = []
         self.peak_pss_split: list[tuple[int, str, int, int]] = []
-        self.strays: dict[str, int] = {}
+        self.strays: dict[int, int] = {}
         self._t = threading.Thread(target=self._run, daemon=True)
 
     def _sample(self) -> list[tuple[int, str, int, int]]:
@@ -93,8 +93,7 @@ class RSSSampler:
                     full = p.memory_full_info()
                     split.append((pid, short_name(cmd, pid, me.pid), full.rss, full.pss))
                 elif any(m in cmd for m in RAY_MARKERS):
-                    name = f"{pid} {short_name(cmd, pid, me.pid)}"
-                    self.strays[name] = max(self.strays.get(name, 0), p.memory_info().rss)
+                    self.strays[pid] = max(self.strays.get(pid, 0), p.memory_info().rss)
             except (psutil.Error, TypeError, AttributeError):
                 pass
         return split
@@ -124,8 +123,9 @@ class RSSSampler:
             for pid, name, rss, pss in sorted(split, key=lambda s: -s[2]):
                 lines.append(f"  {pid:7d} {name[:32]:32s} {rss / 2**20:9.0f} {pss / 2**20:9.0f}")
         if self.strays:
-            lines.append(f"{title}: Ray-looking processes outside this process tree (not counted): "
-                         + ", ".join(f"{k} ({v / 2**20:.0f} MiB)" for k, v in sorted(self.strays.items())))
+            lines.append(f"{title}: {len(self.strays)} Ray-looking processes outside this process tree seen "
+                         f"(another Ray on the machine; not counted), largest RSS "
+                         f"{max(self.strays.values()) / 2**20:.0f} MiB")
         return "\n".join(lines)
 
     def __enter__(self):
