@@ -3,25 +3,29 @@
 Two runs of the same config, each with an empty stage store (the converted model cache
 is shared, so neither pays the GGUF conversion):
 
-1. ``direct``: the stage functions called one after another in this process (torch on
+1. ``orchestrated``: ``run_audit`` as ``cl-audit run`` does it: Ray tasks (stages in
+   parallel where the DAG allows) and MLflow logging (sqlite). It runs first, so the
+   driver holds what ``cl-audit run``'s does (no torch, no model).
+2. ``direct``: the stage functions called one after another in this process (torch on
    all cores), no Ray, no MLflow. Gives the time of model load, the known-fact filter,
    each training stage and each probe.
-2. ``orchestrated``: ``run_audit`` as ``cl-audit run`` does it: Ray tasks (stages in
-   parallel where the DAG allows) and MLflow logging (sqlite).
 
 The orchestration share is (orchestrated - direct) / orchestrated wall time; a negative
 value means Ray's parallel stages more than paid for themselves. MLflow's share is the
-time spent inside the tracker's calls. Peak RSS is sampled every 0.2 s over this process
-and every Ray process together, as RSS and as PSS (shared library pages split between
-the processes that map them).
+time spent inside the tracker's calls. Peak memory is sampled every 0.3 s over this
+process and every process it started (Ray's GCS, raylet, dashboard, log monitor,
+autoscaler monitor, agents and workers), as RSS and as PSS (shared library pages split
+between the processes that map them); the per-process split at the peak is printed
+after the totals (``--trace FILE`` keeps every sample).
 
 Usage:
-    .venv/bin/python benchmarks/audit_wall.py [--quick] [--set key=value ...] [--keep DIR]
+    .venv/bin/python benchmarks/audit_wall.py [--quick] [--set key=value ...] [--keep DIR] [--only direct|orchestrated]
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import tempfile
@@ -37,31 +41,92 @@ import psutil  # noqa: E402
 from components.config import load_config  # noqa: E402
 
 
-class RSSSampler:
-    """Peaks (bytes) of the summed memory of this process and all Ray processes: RSS
-    (shared pages such as torch's libraries counted once per process) and PSS (each
-    shared page split between the processes that map it: what they use together)."""
+RAY_MARKERS = ("ray::", "raylet", "gcs_server", "ray/_private", "ray/dashboard", "runtime_env",
+               "log_monitor", "dashboard_agent", "default_worker.py", "monitor.py")
 
-    def __init__(self, period: float = 0.3):
+
+def short_name(cmd: str, pid: int, me: int) -> str:
+    """A short label for a process of the audit: ``driver``, ``ray::probe_stage``,
+    ``ray::IDLE``, ``raylet``, ``gcs_server``, ``log_monitor``, ..."""
+    if pid == me:
+        return "driver"
+    if cmd.startswith("ray::"):
+        return cmd.split()[0]
+    for key in ("raylet", "gcs_server", "log_monitor", "dashboard_agent", "runtime_env", "default_worker.py",
+                "monitor.py"):
+        if key in cmd:
+            return key
+    first = cmd.split()[0] if cmd else "?"
+    return Path(first).name + (" " + Path(cmd.split()[1]).name if len(cmd.split()) > 1 else "")
+
+
+class RSSSampler:
+    """Peaks (bytes) of the summed memory of this process and every process it started
+    (Ray's GCS, raylet, log monitor, dashboard agents, workers: all descendants of the
+    driver under a local ``ray.init``): RSS (shared pages such as torch's libraries
+    counted once per process) and PSS (each shared page split between the processes
+    that map it: what they use together).
+
+    ``peak_split`` holds, for the sample with the highest summed RSS, one
+    ``(pid, name, rss, pss)`` per process (bytes). ``strays`` records Ray-looking
+    processes that are *not* descendants of this one (another user's Ray, or a process
+    Ray re-parented to init): pid -> its largest RSS; they are not counted.
+    """
+
+    def __init__(self, period: float = 0.3, trace: Path | None = None):
+        self.trace, self._t0 = trace, time.time()
         self.period, self.peak, self.peak_pss, self._stop = period, 0, 0, threading.Event()
+        self.peak_split: list[tuple[int, str, int, int]] = []
+        self.peak_pss_split: list[tuple[int, str, int, int]] = []
+        self.strays: dict[int, int] = {}
         self._t = threading.Thread(target=self._run, daemon=True)
 
+    def _sample(self) -> list[tuple[int, str, int, int]]:
+        me = psutil.Process()
+        ours = {me.pid, *(c.pid for c in me.children(recursive=True))}
+        split = []
+        for p in psutil.process_iter(["pid", "cmdline"]):
+            try:
+                cmd = " ".join(p.info["cmdline"] or [])
+                pid = p.info["pid"]
+                if pid in ours:
+                    full = p.memory_full_info()
+                    split.append((pid, short_name(cmd, pid, me.pid), full.rss, full.pss))
+                elif any(m in cmd for m in RAY_MARKERS):
+                    self.strays[pid] = max(self.strays.get(pid, 0), p.memory_info().rss)
+            except (psutil.Error, TypeError, AttributeError):
+                pass
+        return split
+
     def _run(self) -> None:
-        me = os.getpid()
         while not self._stop.is_set():
-            total = pss = 0
-            for p in psutil.process_iter(["pid", "cmdline"]):
-                try:
-                    cmd = " ".join(p.info["cmdline"] or [])
-                    if p.info["pid"] == me or cmd.startswith("ray::") or "raylet" in cmd or "gcs_server" in cmd:
-                        full = p.memory_full_info()
-                        total += full.rss
-                        pss += full.pss
-                except (psutil.Error, TypeError, AttributeError):
-                    pass
-            self.peak = max(self.peak, total)
-            self.peak_pss = max(self.peak_pss, pss)
+            split = self._sample()
+            total, pss = sum(s[2] for s in split), sum(s[3] for s in split)
+            if self.trace is not None:
+                with open(self.trace, "a") as f:
+                    f.write(json.dumps({"t": round(time.time() - self._t0, 1), "rss": total, "pss": pss,
+                                        "procs": split}) + "\n")
+            if total > self.peak:
+                self.peak, self.peak_split = total, split
+            if pss > self.peak_pss:
+                self.peak_pss, self.peak_pss_split = pss, split
             time.sleep(self.period)
+
+    def report(self, title: str) -> str:
+        """The per-process split at the summed-RSS peak (and at the PSS peak), as text."""
+        lines = []
+        for what, split in (("RSS", self.peak_split), ("PSS", self.peak_pss_split)):
+            tot_r, tot_p = sum(s[2] for s in split), sum(s[3] for s in split)
+            lines.append(f"{title}: processes at the summed-{what} peak (RSS {tot_r / 2**30:.2f} GiB, "
+                         f"PSS {tot_p / 2**30:.2f} GiB)")
+            lines.append(f"  {'pid':>7s} {'process':32s} {'RSS MiB':>9s} {'PSS MiB':>9s}")
+            for pid, name, rss, pss in sorted(split, key=lambda s: -s[2]):
+                lines.append(f"  {pid:7d} {name[:32]:32s} {rss / 2**20:9.0f} {pss / 2**20:9.0f}")
+        if self.strays:
+            lines.append(f"{title}: {len(self.strays)} Ray-looking processes outside this process tree seen "
+                         f"(another Ray on the machine; not counted), largest RSS "
+                         f"{max(self.strays.values()) / 2**20:.0f} MiB")
+        return "\n".join(lines)
 
     def __enter__(self):
         self._t.start()
@@ -146,33 +211,49 @@ def main() -> None:
     ap.add_argument("--set", dest="overrides", action="append", default=[])
     ap.add_argument("--keep", type=Path, default=None,
                     help="copy the orchestrated run's folder (summary.json, ...) here, e.g. to compare precisions")
+    ap.add_argument("--trace", type=Path, default=None,
+                    help="append every memory sample of the orchestrated run (per process) to this JSON-lines file")
+    ap.add_argument("--only", choices=("direct", "orchestrated"), default=None,
+                    help="run only one of the two runs (no orchestration share then)")
     args = ap.parse_args()
     cfg = load_config("capitals", overrides=args.overrides, quick=args.quick)
     cache = Path(os.environ.get("CL_AUDIT_HOME", "runs")).resolve() / "cache"
     cache.mkdir(parents=True, exist_ok=True)
 
-    h1 = fresh_home(cache)
-    with RSSSampler() as rss_d:
-        s = time.perf_counter()
-        stages = direct(cfg, h1)
-        direct_wall = time.perf_counter() - s
-    h2 = fresh_home(cache)
-    with RSSSampler() as rss_o:
-        orch_wall, mlflow_s = orchestrated(cfg, h2)
+    # The orchestrated run goes first, so that its driver has imported what `cl-audit run`
+    # imports and no more (the direct run loads torch and the model into this process).
+    homes, stages, rss_d, rss_o, orch_home = [], {}, None, None, None
+    if args.only != "direct":
+        orch_home = fresh_home(cache)
+        homes.append(orch_home)
+        with RSSSampler(trace=args.trace) as rss_o:
+            orch_wall, mlflow_s = orchestrated(cfg, orch_home)
+    if args.only != "orchestrated":
+        homes.append(fresh_home(cache))
+        with RSSSampler() as rss_d:
+            s = time.perf_counter()
+            stages = direct(cfg, homes[-1])
+            direct_wall = time.perf_counter() - s
 
-    print(f"config: capitals{' --quick' if args.quick else ''} {' '.join(args.overrides)}; cores={os.cpu_count()}")
-    print(f"{'stage (direct, in-process)':42s} {'seconds':>8s}")
-    for k, v in stages.items():
-        print(f"{k:42s} {v:8.1f}")
-    print(f"{'direct total':42s} {direct_wall:8.1f}   peak RSS {rss_d.peak / 2**30:.2f} GiB"
-          f"   peak PSS {rss_d.peak_pss / 2**30:.2f} GiB")
-    print(f"{'orchestrated (Ray + MLflow) total':42s} {orch_wall:8.1f}   peak RSS {rss_o.peak / 2**30:.2f} GiB"
-          f"   peak PSS {rss_o.peak_pss / 2**30:.2f} GiB (summed over processes)")
-    print(f"{'  of which inside MLflow calls':42s} {mlflow_s:8.1f}   ({mlflow_s / orch_wall:.1%} of wall)")
-    print(f"orchestration share (orchestrated - direct) / orchestrated: {(orch_wall - direct_wall) / orch_wall:+.1%}")
-    if args.keep:
-        shutil.copytree(h2 / "out", args.keep, dirs_exist_ok=True)
-    for h in (h1, h2):
+    print(f"config: capitals{' --quick' if args.quick else ''} {' '.join(args.overrides)}; cores={os.cpu_count()}"
+          f"; load average at the end {' '.join(f'{x:.1f}' for x in os.getloadavg())}")
+    if rss_d is not None:
+        print(f"{'stage (direct, in-process)':42s} {'seconds':>8s}")
+        for k, v in stages.items():
+            print(f"{k:42s} {v:8.1f}")
+        print(f"{'direct total':42s} {direct_wall:8.1f}   peak RSS {rss_d.peak / 2**30:.2f} GiB"
+              f"   peak PSS {rss_d.peak_pss / 2**30:.2f} GiB")
+    if rss_o is not None:
+        print(f"{'orchestrated (Ray + MLflow) total':42s} {orch_wall:8.1f}   peak RSS {rss_o.peak / 2**30:.2f} GiB"
+              f"   peak PSS {rss_o.peak_pss / 2**30:.2f} GiB (summed over processes)")
+        print(f"{'  of which inside MLflow calls':42s} {mlflow_s:8.1f}   ({mlflow_s / orch_wall:.1%} of wall)")
+    if rss_d is not None and rss_o is not None:
+        print(f"orchestration share (orchestrated - direct) / orchestrated: {(orch_wall - direct_wall) / orch_wall:+.1%}")
+    if rss_o is not None:
+        print(rss_o.report("orchestrated"))
+    if args.keep and rss_o is not None:
+        shutil.copytree(orch_home / "out", args.keep, dirs_exist_ok=True)
+    for h in homes:
         shutil.rmtree(h, ignore_errors=True)
 
 

@@ -20,6 +20,7 @@ import os
 import platform
 import shutil
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -197,6 +198,10 @@ def git_dirty(repo: Path | None = None) -> bool | None:
         return None
 
 
+# Device files of the NVIDIA (CUDA) and AMD (ROCm) drivers; without them torch sees no GPU.
+GPU_DEVICE_FILES = ("/dev/nvidiactl", "/dev/nvidia0", "/dev/kfd")
+
+
 def machine_info() -> dict[str, str]:
     """The machine this process runs on: CPU model and count, GPUs (CUDA) and count, OS.
 
@@ -213,6 +218,10 @@ def machine_info() -> dict[str, str]:
         pass
     gpus: list[str] = []
     try:
+        # Without a GPU driver torch would find no device: the audit's driver then does
+        # not import torch (hundreds of MB) just to learn that.
+        if "torch" not in sys.modules and not any(Path(d).exists() for d in GPU_DEVICE_FILES):
+            raise LookupError("no GPU driver")
         import torch
 
         if torch.cuda.is_available():

@@ -20,8 +20,6 @@ import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import torch
-
 from components.artifacts import sha256_file
 from components.config import ModelConfig, stable_hash
 from components.errors import UserError
@@ -110,6 +108,7 @@ def materialise_gguf(gguf: Path, cache_dir: Path, name: str | None = None) -> Pa
         if (done / "config.json").exists():
             return done
     final = models / f"{name or 'gguf'}-{digest[:12]}"
+    import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     log.info("converting %s to safetensors (once)", gguf.name)
@@ -159,6 +158,7 @@ def build_tiny_model(
     Returns:
         The cached model directory.
     """
+    import torch
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
@@ -475,6 +475,7 @@ def load_checkpoint(ckpt: Checkpoint, trust_remote_code: bool = False):
     Returns:
         ``(model, tokenizer)``.
     """
+    import torch
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from components.config import AuditConfig
 from components.data import Item, SuiteData
 from components.errors import UserError
 from components.models import Checkpoint
-from components.training import StageResult, TrainSpec, train_checkpoint
+
+if TYPE_CHECKING:  # torch is imported by the training stages, not by the audit's driver
+    from components.training import StageResult, TrainSpec
 
 
 def recovery_set(data: SuiteData, arm: str, n: int) -> list[Item]:
@@ -30,6 +33,8 @@ def recover_spec(cfg: AuditConfig, perturbed: Checkpoint, data: SuiteData, arm: 
     Raises:
         UserError: ``n`` larger than the arm's pool.
     """
+    from components.training import TrainSpec
+
     return TrainSpec(f"recovered/{arm}/{n}", perturbed, recovery_set(data, arm, n), cfg.recover, cfg.seed + 2,
                      cfg.model.precision, cfg.model.trust_remote_code)
 
@@ -41,5 +46,7 @@ def recover(
 
     Output: the ``recovered/<arm>/<n>`` checkpoint.
     """
+    from components.training import train_checkpoint
+
     s = recover_spec(cfg, perturbed, data, arm, n)
     return train_checkpoint(s.name, s.parent, s.items, s.cfg, s.seed, s.precision, out_dir, s.trust_remote_code, on_step)

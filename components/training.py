@@ -461,6 +461,7 @@ def train(
                     else:
                         ref = ref_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
                 kl = weight * token_kl(ref[:, :-1], logits, mask, n_tokens=n_answer)
+                del ref
             loss = ce + cfg.kl_penalty * kl
             g_loss, g_ce, g_kl = world.sum(torch.stack([loss.detach(), ce.detach(), kl.detach()]).float()).tolist()
             if not math.isfinite(g_loss):
@@ -475,6 +476,9 @@ def train(
             torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
             opt.step()
             sched.step()
+            # The (B, T, V) logits would otherwise stay alive into the next step's forward
+            # pass, adding a vocabulary-sized tensor to the process's memory peak.
+            del out, logits, ce_tok, loss
             rec = {
                 "step": step, "epoch": epoch, "loss": g_loss, "ce": g_ce, "kl": g_kl,
                 "tokens": sum(len(e.input_ids) for e in glob),

@@ -28,7 +28,6 @@ from components.artifacts import atomic_copy, atomic_write, file_record, git_com
 from components.config import AuditConfig, dump_yaml
 from components.data import SUITES, Item, SuiteData, check_data, items_sha256
 from components.errors import UserError
-from components.metrics import drift_kl, summarise, transitions
 from components.models import check_model_id
 from components.verdict import compute_verdict
 from pipelines.report import write_report
@@ -260,10 +259,15 @@ def _finish_audit(
     data = prep["data"]
     chance = results["probe"]["base"]["knowledge_chance"]
     boot = dict(n_boot=cfg.probe.n_bootstrap, level=cfg.probe.ci_level, seed=cfg.seed)
+    # torch (through components.metrics and components.probe) is imported here, after
+    # the DAG: the driver does not hold it while the stage workers run.
+    from components.metrics import drift_kl, summarise, transitions
     from components.probe import load_ref_logprobs
     from pipelines.dag import parent_stage
 
-    lp = {name: load_ref_logprobs(Path(results["probe"][name]["dir"])) for name in order}
+    # The (P, V) reference log-probs: base and aligned are the KL references, the others
+    # are read one at a time (each is P x vocabulary floats).
+    refs = {name: load_ref_logprobs(Path(results["probe"][name]["dir"])) for name in ("base", "aligned")}
     lengths = np.array(results["probe"]["base"]["answer_tokens"])
     drift = results["drift"]["drift"]
     probe_info = results["probe"]["base"].get("probe")
@@ -277,8 +281,10 @@ def _finish_audit(
     for name in order:
         p = results["probe"][name]
         m = dict(p["metrics"])
-        m["kl_to_base"] = summarise(drift_kl(lp["base"], lp[name], lengths), **boot)
-        m["kl_to_aligned"] = summarise(drift_kl(lp["aligned"], lp[name], lengths), **boot)
+        lp = refs[name] if name in refs else load_ref_logprobs(Path(p["dir"]))
+        m["kl_to_base"] = summarise(drift_kl(refs["base"], lp, lengths), **boot)
+        m["kl_to_aligned"] = summarise(drift_kl(refs["aligned"], lp, lengths), **boot)
+        del lp
         parent = parent_stage(name)
         if parent is not None:
             before, after = results["probe"][parent]["per_item"], p["per_item"]

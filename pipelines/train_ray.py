@@ -42,11 +42,13 @@ import tempfile
 import threading
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from components.config import ScalingSection
 from components.errors import TrainingDiverged, UserError
-from components.training import StageResult, TrainSpec, World, load_train_state, run_spec, train_state_info
+
+if TYPE_CHECKING:  # torch is imported where the training runs, not in the audit's driver
+    from components.training import StageResult, TrainSpec
 
 # Test only: "RANK:STEP:MARKER" makes the worker of that rank exit abruptly (os._exit)
 # after that optimiser step, once (the marker file records that it happened), so the
@@ -121,6 +123,8 @@ def _worker_loop(config: dict) -> dict:
     import ray.train.torch
     import torch
     from ray.train import Checkpoint as RayCheckpoint
+
+    from components.training import World, load_train_state, run_spec
 
     spec: TrainSpec = config["spec"]
     local: bool = config["local"]
@@ -236,6 +240,8 @@ def fit_stage(
     """
     from ray.train import CheckpointConfig, FailureConfig, RunConfig
     from ray.train.torch import TorchTrainer
+
+    from components.training import StageResult, train_state_info
 
     sc = spec.cfg.scaling
     storage = Path(storage_path).resolve()

@@ -151,3 +151,25 @@ def test_changed_penalty_recomputes_only_downstream(tiny_run, home, tmp_path):
     # the weight-drift analysis (over the new checkpoints) run
     assert sorted(new) == ["drift", "perturb", "probe", "probe", "recover"]
     assert s["stages"]["aligned"] == tiny_run[2]["stages"]["aligned"]
+
+
+def test_driver_runs_the_dag_without_torch():
+    """The audit's driver imports no torch until the DAG is done: with the stage workers
+    each holding torch and a model, a driver copy of torch (~150 MB) adds to the peak."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = (
+        "import sys\n"
+        "import pipelines.cli, pipelines.audit, pipelines.dag, components.recover\n"
+        "from components.artifacts import machine_info\n"
+        "machine_info()\n"
+        "print(sorted(m for m in ('torch', 'transformers', 'peft') if m in sys.modules))\n"
+    )
+    root = Path(__file__).resolve().parent.parent
+    out = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "PYTHONPATH": str(root)})
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().splitlines()[-1] == "[]"
