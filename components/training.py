@@ -116,8 +116,17 @@ def token_kl(
 
 
 def _answer_positions(batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Targets shifted by one: position t predicts token t+1. Returns (labels, mask), (B, T-1)."""
-    return batch["input_ids"][:, 1:], batch["answer_mask"][:, 1:]
+    """The positions whose next token is an answer token (position t predicts token t+1).
+
+    Returns:
+        ``(labels, keep)``: ``labels`` (N,) the answer tokens, in row-major order;
+        ``keep`` (B, T) bool, True at the N positions that predict them (transformers'
+        ``logits_to_keep`` mask: the model's output is then the (N, V) logits).
+    """
+    ids, am = batch["input_ids"], batch["answer_mask"].bool()
+    keep = torch.zeros_like(am)
+    keep[:, :-1] = am[:, 1:]
+    return ids[:, 1:][am[:, 1:]], keep
 
 
 def attach_lora(model, cfg: TrainConfig):
@@ -445,22 +454,25 @@ def train(
             if not shard:  # fewer sequences than ranks: take part in the gradient sync with zero weight
                 shard, weight = glob[:1], 0.0
             batch = {k: v.to(device) for k, v in collate(shard, tok.pad_token_id).items()}
-            labels, mask = _answer_positions(batch)
+            labels, keep = _answer_positions(batch)
+            # the loss needs next-token logits only where the next token is an answer
+            # token: the (N, V) logits of those N positions instead of all (B, T, V)
+            fwd = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"],
+                   "logits_to_keep": keep}
             with amp:
-                out = net(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
-            logits = out.logits[:, :-1].float()
-            ce_tok = F.cross_entropy(logits.reshape(-1, logits.size(-1)), labels.reshape(-1), reduction="none")
-            m = mask.reshape(-1).float()
-            ce = weight * (ce_tok * m).sum() / max(n_answer, 1)
+                out = net(**fwd)
+            logits = out.logits.float()
+            ce_tok = F.cross_entropy(logits, labels, reduction="none")
+            ce = weight * ce_tok.sum() / max(n_answer, 1)
             kl = torch.zeros((), device=device)
             if cfg.kl_penalty > 0:
                 with torch.no_grad(), amp:
                     if ref_model is None:
                         with core.disable_adapter():
-                            ref = core(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+                            ref = core(**fwd).logits
                     else:
-                        ref = ref_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-                kl = weight * token_kl(ref[:, :-1], logits, mask, n_tokens=n_answer)
+                        ref = ref_model(**fwd).logits
+                kl = weight * token_kl(ref, logits, torch.ones_like(labels), n_tokens=n_answer)
                 del ref
             loss = ce + cfg.kl_penalty * kl
             g_loss, g_ce, g_kl = world.sum(torch.stack([loss.detach(), ce.detach(), kl.detach()]).float()).tolist()

@@ -95,7 +95,9 @@ def test_two_workers_follow_the_one_worker_loss(ray_audit, tmp_path):
     w1 = load_file(str(tmp_path / "one" / "adapter" / "adapter_model.safetensors"))
     w2 = load_file(str(Path(two["checkpoint"]["adapters"][-1]) / "adapter_model.safetensors"))
     assert w1.keys() == w2.keys()
-    assert max(float((w1[k] - w2[k]).abs().max()) for k in w1) < 1e-4
+    # (Adam divides each update by the gradient's running RMS, so rounding differences of
+    # two shards' matrix products reach ~1e-4 in weights of magnitude ~0.15 in 8 steps)
+    assert max(float((w1[k] - w2[k]).abs().max()) for k in w1) < 5e-4
     # the tolerance is tight: a different global batch (4) moves the curve far more
     spec4 = TrainSpec(spec1.name, base, spec1.items, spec1.cfg.model_copy(update={"batch_size": 4}), spec1.seed)
     l4 = [r["loss"] for r in fit_stage(spec4, tmp_path / "four", tmp_path / "ray_train", "batch4").history]
