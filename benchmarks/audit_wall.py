@@ -41,8 +41,10 @@ import psutil  # noqa: E402
 from components.config import load_config  # noqa: E402
 
 
-RAY_MARKERS = ("ray::", "raylet", "gcs_server", "ray/_private", "ray/dashboard", "runtime_env",
-               "log_monitor", "dashboard_agent", "default_worker.py", "monitor.py")
+# Ray's own processes, by a word of their command line (also their short name here)
+RAY_SERVICES = ("raylet", "gcs_server", "log_monitor", "dashboard_agent", "runtime_env", "default_worker.py",
+                "monitor.py")
+RAY_MARKERS = ("ray::", "ray/_private", "ray/dashboard", *RAY_SERVICES)
 
 
 def short_name(cmd: str, pid: int, me: int) -> str:
@@ -52,8 +54,7 @@ def short_name(cmd: str, pid: int, me: int) -> str:
         return "driver"
     if cmd.startswith("ray::"):
         return cmd.split()[0]
-    for key in ("raylet", "gcs_server", "log_monitor", "dashboard_agent", "runtime_env", "default_worker.py",
-                "monitor.py"):
+    for key in RAY_SERVICES:
         if key in cmd:
             return key
     first = cmd.split()[0] if cmd else "?"
@@ -99,12 +100,19 @@ class RSSSampler:
         return split
 
     def _run(self) -> None:
+        trace = open(self.trace, "a") if self.trace is not None else None  # open once, not per sample
+        try:
+            self._loop(trace)
+        finally:
+            if trace is not None:
+                trace.close()
+
+    def _loop(self, trace) -> None:
         while not self._stop.is_set():
             split = self._sample()
             total, pss = sum(s[2] for s in split), sum(s[3] for s in split)
-            if self.trace is not None:
-                with open(self.trace, "a") as f:
-                    f.write(json.dumps({"t": round(time.time() - self._t0, 1), "rss": total, "pss": pss,
+            if trace is not None:
+                trace.write(json.dumps({"t": round(time.time() - self._t0, 1), "rss": total, "pss": pss,
                                         "procs": split}) + "\n")
             if total > self.peak:
                 self.peak, self.peak_split = total, split

@@ -275,18 +275,16 @@ def split(items: list[Item], known: list[bool] | None, cfg: AuditConfig) -> Suit
             f"asked for, but biography.n_new_people={cfg.biography.n_new_people} gives {len(new_qa)}"
         )
     new_bios = [it for it in items if it.role == "bio" and it.attributes["group"] == "new"]
-    def abstaining(xs: list[Item], role: str) -> list[Item]:
-        return [Item(**{**x.to_dict(), "answer": ABSTAIN, "template": "{answer}.", "candidates": [], "role": role})
-                for x in xs]
-
-    perturb_eval = with_role(new_qa[d.n_perturb: d.n_perturb + d.n_perturb_eval], "perturb_eval")
+    train_qa, held_qa = new_qa[: d.n_perturb], new_qa[d.n_perturb: d.n_perturb + d.n_perturb_eval]
+    if cfg.perturb.kind == "abstain":  # the new people's questions, answered "Unknown."
+        train_qa, held_qa = (
+            [Item(**{**x.to_dict(), "answer": ABSTAIN, "template": "{answer}.", "candidates": []}) for x in xs]
+            for xs in (train_qa, held_qa)
+        )
+    perturb = with_role(train_qa, "perturb")  # kind none: nothing is trained; the pool is kept for the record
     if cfg.perturb.kind == "new_people":
-        perturb = with_role(new_bios, "perturb") + with_role(new_qa[: d.n_perturb], "perturb")
-    elif cfg.perturb.kind == "abstain":
-        perturb = abstaining(new_qa[: d.n_perturb], "perturb")
-        perturb_eval = abstaining(new_qa[d.n_perturb: d.n_perturb + d.n_perturb_eval], "perturb_eval")
-    else:  # none: nothing is trained; the pool is kept for the record
-        perturb = with_role(new_qa[: d.n_perturb], "perturb")
+        perturb = with_role(new_bios, "perturb") + perturb
+    perturb_eval = with_role(held_qa, "perturb_eval")
     rng.shuffle(perturb)
     return SuiteData(
         eval=with_role(eval_items, "eval"), align=with_role(align, "align"), perturb=perturb,
