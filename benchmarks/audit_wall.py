@@ -4,8 +4,9 @@ Two runs of the same config, each with an empty stage store (the converted model
 is shared, so neither pays the GGUF conversion):
 
 1. ``orchestrated``: ``run_audit`` as ``cl-audit run`` does it: Ray tasks (stages in
-   parallel where the DAG allows) and MLflow logging (sqlite). It runs first, so the
-   driver holds what ``cl-audit run``'s does (no torch, no model).
+   parallel where the DAG allows; the workers on mimalloc unless ``CL_AUDIT_MALLOC=system``)
+   and MLflow logging (sqlite). It runs first, so the driver holds what ``cl-audit run``'s
+   does (no torch, no model).
 2. ``direct``: the stage functions called one after another in this process (torch on
    all cores), no Ray, no MLflow. Gives the time of model load, the known-fact filter,
    each training stage and each probe.
@@ -243,8 +244,12 @@ def main() -> None:
             stages = direct(cfg, homes[-1])
             direct_wall = time.perf_counter() - s
 
+    from pipelines.dag import worker_allocator_env
+
     print(f"config: capitals{' --quick' if args.quick else ''} {' '.join(args.overrides)}; cores={os.cpu_count()}"
           f"; load average at the end {' '.join(f'{x:.1f}' for x in os.getloadavg())}")
+    alloc = "mimalloc" if worker_allocator_env() else "system malloc"
+    print(f"allocator: orchestrated stage workers {alloc}; this process (driver, direct run) system malloc")
     if rss_d is not None:
         print(f"{'stage (direct, in-process)':42s} {'seconds':>8s}")
         for k, v in stages.items():

@@ -124,7 +124,7 @@ def run_audit(
     """
     from ray.exceptions import RayTaskError
 
-    from pipelines.dag import run_dag
+    from pipelines.dag import run_dag, worker_allocator_env
 
     if register is not None:
         check_model_name(register)
@@ -134,6 +134,7 @@ def run_audit(
     uri = resolve_tracking_uri(tracking_uri, home)
     check_data(cfg)
     check_model_id(cfg.model, home / "cache")
+    worker_allocator_env()  # a bad CL_AUDIT_MALLOC stops here, before any MLflow run
     tracker = AuditTracker(uri, cfg.experiment, journal=out_dir / JOURNAL)
     say = progress or (lambda msg: None)
     # A run folder whose audit was interrupted (killed, crashed) holds the MLflow runs

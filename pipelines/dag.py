@@ -32,15 +32,62 @@ TASK_ENV = {
 
 def _release_memory() -> None:
     """After a stage task: free its model and hand freed heap pages back to the OS, so an
-    idle Ray worker waiting for its next task does not hold a model's worth of memory."""
+    idle Ray worker waiting for its next task does not hold a model's worth of memory
+    (mimalloc's ``mi_collect`` where the worker runs on it, else glibc's ``malloc_trim``)."""
     import ctypes
     import gc
 
     gc.collect()
     try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
+        libc = ctypes.CDLL(None)
+        if hasattr(libc, "mi_collect"):  # mimalloc preloaded (worker_allocator_env)
+            libc.mi_collect(ctypes.c_bool(True))
+        else:
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):  # not glibc
         pass
+
+
+MALLOC_ENV = "CL_AUDIT_MALLOC"
+MALLOC_CHOICES = ("mimalloc", "system")
+
+
+def worker_allocator_env() -> dict[str, str]:
+    """Environment that makes the local Ray's stage workers allocate with mimalloc.
+
+    PyTorch on CPU frees and re-allocates every step's activations; glibc's malloc keeps
+    much of that memory in per-thread arenas, so a LoRA step on SmolLM2-135M peaks
+    ~0.6 GiB above its live tensors. mimalloc (the ``cmeel-mimalloc`` wheel, preloaded
+    with ``LD_PRELOAD`` into the workers Ray starts) keeps the peak close to them at the
+    same speed; README "Performance" has the figures. Allocation does not change any
+    arithmetic: the audit's numbers are the same with either allocator.
+
+    ``CL_AUDIT_MALLOC=system`` keeps the system allocator. Only Linux and only a Ray that
+    this process starts (with ``RAY_ADDRESS`` set the cluster's workers are left as its
+    image made them).
+
+    Returns:
+        ``{"LD_PRELOAD": path}``, or ``{}`` (system allocator, not Linux, a cluster, or
+        the wheel not installed).
+
+    Raises:
+        UserError: ``CL_AUDIT_MALLOC`` is neither ``mimalloc`` nor ``system``.
+    """
+    import sys
+    from importlib.metadata import PackageNotFoundError, distribution
+
+    from components.errors import UserError
+
+    choice = os.environ.get(MALLOC_ENV, "mimalloc").strip().lower() or "mimalloc"
+    if choice not in MALLOC_CHOICES:
+        raise UserError(f"{MALLOC_ENV}={os.environ[MALLOC_ENV]!r}: expected one of {', '.join(MALLOC_CHOICES)}")
+    if choice == "system" or not sys.platform.startswith("linux") or os.environ.get("RAY_ADDRESS"):
+        return {}
+    try:
+        lib = Path(str(distribution("cmeel-mimalloc").locate_file("cmeel.prefix/lib/libmimalloc.so")))
+    except PackageNotFoundError:
+        return {}
+    return {"LD_PRELOAD": str(lib)} if lib.is_file() else {}
 
 
 def _set_threads() -> None:
@@ -298,7 +345,12 @@ def parent_stage(name: str) -> str | None:
 
 
 def init_ray() -> None:
-    """Connect to ``RAY_ADDRESS`` if set, else start a local Ray on this machine (no dashboard)."""
+    """Connect to ``RAY_ADDRESS`` if set, else start a local Ray on this machine (no
+    dashboard; stage workers on mimalloc, :func:`worker_allocator_env`).
+
+    Raises:
+        UserError: a bad ``CL_AUDIT_MALLOC``.
+    """
     if ray.is_initialized():
         return
     address = os.environ.get("RAY_ADDRESS")
@@ -307,7 +359,7 @@ def init_ray() -> None:
         include_dashboard=False if not address else None,
         logging_level="ERROR",
         log_to_driver=bool(os.environ.get("CL_AUDIT_WORKER_LOGS")),
-        runtime_env={"env_vars": TASK_ENV},
+        runtime_env={"env_vars": {**TASK_ENV, **worker_allocator_env()}},
         configure_logging=True,
     )
 

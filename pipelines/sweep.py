@@ -455,7 +455,7 @@ def run_sweep(
 
     from components.models import check_model_id
     from pipelines.audit import check_writable, default_home, versions
-    from pipelines.dag import init_ray, prepare
+    from pipelines.dag import init_ray, prepare, worker_allocator_env
     from pipelines.tracking import AuditTracker, redact_uri, resolve_tracking_uri
 
     home = Path(home or default_home()).resolve()
@@ -476,6 +476,7 @@ def run_sweep(
             f"--out {out_dir}: holds a sweep of another config (digest {state.get('sweep_digest')}, "
             f"this one {digest}); choose another --out"
         )
+    worker_allocator_env()  # a bad CL_AUDIT_MALLOC stops here, before any MLflow run
     tracker = AuditTracker(uri, cfg.experiment)
 
     init_ray()

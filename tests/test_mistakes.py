@@ -102,6 +102,11 @@ MISTAKES = [
     ("sweep: unknown search", "sweep --config {tiny} --set sweep.search=bogus", "sweep.search: Input should be"),
     ("sweep: empty grid", "sweep --config {tiny} --set sweep.kl_penalty=[]", "sweep.kl_penalty"),
     ("compile: unknown suite", "compile nosuchsuite", "error: suite 'nosuchsuite': unknown"),
+    # the environment (NAME=value before the command)
+    ("unknown allocator", "CL_AUDIT_MALLOC=jemalloc run --config {tiny}",
+     "error: CL_AUDIT_MALLOC='jemalloc': expected one of mimalloc, system"),
+    ("sweep: unknown allocator", "CL_AUDIT_MALLOC=tcmalloc sweep --config {tiny}",
+     "error: CL_AUDIT_MALLOC='tcmalloc': expected one of mimalloc, system"),
     # the user's data (custom suite)
     ("malformed JSONL line", "run custom --data {bad_jsonl}",
      "error: {bad_jsonl}: line 2: invalid JSON (Expecting property name enclosed in double quotes, column 2)"),
@@ -134,11 +139,16 @@ def test_user_mistake_exits_2_with_one_line_and_writes_nothing(args, expected, t
     home.mkdir()
     values = {**_files(tmp_path), "tiny": str(TINY), "capitals": str(CAPITALS), "port": str(_free_port())}
     argv = args.format(**values).split()
+    env_set = {}
+    while argv and "=" in argv[0] and argv[0].split("=")[0].isupper():  # NAME=value before the command
+        k, v = argv.pop(0).split("=", 1)
+        env_set[k] = v
     if argv[0] in ("run", "sweep") and "--out" not in argv:
         argv += ["--out", str(out)]
     env = {**os.environ, "CL_AUDIT_HOME": str(home), "HF_HUB_OFFLINE": "1"}
-    for k in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI", "CL_AUDIT_FAILPOINTS"):
+    for k in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI", "CL_AUDIT_FAILPOINTS", "CL_AUDIT_MALLOC"):
         env.pop(k, None)
+    env.update(env_set)
     r = subprocess.run([sys.executable, "-m", "pipelines.cli", *argv], cwd=ROOT, env=env, capture_output=True,
                        text=True, timeout=300)
     assert r.returncode == 2, r.stdout[-2000:] + r.stderr[-2000:]
@@ -164,8 +174,9 @@ def test_diverged_training_stops_the_stage_and_keeps_the_earlier_artifacts(home,
     (home / "cache").mkdir(exist_ok=True)
     (h / "cache").symlink_to(home / "cache", target_is_directory=True)
     env = {**os.environ, "CL_AUDIT_HOME": str(h), "HF_HUB_OFFLINE": "1"}
-    for k in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI", "CL_AUDIT_FAILPOINTS"):
+    for k in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI", "CL_AUDIT_FAILPOINTS", "CL_AUDIT_MALLOC"):
         env.pop(k, None)
+    env.update(env_set)
     r = subprocess.run([sys.executable, "-m", "pipelines.cli", "run", "--config", str(TINY), "--out", str(out),
                         "--set", "perturb.lr=1e30"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 2, r.stdout[-2000:] + r.stderr[-2000:]
