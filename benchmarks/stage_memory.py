@@ -51,21 +51,29 @@ def child(home: Path, overrides: list[str]) -> None:
     from pipelines.dag import prepare, probe_stage, train_stage
 
     torch.set_num_threads(2)
-    peak = [0]
+    lock = threading.Lock()
+    state = {"gen": 0, "peak": 0}  # a sample read before a reset is not counted after it
 
     def sample() -> None:
         while True:
-            peak[0] = max(peak[0], _rss_mib())
+            with lock:
+                gen = state["gen"]
+            r = _rss_mib()
+            with lock:
+                if state["gen"] == gen:
+                    state["peak"] = max(state["peak"], r)
             time.sleep(0.02)
 
     threading.Thread(target=sample, daemon=True).start()
     cfg = load_config("capitals", overrides=overrides)
     prep = prepare(cfg, home)
-    out: dict = {"after prepare": _rss_mib()}
+    out: dict = {}
     results = {}
     stage = {"checkpoint": prep["base"]}
     for name in STAGES:
-        peak[0] = 0
+        with lock:
+            state["gen"] += 1
+            state["peak"] = _rss_mib()
         s = time.perf_counter()
         if name == "tune":
             stage = results[name] = train_stage("tune", cfg, home, stage, prep["data"])
@@ -73,7 +81,10 @@ def child(home: Path, overrides: list[str]) -> None:
             stage = results[name] = train_stage("perturb", cfg, home, stage, prep["data"])
         else:
             results[name] = probe_stage(cfg, home, stage, prep["data"])
-        out[name] = {"seconds": time.perf_counter() - s, "peak_mib": peak[0], "after_mib": _rss_mib()}
+        seconds = time.perf_counter() - s
+        with lock:
+            peak = max(state["peak"], _rss_mib())
+        out[name] = {"seconds": seconds, "peak_mib": peak, "after_mib": _rss_mib()}
     out["losses"] = [[h["loss"] for h in results[k]["history"]] for k in ("tune", "perturb")]
     out["metrics"] = {k: v["value"] for k, v in results["probe perturbed"]["metrics"].items()}
     print("RESULT " + json.dumps(out), flush=True)
@@ -109,7 +120,8 @@ def main() -> None:
         (home / "cache").symlink_to(cache)
         shutil.copytree(seed_home / "store", home / "store", ignore=shutil.ignore_patterns("*.lock", "executions.log"))
         cmd = [sys.executable, __file__, "--child", str(home), *sum((["--set", o] for o in args.overrides), [])]
-        r = subprocess.run(cmd, env={**os.environ, **env}, capture_output=True, text=True)
+        clean = {k: v for k, v in os.environ.items() if k != "LD_PRELOAD" and not k.startswith("MALLOC_")}
+        r = subprocess.run(cmd, env={**clean, **env}, capture_output=True, text=True)
         line = next((x for x in r.stdout.splitlines() if x.startswith("RESULT ")), None)
         if r.returncode != 0 or line is None:
             sys.exit(f"stage_memory: the {name} run failed:\n{r.stderr[-3000:]}")
@@ -129,6 +141,8 @@ def main() -> None:
                   f" {st['seconds']:8.1f} {st['seconds'] / b['seconds']:9.2f} {st['after_mib']:9d}")
     same = all(f["losses"] == base["losses"] and f["metrics"] == base["metrics"] for f in figures.values())
     print(f"step losses and probe metrics identical under every allocator: {same}")
+    if not same:
+        sys.exit(1)
 
 
 if __name__ == "__main__":

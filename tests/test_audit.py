@@ -184,6 +184,7 @@ def test_allocator_choice(monkeypatch):
 
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     monkeypatch.delenv("CL_AUDIT_MALLOC", raising=False)
+    monkeypatch.delenv("LD_PRELOAD", raising=False)
     env = worker_allocator_env()
     assert list(env) == ["LD_PRELOAD"]
     lib = Path(env["LD_PRELOAD"])
@@ -193,6 +194,9 @@ def test_allocator_choice(monkeypatch):
     monkeypatch.setenv("CL_AUDIT_MALLOC", "system")
     assert worker_allocator_env() == {}
     monkeypatch.setenv("CL_AUDIT_MALLOC", "mimalloc")
+    monkeypatch.setenv("LD_PRELOAD", "/opt/my-profiler.so")  # the user's own preload is kept
+    assert worker_allocator_env() == {}
+    monkeypatch.delenv("LD_PRELOAD")
     monkeypatch.setenv("RAY_ADDRESS", "http://127.0.0.1:8265")
     assert worker_allocator_env() == {}
     monkeypatch.setenv("CL_AUDIT_MALLOC", "jemalloc")
@@ -215,6 +219,7 @@ def test_stage_workers_run_on_mimalloc_and_hand_memory_back(ray_local):
             return int(next(x for x in open("/proc/self/status") if x.startswith("VmRSS")).split()[1]) * 1024
 
         mapped = any("libmimalloc" in x for x in open("/proc/self/maps"))
+        _release_memory()  # a reused worker: nothing freed-but-kept from an earlier task
         before = rss()
         blocks = [np.ones(2**20 // 8) for _ in range(200)]  # 200 blocks of 1 MiB
         grown = rss() - before
