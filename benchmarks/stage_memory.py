@@ -11,9 +11,10 @@ the known-fact filter and the converted model taken from the cache:
   (``MALLOC_MMAP_THRESHOLD_=262144``): every larger block goes back to the OS when freed,
   which shows how much of glibc's peak is freed memory it kept, not live tensors.
 
-A thread samples the process's RSS (``VmRSS``) every 20 ms; the peak of each stage, its
-seconds and the ratios to ``system`` are printed, and the stage results are checked to be
-the same under every allocator (the losses of every step, the probe's metrics).
+The kernel's peak RSS of the process (``VmHWM``, reset before each stage) gives each
+stage's exact peak; it, the stage's seconds and the ratios to ``system`` are printed,
+and the stage results are checked to be the same under every allocator (the losses of
+every step, the probe's metrics).
 
 Usage:
     PYTHONPATH=. .venv/bin/python benchmarks/stage_memory.py [--set key=value ...]
@@ -28,7 +29,6 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -38,9 +38,16 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 STAGES = ("tune", "perturb", "probe perturbed")
 
 
-def _rss_mib() -> int:
+def _status_mib(field: str) -> int:
+    """``VmRSS`` (now) or ``VmHWM`` (the peak since the last reset) of this process, MiB."""
     with open("/proc/self/status") as f:
-        return next(int(x.split()[1]) // 1024 for x in f if x.startswith("VmRSS"))
+        return next(int(x.split()[1]) // 1024 for x in f if x.startswith(field))
+
+
+def _reset_peak() -> None:
+    """Start a new ``VmHWM`` peak at the current RSS (Linux >= 4.0: ``clear_refs`` 5)."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
 
 
 def child(home: Path, overrides: list[str]) -> None:
@@ -51,29 +58,13 @@ def child(home: Path, overrides: list[str]) -> None:
     from pipelines.dag import prepare, probe_stage, train_stage
 
     torch.set_num_threads(2)
-    lock = threading.Lock()
-    state = {"gen": 0, "peak": 0}  # a sample read before a reset is not counted after it
-
-    def sample() -> None:
-        while True:
-            with lock:
-                gen = state["gen"]
-            r = _rss_mib()
-            with lock:
-                if state["gen"] == gen:
-                    state["peak"] = max(state["peak"], r)
-            time.sleep(0.02)
-
-    threading.Thread(target=sample, daemon=True).start()
     cfg = load_config("capitals", overrides=overrides)
     prep = prepare(cfg, home)
     out: dict = {}
     results = {}
     stage = {"checkpoint": prep["base"]}
     for name in STAGES:
-        with lock:
-            state["gen"] += 1
-            state["peak"] = _rss_mib()
+        _reset_peak()
         s = time.perf_counter()
         if name == "tune":
             stage = results[name] = train_stage("tune", cfg, home, stage, prep["data"])
@@ -81,10 +72,8 @@ def child(home: Path, overrides: list[str]) -> None:
             stage = results[name] = train_stage("perturb", cfg, home, stage, prep["data"])
         else:
             results[name] = probe_stage(cfg, home, stage, prep["data"])
-        seconds = time.perf_counter() - s
-        with lock:
-            peak = max(state["peak"], _rss_mib())
-        out[name] = {"seconds": seconds, "peak_mib": peak, "after_mib": _rss_mib()}
+        out[name] = {"seconds": time.perf_counter() - s, "peak_mib": _status_mib("VmHWM"),
+                     "after_mib": _status_mib("VmRSS")}
     out["losses"] = [[h["loss"] for h in results[k]["history"]] for k in ("tune", "perturb")]
     out["metrics"] = {k: v["value"] for k, v in results["probe perturbed"]["metrics"].items()}
     print("RESULT " + json.dumps(out), flush=True)

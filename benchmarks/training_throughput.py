@@ -74,9 +74,11 @@ def decoder_params(model) -> tuple[int, int]:
     return body, head.numel()
 
 
-def answer_targets(tok, items: list[Item]) -> int:
-    """Positions whose next token is an answer token (where our loop computes logits)."""
-    return sum(sum(e.answer_mask[1:]) for e in encode(tok, items, SEQ))
+def logit_share(tok, items: list[Item]) -> float:
+    """Share of the positions whose next token is an answer token (where our loop
+    computes logits), over all positions of ``items``."""
+    enc = encode(tok, items, SEQ)
+    return sum(sum(e.answer_mask[1:]) for e in enc) / sum(len(e.input_ids) for e in enc)
 
 
 def run_ours(base: Checkpoint, items, steps: int, precision: str) -> tuple[float, float]:
@@ -151,7 +153,7 @@ def main() -> None:
     model, _ = load_checkpoint(base)
     body, head = decoder_params(model)
     measured = batch_items[BATCH: BATCH * (args.steps + 1)]  # the first step is warm-up
-    share = answer_targets(tok, measured) / sum(len(e.input_ids) for e in encode(tok, measured, SEQ))
+    share = logit_share(tok, measured)
     flops = 4 * (body + head * share) * ours
     print(f"threads={torch.get_num_threads()} precision={args.precision} batch={BATCH}x{SEQ} steps={args.steps}")
     print(f"matmul rate          : {mm / 1e9:8.1f} GFLOP/s   (logits at {share:.0%} of our positions)")

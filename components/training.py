@@ -92,17 +92,14 @@ def collate(batch: list[Encoded], pad_id: int) -> dict[str, torch.Tensor]:
     return {"input_ids": ids, "attention_mask": att, "answer_mask": ans * att}
 
 
-def token_kl(
-    ref_logits: torch.Tensor, logits: torch.Tensor, mask: torch.Tensor, n_tokens: float | None = None
-) -> torch.Tensor:
-    """Mean forward KL(pi_ref || pi) over masked positions.
+def token_kl(ref_logits: torch.Tensor, logits: torch.Tensor, n_tokens: float | None = None) -> torch.Tensor:
+    """Mean forward KL(pi_ref || pi) over positions.
 
     Args:
-        ref_logits, logits: (B, T, V) next-token logits of the reference and the model.
-        mask: (B, T) 1 where the position counts.
-        n_tokens: the divisor; default the number of masked positions here. A DDP rank
-            passes the count of the whole global batch, so that the ranks' terms sum to
-            the global mean.
+        ref_logits, logits: (N, V) next-token logits of the reference and the model at
+            the N positions that count (the training loop's answer positions).
+        n_tokens: the divisor; default N. A DDP rank passes the count of the whole
+            global batch, so that the ranks' terms sum to the global mean.
 
     Returns:
         Scalar tensor, nats per token (Shenfeld et al. 2025 measure drift this way).
@@ -110,9 +107,8 @@ def token_kl(
     ref_lp = F.log_softmax(ref_logits.float(), dim=-1)
     lp = F.log_softmax(logits.float(), dim=-1)
     kl = (ref_lp.exp() * (ref_lp - lp)).sum(-1)
-    m = mask.float()
-    denom = m.sum().clamp(min=1) if n_tokens is None else max(float(n_tokens), 1.0)
-    return (kl * m).sum() / denom
+    denom = max(kl.numel(), 1) if n_tokens is None else max(float(n_tokens), 1.0)
+    return kl.sum() / denom
 
 
 def _answer_positions(batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -472,7 +468,7 @@ def train(
                             ref = core(**fwd).logits
                     else:
                         ref = ref_model(**fwd).logits
-                kl = weight * token_kl(ref, logits, torch.ones_like(labels), n_tokens=n_answer)
+                kl = weight * token_kl(ref, logits, n_tokens=n_answer)
                 del ref
             loss = ce + cfg.kl_penalty * kl
             g_loss, g_ce, g_kl = world.sum(torch.stack([loss.detach(), ce.detach(), kl.detach()]).float()).tolist()

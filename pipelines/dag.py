@@ -59,8 +59,8 @@ def worker_allocator_env() -> dict[str, str]:
     much of that memory in per-thread arenas, so a LoRA step on SmolLM2-135M peaks
     ~0.6 GiB above its live tensors. mimalloc (the ``cmeel-mimalloc`` wheel, preloaded
     with ``LD_PRELOAD`` into every worker the local Ray starts: stage tasks, Ray Train
-    and Tune actors) keeps the peak within ~0.1 GiB of them for 3-6% more time in a
-    stage; README "Performance" has the figures. Allocation does not change any
+    and Tune actors) keeps the peak within ~0.1 GiB of them at about the same speed;
+    README "Performance" has the figures. Allocation does not change any
     arithmetic: the audit's numbers are the same with either allocator.
 
     ``CL_AUDIT_MALLOC=system`` keeps the system allocator. Only Linux and only a Ray that
