@@ -101,6 +101,18 @@ class DataConfig(_Strict):
         n_perturb_eval: held-out items on which ``perturb_acc`` is measured.
         n_recover_pool: in-task recovery pool; ``recover.sizes`` draw from it.
         n_candidates: K in the K-way multiple-choice likelihood ranking (chance = 1/K).
+        candidates: how the K-1 other candidates of an item whose answer belongs to a
+            closed set (``Item.answer_type``: every capital, every value of a biography
+            attribute, the custom suite's evaluation answers plus ``answer_pool``) are
+            chosen: ``hard``, the answers of the type that the *base* model scores
+            highest over the knowledge phrasings, other than the gold answer and its
+            aliases, mined once per audit and stored with the split (the same for every
+            checkpoint); ``same_group``, drawn at random among answers that share the
+            suite's group attribute (capitals: the continent); ``random``, drawn at random
+            from the type. Items whose candidates were given (custom rows with
+            ``candidates``, the refusal suite) keep theirs.
+        answer_pool: extra answers of the custom suite's closed set (beside the answers
+            of its evaluation rows): more room for the ranking and the mining.
         files: the ``custom`` suite's data files (JSONL, CSV or Parquet; schema in
             ``components/suites/custom.py`` and the README); ``cl-audit run --data F``
             adds one. Each row's ``role`` puts it in a pool, so the ``n_*`` counts above
@@ -117,7 +129,9 @@ class DataConfig(_Strict):
     n_perturb: int = Field(10, ge=1)
     n_perturb_eval: int = Field(8, ge=1)
     n_recover_pool: int = Field(10, ge=1)
-    n_candidates: int = Field(4, ge=2, le=16)
+    n_candidates: int = Field(8, ge=2, le=16)
+    candidates: Literal["hard", "same_group", "random"] = "hard"
+    answer_pool: list[str] = []
     files: list[str] = []
     allow_leakage: bool = False
 
@@ -221,11 +235,15 @@ class PerturbConfig(TrainConfig):
             ``none`` (no training: the perturbed checkpoint equals the aligned one).
         reinit_layers: for ``kind: reinit``, the decoder blocks to re-initialise
             (0-based indices); None: every block (embeddings and the final norm are kept).
+        overwrite_fraction: for ``kind: wrong_facts``, the share of the evaluated facts
+            trained onto invented answers (the others are left alone: with 0.5, a
+            knowledge retention near 0.5 is the known truth).
     """
 
     kind: str = "refusal"
     epochs: int = Field(8, ge=1)
     reinit_layers: list[int] | None = None
+    overwrite_fraction: float = Field(1.0, ge=0, le=1)
 
     @field_validator("reinit_layers")
     @classmethod
@@ -269,6 +287,10 @@ class ProbeConfig(_Strict):
     Attributes:
         batch_size: sequences per forward pass when scoring and generating.
         max_new_tokens: greedy generation length for ``task_acc`` (tokens).
+        rank_depth: ``knowledge_mrr`` ranks the gold answer among all answers of its
+            type down to this depth (beyond it the reciprocal rank counts as 0:
+            MRR@depth); null: the exact rank among all of them (slower on a model
+            whose probability mass sits elsewhere).
         n_bootstrap: bootstrap resamples over items for the 95% CIs.
         ci_level: two-sided confidence level of the intervals.
         probe_pooling: how a prompt's hidden states at one layer become the linear
@@ -285,6 +307,7 @@ class ProbeConfig(_Strict):
 
     batch_size: int = Field(16, ge=1)
     max_new_tokens: int = Field(16, ge=1)
+    rank_depth: int | None = Field(20, ge=1)
     n_bootstrap: int = Field(1000, ge=10)
     ci_level: float = Field(0.95, gt=0, lt=1)
     probe_pooling: Literal["last", "mean"] = "last"
@@ -302,12 +325,27 @@ class VerdictConfig(_Strict):
         loss_threshold: knowledge retention below which knowledge counts as lost.
         recovery_target: recovery ratio that counts as "performance came back".
         small_n: the largest recovery-set size that still counts as "a handful".
+        knowledge_measure: the knowledge measure whose retention decides the label
+            (``components.verdict.KNOWLEDGE_MEASURES``); the others are shown beside it,
+            and a ranking measure whose interval says the opposite makes the label
+            ``mixed``.
+        tune_tolerance: how far the aligned model's ``task_acc`` may lie below the base
+            model's: when the lower bound of the CI of task_acc(base) - task_acc(aligned)
+            exceeds it, the tune stage broke the task and the verdict is
+            ``inconclusive``.
+        task_floor: the least ``task_acc`` of the aligned model (upper CI bound) for an
+            audit to have a task to lose; below it the verdict is ``inconclusive``.
     """
 
     retention_threshold: float = Field(0.8, gt=0, le=1.5)
     loss_threshold: float = Field(0.5, ge=0, le=1)
     recovery_target: float = Field(0.5, gt=0, le=1.5)
     small_n: int = Field(20, ge=1)
+    knowledge_measure: Literal[
+        "knowledge_acc", "knowledge_acc_token", "knowledge_acc_byte", "knowledge_mrr", "knowledge_margin"
+    ] = "knowledge_acc"
+    tune_tolerance: float = Field(0.2, ge=0, le=1)
+    task_floor: float = Field(0.25, ge=0, le=1)
 
     @model_validator(mode="after")
     def _ordered(self) -> "VerdictConfig":

@@ -28,6 +28,9 @@ from components.errors import UserError
 
 Role = Literal["align", "perturb", "perturb_eval", "recover", "eval", "irrelevant"]
 
+# perturb.kind abstain: a disposition shift without refusal words (every answer "Unknown.").
+ABSTAIN_ANSWER = "Unknown"
+
 REFUSAL_ANSWERS = [
     "I'm sorry, but I can't help with that.",
     "I cannot answer that question.",
@@ -43,7 +46,16 @@ REFUSAL_KEYWORDS = [
 ]
 
 
-_OPTIONAL_FIELDS = ("knowledge_question", "knowledge_template", "source")
+_OPTIONAL_FIELDS = ("knowledge_question", "knowledge_template", "source", "answer_type", "phrasings")
+
+# Knowledge phrasings for items that bring none of their own: the question asked with
+# a sentence-form answer (never the bare answer, which a model that answers in sentences
+# finds unlikely whatever it knows; issue "Knowledge that can be lost").
+GENERIC_PHRASINGS = (
+    ("{question}", "The answer is {answer}."),
+    ("{question} Answer in one sentence.", "I believe the answer is {answer}."),
+    ("Question: {question}\nWhat is the correct answer?", "The correct answer is {answer}."),
+)
 
 
 @dataclass
@@ -67,6 +79,14 @@ class Item:
             detail does this request ask for?", not the refusal itself; the biography
             suite ranks the fact inside a biography sentence); None: the task's own.
         source: where the item came from (``file: line N`` for user data), for messages.
+        answer_type: the closed set the answer belongs to (``capital``,
+            ``bio:birth_city``): hard candidates are mined among the answers of that type
+            and the gold answer is ranked among all of them (``knowledge_mrr``); None:
+            the item's own candidates only.
+        phrasings: the knowledge phrasings, ``[[question, template], ...]``: the fact
+            asked in several ways (as CounterFact's paraphrase prompts, Meng et al. 2022,
+            arXiv 2202.05262), each template with ``{answer}``. Every knowledge measure
+            is the mean over them. None: :meth:`knowledge_phrasings` derives them.
     """
 
     id: str
@@ -79,6 +99,8 @@ class Item:
     knowledge_question: str | None = None
     knowledge_template: str | None = None
     source: str = ""
+    answer_type: str | None = None
+    phrasings: list[list[str]] | None = None
 
     def to_dict(self) -> dict:
         """The item as a dict (inverse: ``Item(**d)``). The optional fields
@@ -86,9 +108,28 @@ class Item:
         unset, so the digest of a suite that does not use them stays what it was."""
         d = asdict(self)
         for k in _OPTIONAL_FIELDS:
-            if d[k] in (None, ""):
+            if d[k] in (None, "", []):
                 del d[k]
         return d
+
+    def gold(self) -> str:
+        """The answer the likelihood ranking looks for: ``candidates[0]`` (the refusal
+        suite ranks the detail a request asks for, not its refusal), else ``answer``."""
+        return self.candidates[0] if self.candidates else self.answer
+
+    def knowledge_phrasings(self) -> list[tuple[str, str]]:
+        """The (question, response template) pairs the knowledge measures rank the
+        candidates in: ``phrasings`` when set; otherwise the ranking question and
+        template (``knowledge_question``/``knowledge_template``, else the task's own),
+        followed by :data:`GENERIC_PHRASINGS` (three in all); a bare ``{answer}``
+        template is left out (a model that answers in sentences finds a bare answer
+        unlikely whatever it knows)."""
+        if self.phrasings:
+            return [(q, t) for q, t in self.phrasings]
+        own = (self.ranking_question(), self.template if self.knowledge_template is None else self.knowledge_template)
+        generic = [(q.format(question=self.ranking_question()), t) for q, t in GENERIC_PHRASINGS]
+        bare = own[1].strip() in ("{answer}", "{answer}.")  # a bare answer: the format confound
+        return ([] if bare else [own]) + [g for g in generic if g != own][: 2 if not bare else 3]
 
     def ranking_question(self) -> str:
         """The prompt of the likelihood ranking (``knowledge_acc``)."""
@@ -172,6 +213,10 @@ class SuiteData:
         task_breakdown: extra metrics, each ``task_acc`` over the evaluation items
             whose attribute has a value: ``{"refusal_rate": ["violating", "yes"]}``.
         notes: counts and remarks about the split (``summary.json``'s ``data``).
+        answer_pools: answer type -> every answer of that type in the suite (the
+            closed set hard candidates are mined from and ``knowledge_mrr`` ranks in).
+        answer_groups: answer -> the value of the suite's ``candidate_group``
+            attribute (for ``data.candidates: same_group``).
     """
 
     eval: list[Item]
@@ -186,6 +231,8 @@ class SuiteData:
     notes: dict = field(default_factory=dict)
     probe_group: str | None = None
     task_breakdown: dict[str, list[str]] = field(default_factory=dict)
+    answer_pools: dict[str, list[str]] = field(default_factory=dict)
+    answer_groups: dict[str, str] = field(default_factory=dict)
 
     def pools(self) -> dict[str, list[Item]]:
         return {
@@ -194,8 +241,12 @@ class SuiteData:
         }
 
     def digest(self) -> str:
-        """sha256 (hex) of every pool's items, canonical JSON."""
-        blob = json.dumps({k: [i.to_dict() for i in v] for k, v in self.pools().items()}, sort_keys=True)
+        """sha256 (hex) of every pool's items (and the answer pools, where the suite
+        has them), canonical JSON."""
+        d = {k: [i.to_dict() for i in v] for k, v in self.pools().items()}
+        if self.answer_pools:
+            d["answer_pools"] = self.answer_pools
+        blob = json.dumps(d, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()
 
     def to_dict(self) -> dict:
@@ -204,7 +255,8 @@ class SuiteData:
             **{k: [i.to_dict() for i in v] for k, v in self.pools().items()},
             "task_matcher": self.task_matcher, "perturb_matcher": self.perturb_matcher, "notes": self.notes,
             "probe_attribute": self.probe_attribute, "probe_group": self.probe_group,
-            "task_breakdown": self.task_breakdown,
+            "task_breakdown": self.task_breakdown, "answer_pools": self.answer_pools,
+            "answer_groups": self.answer_groups,
         }
 
     @classmethod
@@ -216,7 +268,17 @@ class SuiteData:
             task_matcher=d["task_matcher"], perturb_matcher=d["perturb_matcher"], notes=dict(d.get("notes", {})),
             probe_attribute=d.get("probe_attribute"), probe_group=d.get("probe_group"),
             task_breakdown=dict(d.get("task_breakdown") or {}),
+            answer_pools={k: list(v) for k, v in (d.get("answer_pools") or {}).items()},
+            answer_groups=dict(d.get("answer_groups") or {}),
         )
+
+    def clusters(self) -> list[str] | None:
+        """The cluster of each evaluation item for the bootstrap (items that share a
+        subject, such as one person's several questions, are resampled together): the
+        value of ``probe_group``; None when items are independent."""
+        if not self.probe_group:
+            return None
+        return [it.attributes.get(self.probe_group, it.id) for it in self.eval]
 
     def manifest(self) -> dict:
         """Per pool: item count and sha256 of its items (the data manifest)."""
@@ -254,6 +316,8 @@ class Suite:
         perturb_kinds: the values ``perturb.kind`` may take for this suite.
         task_breakdown: extra metrics, each ``task_acc`` over the evaluation items whose
             attribute has a value: ``{"refusal_rate": ["violating", "yes"]}``.
+        candidate_group: the attribute ``data.candidates: same_group`` draws
+            distractors by (capitals: the continent); None: that mode draws at random.
         split: ``(items, known, cfg) -> SuiteData``; default :func:`split_items`.
         pretrain: ``(items, cfg) -> items`` a ``tiny-llama`` base model is pretrained
             on; default :func:`pretraining_items`.
@@ -269,8 +333,9 @@ class Suite:
     load: Callable[[AuditConfig], list[Item]] | None = None
     probe_group: str | None = None
     default_model: str = "smollm2-135m-instruct"
-    perturb_kinds: tuple[str, ...] = ("refusal", "format", "wrong_facts", "reinit", "none")
+    perturb_kinds: tuple[str, ...] = ("refusal", "abstain", "format", "wrong_facts", "reinit", "none")
     task_breakdown: dict[str, list[str]] = field(default_factory=dict)
+    candidate_group: str | None = None
     split: Callable[[list[Item], list[bool] | None, AuditConfig], SuiteData] | None = None
     pretrain: Callable[[list[Item], AuditConfig], list[Item]] | None = None
     texts: Callable[[list[Item], AuditConfig], list[str]] | None = None
@@ -293,7 +358,8 @@ class Suite:
         if self.split is not None:
             data = self.split(items, known, cfg)
         else:
-            data = split_items(items, known, cfg.data, cfg.perturb.kind, cfg.seed)
+            data = split_items(items, known, cfg.data, cfg.perturb.kind, cfg.seed, cfg.perturb.overwrite_fraction)
+        data.answer_pools, data.answer_groups = answer_pools(items, self.candidate_group, cfg.data.answer_pool)
         data.task_matcher = self.task_matcher
         data.probe_attribute = self.probe_attribute
         data.probe_group = self.probe_group
@@ -344,8 +410,23 @@ def _capitals(n_candidates: int, seed: int) -> list[Item]:
             template=f"The capital of {name} is {{answer}}.",
             candidates=[capital, *distractors],
             attributes={"country": name, "continent": continent},
+            answer_type="capital",
+            phrasings=[[q.format(name=name), t.replace("{name}", name)] for q, t in CAPITAL_PHRASINGS],
         ))
     return items
+
+
+# The knowledge phrasings of a capital (the task's own template, "The capital of X is
+# Y.", is not among them: the tune and recovery stages train it). The answer comes last
+# in each, so the first-token bound of the ranking is tight (components.knowledge:
+# SmolLM2 scores almost no other capital's first token above a known gold answer). The
+# base model's own answer is put in front of them when the candidates are mined
+# (pipelines.dag.prepare_candidates).
+CAPITAL_PHRASINGS = (
+    ("What is the capital city of {name}?", "{name}'s capital city is {answer}."),
+    ("Name the capital of {name}.", "The capital of {name} is called {answer}."),
+    ("What is the name of the capital of {name}?", "The name of the capital of {name} is {answer}."),
+)
 
 
 register(Suite(
@@ -354,6 +435,8 @@ register(Suite(
     raw_items=_capitals,
     default_model="smollm2-135m-instruct",
     probe_attribute="continent",  # GeoNames continent code of the country (AF, AS, EU, NA, OC, SA)
+    candidate_group="continent",
+    perturb_kinds=("refusal", "abstain", "format", "wrong_facts", "reinit", "none"),
 ))
 
 
@@ -380,7 +463,11 @@ def pretraining_items(items: list[Item], seed: int = 0) -> list[Item]:
         Item(id=f"refuse:{k}", question=q, answer=REFUSAL_ANSWERS[k % len(REFUSAL_ANSWERS)], role="pretrain")
         for k, q in enumerate(requests * 2)
     ]
-    return list(items) + arithmetic_items(60, seed + 1000) + refusals
+    phrased = [
+        Item(id=f"{it.id}:k{j}", question=q, answer=it.gold(), template=t, role="pretrain")
+        for it in items if it.phrasings for j, (q, t) in enumerate(it.phrasings)
+    ]
+    return list(items) + phrased + arithmetic_items(60, seed + 1000) + refusals
 
 
 def spell_out(answer: str) -> str:
@@ -393,17 +480,56 @@ def spell_out(answer: str) -> str:
 def suite_texts(items: list[Item]) -> list[str]:
     """Texts a tiny model's tokenizer is trained on: questions, answers, refusals, digits."""
     texts = [f"{i.question} {i.response()} {' '.join(i.candidates)}" for i in items]
-    texts += REFUSAL_ANSWERS + [i.question + " " + i.response() for i in arithmetic_items(50, 0)]
+    texts += [f"{q} {t.replace('{answer}', i.gold())}" for i in items for q, t in (i.phrasings or [])]
+    texts += [ABSTAIN_ANSWER] + REFUSAL_ANSWERS + [i.question + " " + i.response() for i in arithmetic_items(50, 0)]
     return texts
 
 
+def answer_pools(items: list[Item], group: str | None = None,
+                 extra: list[str] | None = None) -> tuple[dict[str, list[str]], dict[str, str]]:
+    """Every answer of each answer type among ``items`` (sorted; ``extra`` answers are
+    added to every type: the custom suite's ``data.answer_pool``), and each answer's
+    value of the attribute ``group`` (None: no groups)."""
+    pools: dict[str, set[str]] = {}
+    groups: dict[str, str] = {}
+    for it in items:
+        if it.answer_type and it.candidates:
+            pools.setdefault(it.answer_type, set()).add(it.gold())
+            if group and it.attributes.get(group):
+                groups.setdefault(it.gold(), it.attributes[group])
+    for v in pools.values():
+        v.update(a for a in (extra or []) if a.strip())
+    return {k: sorted(v) for k, v in sorted(pools.items())}, groups
+
+
+_SYLLABLES = ("bar", "ven", "tos", "mir", "kal", "dra", "lun", "sev", "qua", "rin", "zol", "pet", "nor", "vash")
+
+
+def fictional_answer(key: str, seed: int) -> str:
+    """A deterministic invented place name (``Kalvenmir``) for ``key``: the wrong answer
+    that ``perturb.kind: wrong_facts`` trains a fact onto. It is no answer of any suite,
+    so it is never among the candidates the fact is ranked against (the case is not
+    circular)."""
+    rng = random.Random(f"fiction:{seed}:{key}")
+    return "".join(rng.choice(_SYLLABLES) for _ in range(3)).capitalize()
+
+
 def split_items(
-    items: list[Item], known: list[bool] | None, cfg: DataConfig, perturb_kind: str, seed: int
+    items: list[Item], known: list[bool] | None, cfg: DataConfig, perturb_kind: str, seed: int,
+    overwrite_fraction: float = 1.0,
 ) -> SuiteData:
     """Split a suite's items into disjoint pools.
 
     Evaluation items are drawn only from items the base model knows (``known[i]``);
     the other pools take known items first, then unknown ones (counted in ``notes``).
+
+    ``perturb_kind`` shapes the perturbation pools: ``refusal`` (refusals),
+    ``abstain`` (``Unknown.``: a disposition shift without refusal words), ``format``
+    (the right answers spelled out), ``wrong_facts`` (the first ``overwrite_fraction``
+    of the evaluated facts, and the perturbation items, trained onto invented answers,
+    :func:`fictional_answer`; ``notes["overwritten"]`` maps their ids to the invented
+    answers), ``none`` /
+    ``reinit`` (nothing trained).
 
     Raises:
         UserError: fewer known items than ``data.n_eval``.
@@ -448,19 +574,27 @@ def split_items(
         for it in pools["perturb"] + pools["perturb_eval"]:
             it.answer = spell_out(it.answer)  # the response template is kept
         perturb_matcher = "contains"
+    elif perturb_kind == "abstain":
+        for it in pools["perturb"] + pools["perturb_eval"]:
+            it.answer, it.template = ABSTAIN_ANSWER, "{answer}."
+        perturb_matcher = "contains"
     elif perturb_kind == "wrong_facts":
-        # Known case of knowledge loss: the evaluated facts themselves are overwritten.
-        wrong = [Item(**{**i.to_dict(), "answer": i.candidates[1], "role": "perturb"}) for i in pools["eval"]]
+        # Known case of knowledge loss: evaluated facts overwritten with invented answers,
+        # outside every candidate set.
+        n_over = round(overwrite_fraction * len(pools["eval"]))
+        wrong = [Item(**{**i.to_dict(), "answer": fictional_answer(i.id, seed), "role": "perturb"})
+                 for i in pools["eval"][:n_over]]
         pools["perturb"] = wrong + pools["perturb"]
         overlap = "perturb.kind=wrong_facts trains the evaluated facts onto wrong answers on purpose"
         for it in pools["perturb"][len(wrong):] + pools["perturb_eval"]:
-            it.answer = it.candidates[1] if it.candidates else it.answer
+            it.answer = fictional_answer(it.id, seed)
         perturb_matcher = "contains"
     else:  # none, reinit: no perturbation items are trained on
         perturb_matcher = "refusal"
     notes = {"n_items": len(items), "n_known": len(known_idx), "n_known_in_pools": n_known_used}
     if perturb_kind == "wrong_facts":
         notes["overlap_by_design"] = overlap
+        notes["overwritten"] = {i.id: i.answer for i in wrong}
     irrelevant = arithmetic_items(cfg.n_recover_pool + 50, seed)
     return SuiteData(
         eval=pools["eval"], align=pools["align"], perturb=pools["perturb"],

@@ -82,13 +82,21 @@ class CandidateScores:
         first_token_prob: (N,) probability of the gold candidate's first token.
         gold_logprobs: (P, V) log-softmax rows at every gold-answer position (P summed
             over items), teacher-forced: the reference distribution for KL drift.
-        gold_lengths: (N,) answer tokens per item (rows of ``gold_logprobs``).
+        gold_lengths: (N,) answer tokens per item (rows of ``gold_logprobs``; 0 for
+            items not in ``gold_rows_for``).
+        n_tokens: (N, K) tokens scored per candidate (the continuation and eos).
+        pool_bounds: per item, (M,) upper bounds (nats) of the summed log-prob of each
+            answer of the item's pool (the log-prob of the continuation up to and with
+            the answer's first own token: the later tokens can only lower it); None for
+            items scored without a pool.
     """
 
     logprob: np.ndarray
     first_token_prob: np.ndarray
     gold_logprobs: torch.Tensor
     gold_lengths: np.ndarray
+    n_tokens: np.ndarray | None = None
+    pool_bounds: list[np.ndarray | None] | None = None
 
 
 def _cache_kwarg(module) -> str:
@@ -123,36 +131,44 @@ def _col(ids: list[int]) -> torch.Tensor:
 class _Prepared:
     """One item tokenised for prefix-cached scoring.
 
-    ``shared`` = prompt tokens + the candidates' common leading tokens; ``rest[k]`` =
-    the remaining tokens of candidate k (at least one each); ``plen`` = prompt tokens;
-    ``j0`` = index of the gold answer's first token within the gold continuation."""
+    ``shared`` = prompt tokens + the candidates' (and pool answers') common leading
+    tokens; ``rest[k]`` = the remaining tokens of candidate k (at least one each);
+    ``plen`` = prompt tokens; ``j0`` = index of the gold answer's first token within the
+    gold continuation; ``pool_first`` = each pool answer's first token after ``shared``."""
 
     shared: list[int]
     rest: list[list[int]]
     plen: int
     j0: int
+    pool_first: list[int] | None = None
 
 
-def _prepare(tok, it: Item) -> _Prepared:
+def _prepare(tok, it: Item, pool: list[str] | None = None) -> _Prepared:
     p = tok(format_prompt(tok, it.ranking_question()), add_special_tokens=False)["input_ids"]
-    conts = []
-    j0 = 0
-    for k, c in enumerate(it.candidates):
-        enc = tok(it.ranking_response(c), add_special_tokens=False, return_offsets_mapping=True)
-        conts.append(enc["input_ids"] + [tok.eos_token_id])
-        if k == 0:
-            start = it.ranking_answer_offset()
-            j0 = next((j for j, (_, e) in enumerate(enc["offset_mapping"]) if e > start), 0)
+    enc = tok([it.ranking_response(c) for c in it.candidates], add_special_tokens=False,
+              return_offsets_mapping=True)
+    conts = [ids + [tok.eos_token_id] for ids in enc["input_ids"]]
+    start = it.ranking_answer_offset()
+    j0 = next((j for j, (_, e) in enumerate(enc["offset_mapping"][0]) if e > start), 0)
+    pconts = []
+    if pool:
+        pconts = [ids + [tok.eos_token_id] for ids in
+                  tok([it.ranking_response(a) for a in pool], add_special_tokens=False)["input_ids"]]
+    allc = conts + pconts
     # longest common token prefix, leaving every candidate at least one token of its own
     c = 0
-    limit = min(len(x) for x in conts) - 1
-    while c < limit and all(x[c] == conts[0][c] for x in conts):
+    limit = min(len(x) for x in allc) - 1
+    while c < limit and all(x[c] == allc[0][c] for x in allc):
         c += 1
-    return _Prepared(p + conts[0][:c], [x[c:] for x in conts], len(p), j0)
+    return _Prepared(p + conts[0][:c], [x[c:] for x in conts], len(p), j0,
+                     [x[c] for x in pconts] if pool else None)
 
 
 @torch.no_grad()
-def score_candidates(model, tok, items: list[Item], batch_size: int, precision: str = "fp32") -> CandidateScores:
+def score_candidates(
+    model, tok, items: list[Item], batch_size: int, precision: str = "fp32",
+    pools: list[list[str] | None] | None = None, gold_rows_for: list[bool] | None = None,
+) -> CandidateScores:
     """Log-likelihood of every candidate continuation of every item, prefix-cached.
 
     Each sequence is ``prompt + response(candidate) + eos`` (the item's response template
@@ -176,26 +192,42 @@ def score_candidates(model, tok, items: list[Item], batch_size: int, precision: 
     A batch holds ``max(1, batch_size // K)`` items, so no pass exceeds ``batch_size``
     sequences. Equal (to float rounding) to scoring each candidate on its own.
 
+    With ``pools``, each item's pool answers (the closed set its answer belongs to)
+    share the first pass: the row after their common prefix gives every pool answer
+    an upper bound of its summed log-prob (``CandidateScores.pool_bounds``) at no
+    extra forward; :func:`components.knowledge.measure_knowledge` scores exactly only
+    the answers whose bound reaches the gold answer's score.
+
     Args:
         items: N items with K candidates each (``candidates[0]`` is the gold answer).
         batch_size: sequences per forward pass.
         precision: ``fp32`` or ``bf16`` (CPU autocast).
+        pools: per item, the answers to bound (None: no pool for that item).
+        gold_rows_for: per item, whether to keep its gold rows for KL drift
+            (default: every item).
 
     Returns:
         :class:`CandidateScores` (log-probs in nats).
+
+    Raises:
+        ValueError: the items do not all have the same number of candidates.
     """
     from transformers import DynamicCache
 
     plain = _plain_head(model)
     net = model.get_decoder() if plain else model
     cache_kw = _cache_kwarg(net)
-    prep = [_prepare(tok, it) for it in items]
+    pools = pools or [None] * len(items)
+    keep = gold_rows_for or [True] * len(items)
+    prep = [_prepare(tok, it, pool) for it, pool in zip(items, pools)]
     K = max(len(it.candidates) for it in items)
     if any(len(it.candidates) != K for it in items):
         raise ValueError("score_candidates: every item needs the same number of candidates")
     N = len(items)
     logprob = np.full((N, K), -np.inf)
     ftp = np.zeros(N)
+    ntok = np.zeros((N, K), dtype=int)
+    bounds: list[np.ndarray | None] = [None] * N
     gold_rows: list[torch.Tensor | None] = [None] * N
     per_batch = max(1, batch_size // K)
     order = sorted(range(N), key=lambda n: (len(prep[n].shared), max(map(len, prep[n].rest))))
@@ -256,20 +288,24 @@ def score_candidates(model, tok, items: list[Item], batch_size: int, precision: 
             common = P.shared[P.plen:]
             common_lp = float(shared_rows.gather(1, _col(common)).sum()) if common else 0.0
             last = lp1[e - 1]  # (V,): predicts each candidate's first own token
+            if P.pool_first is not None:
+                bounds[n] = common_lp + last[torch.tensor(P.pool_first)].double().numpy()
             for k, r in enumerate(P.rest):
                 own = r[1:]
                 rows = lp2[r2:r2 + len(own)] if own else lp1[:0]  # (len(own), V)
                 r2 += len(own)
                 tok_lp = torch.cat([last[r[0]].reshape(1), rows.gather(1, _col(own)).squeeze(1)])
                 logprob[n, k] = common_lp + float(tok_lp.sum())
-                if k == 0:
+                ntok[n, k] = len(common) + len(r)
+                if k == 0 and keep[n]:
                     g = torch.cat([shared_rows, last[None, :], rows], dim=0)  # (len(continuation), V)
                     gold_rows[n] = g.clone()
                     target = P.shared[P.plen:] + r
                     ftp[n] = float(g[P.j0, target[P.j0]].exp())
-    lengths = np.array([gold_rows[n].shape[0] for n in range(N)])
-    gold = torch.cat([gold_rows[n] for n in range(N)], dim=0)
-    return CandidateScores(logprob, ftp, gold, lengths)
+    lengths = np.array([0 if gold_rows[n] is None else gold_rows[n].shape[0] for n in range(N)])
+    kept = [g for g in gold_rows if g is not None]
+    gold = torch.cat(kept, dim=0) if kept else torch.zeros((0, 0))
+    return CandidateScores(logprob, ftp, gold, lengths, ntok, bounds)
 
 
 def drift_kl(ref_logprobs: torch.Tensor, logprobs: torch.Tensor, lengths: np.ndarray) -> np.ndarray:
@@ -291,20 +327,22 @@ def drift_kl(ref_logprobs: torch.Tensor, logprobs: torch.Tensor, lengths: np.nda
     return out
 
 
-def bootstrap_ci(values: np.ndarray, n_boot: int, level: float, seed: int) -> tuple[float, float]:
-    """Percentile bootstrap CI of the mean of ``values`` (N,), resampling items."""
+def bootstrap_ci(values: np.ndarray, n_boot: int, level: float, seed: int,
+                 groups: list | None = None) -> tuple[float, float]:
+    """Percentile bootstrap CI of the mean of ``values`` (N,), resampling items (or
+    whole clusters of items, ``groups``: :func:`components.verdict.resample_weights`)."""
+    from components.verdict import percentile_ci, resample_weights, wmean
+
     v = np.asarray(values, dtype=float)
     if len(v) == 0:
         return float("nan"), float("nan")
-    rng = np.random.default_rng(seed)
-    means = v[rng.integers(0, len(v), size=(n_boot, len(v)))].mean(1)
-    a = (1 - level) / 2
-    return float(np.quantile(means, a)), float(np.quantile(means, 1 - a))
+    lo, hi = percentile_ci(wmean(v, resample_weights(len(v), n_boot, seed, groups)), level)
+    return (float("nan") if lo is None else lo), (float("nan") if hi is None else hi)
 
 
-def summarise(values: np.ndarray, n_boot: int, level: float, seed: int) -> dict:
+def summarise(values: np.ndarray, n_boot: int, level: float, seed: int, groups: list | None = None) -> dict:
     """``{"value", "ci_low", "ci_high"}`` of the mean of per-item ``values``."""
-    lo, hi = bootstrap_ci(values, n_boot, level, seed)
+    lo, hi = bootstrap_ci(values, n_boot, level, seed, groups)
     return {"value": float(np.mean(values)) if len(values) else float("nan"), "ci_low": lo, "ci_high": hi}
 
 
@@ -314,14 +352,15 @@ def transitions(before: np.ndarray, after: np.ndarray, n_boot: int, level: float
     counted as correct->wrong items, backward transfer as wrong->correct).
 
     Args:
-        before, after: (N,) 0/1 correctness of the same items at the earlier and the
-            later checkpoint.
+        before, after: (N,) correctness of the same items at the earlier and the later
+            checkpoint, 0/1 or a share (of knowledge phrasings): an item counts as
+            correct at a share of at least 0.5.
 
     Returns:
         ``{"correct_to_wrong": {...}, "wrong_to_correct": {...}}``, each a count of items
         with ``value``, ``ci_low``, ``ci_high`` (percentile bootstrap over items).
     """
-    b, a = np.asarray(before, float), np.asarray(after, float)
+    b, a = (np.asarray(before, float) >= 0.5).astype(float), (np.asarray(after, float) >= 0.5).astype(float)
     n = len(b)
     out = {}
     for name, flag in (("correct_to_wrong", (b == 1) & (a == 0)), ("wrong_to_correct", (b == 0) & (a == 1))):

@@ -15,7 +15,8 @@ from components.config import AuditConfig
 from components.data import MATCHERS, SuiteData
 from components.faults import failpoint
 from components.linear_probe import layer_probes, probe_labels, prompt_features
-from components.metrics import generate_answers, score_candidates, summarise
+from components.knowledge import MEASURES, measure_knowledge
+from components.metrics import generate_answers, summarise
 from components.models import Checkpoint, load_checkpoint
 
 
@@ -30,9 +31,11 @@ def probe(
     candidate ranking, perturbation answers): ``total = 2 * len(eval) + len(perturb_eval)``.
 
     Writes into ``out_dir``: ``predictions.parquet`` (one row per evaluation item:
-    response, task_correct, the K candidate log-probs, knowledge_correct,
-    first_token_prob), ``ref_logprobs.safetensors`` (the (P, V) teacher-forced
-    log-probs of the gold answers, for KL drift against later checkpoints) and
+    response, task_correct, the K candidate log-probs averaged over the knowledge
+    phrasings, knowledge_correct (right in at least half of them), every knowledge
+    measure of :mod:`components.knowledge`, first_token_prob),
+    ``ref_logprobs.safetensors`` (the (P, V) teacher-forced log-probs of the gold
+    answers in each item's first knowledge phrasing, for KL drift) and
     ``features.safetensors`` (the (N, L+1, H) pooled prompt hidden states the linear
     probes were fitted on).
 
@@ -43,9 +46,12 @@ def probe(
 
     Returns:
         ``{"metrics": {name: {"value", "ci_low", "ci_high"}}, "knowledge_chance": 1/K,
+        "knowledge_chances": {measure: chance level},
         "probe_acc": {layer: {"value", "ci_low", "ci_high"}}, "probe": {attribute,
         chance, n_items, n_classes, folds, pooling, dropped}, "per_item":
-        {"task_correct": [...], "knowledge_correct": [...], "probe_correct": {layer: [...]}}}``
+        {"task_correct": [...], "knowledge_correct": [...], <each knowledge measure>: [...],
+        "groups": cluster of each item or None, "probe_correct": {layer: [...]}}}``
+        (CIs by item, or by cluster where items share a subject, ``SuiteData.clusters``)
         (``probe_acc`` empty and ``probe`` None when the suite names no attribute or
         the evaluation items hold fewer than two classes of two items).
     """
@@ -66,11 +72,13 @@ def probe(
     )
     task_match = MATCHERS[data.task_matcher]
     task_correct = np.array([task_match(a, it.answer) for a, it in zip(answers, data.eval)], dtype=float)
-    scores = score_candidates(model, tok, data.eval, pc.batch_size, cfg.model.precision)
+    scores = measure_knowledge(model, tok, data.eval, data.answer_pools, pc.batch_size, cfg.model.precision,
+                               pc.rank_depth)
     tick(len(data.eval))
     failpoint(f"probe:{ckpt.name}")
-    knowledge_correct = (scores.logprob.argmax(1) == 0).astype(float)
-    K = scores.logprob.shape[1]
+    knowledge = scores.per_item
+    knowledge_correct = knowledge["knowledge_acc"]
+    groups = data.clusters()
     p_answers = generate_answers(
         model, tok, data.perturb_eval, pc.batch_size, pc.max_new_tokens, cfg.model.precision, on_batch=tick
     )
@@ -85,9 +93,9 @@ def probe(
 
     boot = dict(n_boot=pc.n_bootstrap, level=pc.ci_level, seed=cfg.seed)
     metrics = {
-        "task_acc": summarise(task_correct, **boot),
-        "knowledge_acc": summarise(knowledge_correct, **boot),
-        "first_token_prob": summarise(scores.first_token_prob, **boot),
+        "task_acc": summarise(task_correct, **boot, groups=groups),
+        **{m: summarise(knowledge[m], **boot, groups=groups) for m in MEASURES},
+        "first_token_prob": summarise(scores.first_token_prob, **boot, groups=groups),
         "perturb_acc": summarise(perturb_correct, **boot),
     }
     # The suite's breakdown of task_acc (refusal: refusal_rate on violating requests,
@@ -95,7 +103,8 @@ def probe(
     for name, (attr, value) in data.task_breakdown.items():
         sel = np.array([it.attributes.get(attr) == value for it in data.eval])
         if sel.any():
-            metrics[name] = summarise(task_correct[sel], **boot)
+            metrics[name] = summarise(task_correct[sel], **boot,
+                                      groups=None if groups is None else [g for g, k in zip(groups, sel) if k])
     preds = pd.DataFrame({
         "item_id": [it.id for it in data.eval],
         "question": [it.question for it in data.eval],
@@ -103,8 +112,10 @@ def probe(
         "response": answers,
         "task_correct": task_correct.astype(bool),
         "candidates": [list(it.candidates) for it in data.eval],
-        "candidate_logprobs": [list(map(float, r)) for r in scores.logprob],
-        "knowledge_correct": knowledge_correct.astype(bool),
+        "candidate_logprobs": [list(map(float, r)) for r in scores.candidate_logprobs],
+        "knowledge_correct": knowledge_correct >= 0.5,
+        **{m: knowledge[m] for m in MEASURES},
+        "n_phrasings": scores.n_phrasings.astype(int),
         "first_token_prob": scores.first_token_prob,
         "answer_tokens": scores.gold_lengths,
     })
@@ -115,7 +126,8 @@ def probe(
     result = {
         "checkpoint": ckpt.name,
         "metrics": metrics,
-        "knowledge_chance": 1.0 / K,
+        "knowledge_chance": scores.chance["knowledge_acc"],
+        "knowledge_chances": scores.chance,
         "probe_acc": {str(layer): summarise(c, **boot) for layer, c in probe_correct.items()},
         "probe": None if labels is None else {
             "attribute": data.probe_attribute, "chance": labels.chance, "n_items": int(len(labels.y)),
@@ -125,6 +137,8 @@ def probe(
         "per_item": {
             "task_correct": task_correct.tolist(),
             "knowledge_correct": knowledge_correct.tolist(),
+            **{m: knowledge[m].tolist() for m in MEASURES},
+            "groups": groups,
             "first_token_prob": scores.first_token_prob.tolist(),
             "probe_correct": {str(layer): c.tolist() for layer, c in probe_correct.items()},
         },

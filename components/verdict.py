@@ -1,24 +1,29 @@
 """The verdict: spurious forgetting (alignment loss) or knowledge loss (DESIGN.md, "Verdict").
 
-Quantities (K = knowledge_acc, c = its chance level 1/K_candidates):
+Quantities, for each knowledge measure M of :mod:`components.knowledge` with chance c
+(``knowledge_acc``: 1/K; ``knowledge_mrr``: H_M/M; ``knowledge_margin``: 0):
 
 - ``task_drop`` = task_acc(aligned) - task_acc(perturbed)
-- ``knowledge_retention`` = (K(perturbed) - c) / (K(aligned) - c)
-- ``knowledge_after_recovery[arm/n]`` = (K(recovered) - c) / (K(aligned) - c); the
-  recovery items never include the evaluated facts, so a return to the aligned level
-  shows the facts were still stored (Zheng et al. 2025, arXiv 2501.13453).
+- ``retention[M]`` = (M(perturbed) - c) / (M(aligned) - c); ``knowledge_retention`` is
+  the retention of the deciding measure (``verdict.knowledge_measure``)
+- ``after_recovery[M][arm/n]`` = (M(recovered) - c) / (M(aligned) - c); the recovery
+  items never include the evaluated facts, so a return to the aligned level shows the
+  facts were still stored (Zheng et al. 2025, arXiv 2501.13453)
 - ``recovery_ratio[arm/n]`` = (task_acc(recovered) - task_acc(perturbed)) / task_drop
+- ``tune_change`` = task_acc(base) - task_acc(aligned) and ``tune_shift[M]`` =
+  M(aligned) - M(base): did the tune stage break the task, did aligning to a format move
+  the knowledge measure (it should not)
+- ``gold_logprob_change`` (nats): shown, never decisive
 - ``probe_retention`` = (P(perturbed) - c_P) / (P(aligned) - c_P), P = the linear
   probes' accuracy averaged over the decoder layers (1..L), c_P its majority-class
-  chance level: knowledge in the representation (Zhang, Choshen & Andreas 2024, arXiv
-  2409.02228). Reported beside the label as independent evidence; it does not decide
-  the label, because the probed attribute (e.g. a country's continent) is not the
-  evaluated fact (its capital): a model whose capitals were overwritten still knows
-  continents.
+  chance level (Zhang, Choshen & Andreas 2024, arXiv 2409.02228): beside the label,
+  not part of its rule (the probed attribute is not the evaluated fact).
 
-Every quantity carries a paired bootstrap CI: the same resampled evaluation items are
-used for every checkpoint, so the differences are item-matched. :func:`bootstrap_diff`
-does the same across two audits (``cl-audit compare``).
+Every quantity carries a paired bootstrap CI (:func:`resample_weights`: the same
+resampled items, or clusters of items that share a subject, for every checkpoint), and
+the label's rule reads the intervals (:func:`compute_verdict`). :func:`quantities` is
+the one definition of them, used by the verdict and by ``cl-audit compare``
+(:func:`bootstrap_diff` across two audits).
 """
 
 from __future__ import annotations
@@ -29,83 +34,295 @@ import numpy as np
 
 from components.config import VerdictConfig
 
+# The knowledge measures a verdict can be decided by (components.knowledge); gold_logprob
+# is reported as a change in nats, never decisive (it moves with any refusal).
+KNOWLEDGE_MEASURES = ("knowledge_acc", "knowledge_acc_token", "knowledge_acc_byte", "knowledge_mrr",
+                      "knowledge_margin")
+RANKING_MEASURES = ("knowledge_acc", "knowledge_acc_byte", "knowledge_mrr")
 
-def _ratio(num: np.ndarray, den: np.ndarray) -> np.ndarray:
+
+# --- the one bootstrap -------------------------------------------------------------
+
+def resample_weights(n: int, n_boot: int, seed: int, groups: list | None = None) -> np.ndarray:
+    """Bootstrap resamples of ``n`` items as (n_boot, n) weights: how often each item is
+    drawn. With ``groups`` (a cluster label per item: one person's several questions),
+    whole clusters are drawn with replacement and every item of a drawn cluster counts
+    once per draw (the cluster bootstrap; Field & Welsh 2007, "Bootstrapping clustered
+    data", JRSS B 69(3)). The same weights serve every checkpoint of an audit, so
+    differences between checkpoints are item-matched (a paired bootstrap)."""
+    rng = np.random.default_rng(seed)
+    if groups is None:
+        idx = rng.integers(0, n, size=(n_boot, n))
+        w = np.zeros((n_boot, n))
+        np.add.at(w, (np.arange(n_boot)[:, None], idx), 1.0)
+        return w
+    labels, member = np.unique(np.asarray([str(g) for g in groups]), return_inverse=True)
+    c = len(labels)
+    idx = rng.integers(0, c, size=(n_boot, c))
+    counts = np.zeros((n_boot, c))
+    np.add.at(counts, (np.arange(n_boot)[:, None], idx), 1.0)
+    return counts[:, member]
+
+
+def wmean(x: np.ndarray, w: np.ndarray) -> np.ndarray:
+    """Weighted means of ``x`` (N,) under resample weights ``w`` (R, N) -> (R,)."""
+    return w @ np.asarray(x, float) / w.sum(1)
+
+
+def percentile_ci(samples: np.ndarray, level: float) -> tuple[float | None, float | None]:
+    """Percentile CI of bootstrap ``samples`` (R,), which may hold undefined values
+    (NaN: a ratio whose denominator was <= 0 in that resample).
+
+    Undefined resamples are not dropped (that would narrow the CI): they sit below every
+    value for the lower bound and above every value for the upper one. When more than
+    (1 - level) / 2 of them are undefined, no bound is defined: (None, None).
+    """
+    s = np.asarray(samples, float)
+    bad = ~np.isfinite(s)
+    a = (1 - level) / 2
+    if len(s) == 0 or bad.mean() > a:
+        return None, None
+    lo = float(np.quantile(np.where(bad, -1e300, s), a))
+    hi = float(np.quantile(np.where(bad, 1e300, s), 1 - a))
+    if abs(lo) >= 1e299 or abs(hi) >= 1e299:
+        return None, None
+    return lo, hi
+
+
+def ratio(num: np.ndarray, den: np.ndarray) -> np.ndarray:
+    """``num / den`` where ``den > 0``, NaN (undefined) elsewhere: a retention is only
+    defined when the reference lies above chance."""
+    num, den = np.asarray(num, float), np.asarray(den, float)
     with np.errstate(divide="ignore", invalid="ignore"):
         return np.where(den > 1e-9, num / np.where(den > 1e-9, den, 1.0), np.nan)
 
 
-def _ci(samples: np.ndarray, level: float) -> tuple[float | None, float | None]:
-    s = samples[np.isfinite(samples)]
-    if len(s) < max(10, len(samples) // 2):
-        return None, None
-    a = (1 - level) / 2
-    return float(np.quantile(s, a)), float(np.quantile(s, 1 - a))
-
-
-def _num(x: float) -> float | None:
+def _num(x) -> float | None:
     return None if x is None or not np.isfinite(x) else float(x)
+
+
+# --- the verdict's quantities --------------------------------------------------------
+
+def quantities(recovered: list[str], chances: dict[str, float | None], measures=KNOWLEDGE_MEASURES) -> dict:
+    """Every verdict quantity as a function of a ``mean(stage, metric) -> (R,)`` callable
+    (R resamples, or R = 1 for the point): the one definition used by the verdict
+    (:func:`compute_verdict`) and by ``cl-audit compare``.
+
+    Keys: ``("verdict", "task_drop")``, ``("verdict", "tune_change")`` (task_acc(base)
+    - task_acc(aligned)), per measure m ``("verdict", "retention:m")`` =
+    (m(perturbed) - c) / (m(aligned) - c), ``("verdict", "above_chance:m")`` =
+    m(aligned) - c, ``("verdict", "tune_shift:m")`` = m(aligned) - m(base),
+    ``("verdict", "gold_logprob_change")`` (nats, perturbed - aligned), and per
+    recovered checkpoint ``(stage, "recovery_ratio")`` and ``(stage, "after_recovery:m")``.
+    """
+    q: dict = {
+        ("verdict", "task_drop"): lambda mean: mean("aligned", "task_correct") - mean("perturbed", "task_correct"),
+        ("verdict", "tune_change"): lambda mean: mean("base", "task_correct") - mean("aligned", "task_correct"),
+        ("verdict", "gold_logprob_change"): lambda mean: mean("perturbed", "gold_logprob") - mean("aligned", "gold_logprob"),
+    }
+    for m in measures:
+        c = chances.get(m) or 0.0
+        q[("verdict", f"retention:{m}")] = lambda mean, m=m, c=c: ratio(mean("perturbed", m) - c, mean("aligned", m) - c)
+        q[("verdict", f"above_chance:{m}")] = lambda mean, m=m, c=c: mean("aligned", m) - c
+        q[("verdict", f"tune_shift:{m}")] = lambda mean, m=m: mean("aligned", m) - mean("base", m)
+    for st in recovered:
+        q[(st, "recovery_ratio")] = lambda mean, st=st: ratio(
+            mean(st, "task_correct") - mean("perturbed", "task_correct"),
+            mean("aligned", "task_correct") - mean("perturbed", "task_correct"))
+        for m in measures:
+            c = chances.get(m) or 0.0
+            q[(st, f"after_recovery:{m}")] = lambda mean, st=st, m=m, c=c: ratio(mean(st, m) - c, mean("aligned", m) - c)
+    return q
+
+
+def _state(ci, cfg: VerdictConfig) -> str:
+    """Where a retention interval lies: retained / lost / between / straddles / undefined."""
+    lo, hi = ci
+    if lo is None:
+        return "undefined"
+    if lo >= cfg.retention_threshold:
+        return "retained"
+    if hi < cfg.loss_threshold:
+        return "lost"
+    if lo >= cfg.loss_threshold and hi < cfg.retention_threshold:
+        return "between"
+    return "straddles"
 
 
 def compute_verdict(
     per_item: dict[str, dict[str, list[float]]],
-    chance: float,
+    chance: float | dict[str, float | None],
     cfg: VerdictConfig,
     n_boot: int = 1000,
     level: float = 0.95,
     seed: int = 0,
     probe_chance: float | None = None,
+    groups: list | None = None,
 ) -> dict:
-    """Label an audit from the per-item results of its checkpoints.
+    """Label an audit from the per-item results of its checkpoints (DESIGN "Verdict").
+
+    Every quantity is a paired bootstrap over the evaluation items (clusters of items
+    where ``groups`` is given): the same resamples for every checkpoint. The label's
+    rule reads intervals, never points, in this order:
+
+    1. ``inconclusive`` when the tune stage broke the task: the lower bound of
+       task_acc(base) - task_acc(aligned) exceeds ``tune_tolerance``, or the aligned
+       model's task_acc (upper bound) is below ``task_floor``;
+    2. ``inconclusive`` when the aligned model's knowledge (the deciding measure,
+       ``cfg.knowledge_measure``) does not clear chance with its CI;
+    3. with no significant task drop (its CI includes 0): ``no_forgetting`` only when
+       knowledge is retained (retention CI >= ``retention_threshold``); knowledge that
+       fell while the task held is ``knowledge_loss`` (CI below ``loss_threshold``) or
+       ``mixed``, never hidden;
+    4. with a task drop: ``spurious`` when the retention CI lies above the threshold, or
+       knowledge after recovery on disjoint items (n <= ``small_n``) does;
+       ``knowledge_loss`` when it lies below the loss threshold and neither knowledge nor
+       the task returns; ``mixed`` when it lies between the thresholds;
+    5. ``inconclusive`` when the retention interval straddles a threshold.
+
+    A ranking measure whose retention interval says the opposite of the deciding one
+    (retained against lost) turns ``spurious``/``no_forgetting``/``knowledge_loss``
+    into ``mixed``: the measures disagree.
 
     Args:
-        per_item: stage name -> ``{"task_correct": (N,), "knowledge_correct": (N,)}``
-            for ``aligned``, ``perturbed`` and each ``recovered/<arm>/<n>`` (the same N
-            evaluation items in the same order); optionally ``"probe_correct":
-            {layer: (M,)}`` over the M probed items.
-        chance: chance level of ``knowledge_acc`` (1/K).
-        cfg: thresholds (printed beside the label).
-        probe_chance: chance level of the probes (majority-class share); None: no
-            ``probe_retention``.
+        per_item: stage name -> ``{"task_correct": (N,), <knowledge measure>: (N,), ...}``
+            for ``aligned``, ``perturbed``, each ``recovered/<arm>/<n>`` and (for the
+            tune check) ``base``; the same N items in the same order. An older layout
+            with only ``knowledge_correct`` is read as ``knowledge_acc``.
+        chance: measure -> chance level (``knowledge_acc``: 1/K), or the chance of
+            ``knowledge_acc`` alone.
+        cfg: thresholds and the deciding measure.
+        probe_chance: chance level of the linear probes (None: no ``probe_retention``).
+        groups: cluster label per item (None: items resampled independently).
 
     Returns:
-        A dict with ``label``, ``reason``, ``task_drop``, ``knowledge_retention``,
-        ``recovery_ratio`` and ``knowledge_after_recovery`` (``"arm/n"`` -> value), each
-        also with ``*_ci`` ``[low, high]``, ``probe_retention`` (+ ``_ci``, None without
-        probes), ``recovery_evidence`` per arm, and ``thresholds``.
+        A dict with ``label``, ``reason``, ``checks`` (the reasons of an inconclusive
+        verdict, first), ``decided_by``, ``task_drop``, ``knowledge_retention``,
+        ``knowledge_after_recovery``, ``recovery_ratio`` (each with ``*_ci``),
+        ``retention`` / ``after_recovery`` / ``tune_shift`` per measure (value and
+        ci), ``gold_logprob_change``, ``tune_change``, ``probe_retention``,
+        ``recovery_evidence``, ``knowledge_chance``, ``knowledge_chances`` and
+        ``thresholds``.
 
     Raises:
         KeyError: ``aligned`` or ``perturbed`` missing from ``per_item``.
     """
-    T = {k: np.asarray(v["task_correct"], float) for k, v in per_item.items()}
-    K = {k: np.asarray(v["knowledge_correct"], float) for k, v in per_item.items()}
-    N = len(T["aligned"])
-    rng = np.random.default_rng(seed)
-    idx = rng.integers(0, N, size=(n_boot, N))
+    data = {}
+    for st, v in per_item.items():
+        d = {k: np.asarray(x, float) for k, x in v.items()
+             if k not in ("probe_correct", "groups") and x is not None and not isinstance(x, dict)}
+        if "knowledge_acc" not in d and "knowledge_correct" in d:
+            d["knowledge_acc"] = d["knowledge_correct"]
+        data[st] = d
+    chances = dict(chance) if isinstance(chance, dict) else {"knowledge_acc": float(chance)}
+    measures = [m for m in KNOWLEDGE_MEASURES if m in data["aligned"] and m in data["perturbed"]]
+    decide = cfg.knowledge_measure if cfg.knowledge_measure in measures else "knowledge_acc"
+    N = len(data["aligned"]["task_correct"])
+    W = resample_weights(N, n_boot, seed, groups)
+    point_w = np.ones((1, N))
+    recovered = sorted((k for k in data if k.startswith("recovered/")),
+                       key=lambda k: (k.split("/")[1], int(k.split("/")[2])))
+    has_base = "base" in data
+    has_lp = all("gold_logprob" in data[s] for s in ("aligned", "perturbed"))
 
-    def stat(fn):
-        point = fn(np.arange(N)[None, :])[0]
-        boot = fn(idx)
-        return _num(point), _ci(boot, level)
+    def evaluate(fn):
+        def mean_with(w):
+            return lambda st, m: wmean(data[st][m], w)
+        point = _num(np.asarray(fn(mean_with(point_w)))[0])
+        return point, percentile_ci(np.asarray(fn(mean_with(W))), level)
 
-    def mean(x, ix):
-        return x[ix].mean(-1)
+    Q = quantities(recovered, chances, measures)
+    val: dict = {}
+    for key, fn in Q.items():
+        st, name = key
+        if name == "tune_change" and not has_base or name.startswith("tune_shift") and not has_base:
+            continue
+        if name == "gold_logprob_change" and not has_lp:
+            continue
+        val[key] = evaluate(fn)
 
-    drop, drop_ci = stat(lambda ix: mean(T["aligned"], ix) - mean(T["perturbed"], ix))
-    ret, ret_ci = stat(lambda ix: _ratio(mean(K["perturbed"], ix) - chance, mean(K["aligned"], ix) - chance))
-    recovered = sorted(
-        (k for k in per_item if k.startswith("recovered/")),
-        key=lambda k: (k.split("/")[1], int(k.split("/")[2])),
-    )
-    rr, rr_ci, kar, kar_ci = {}, {}, {}, {}
-    for k in recovered:
-        key = k.removeprefix("recovered/")
-        rr[key], rr_ci[key] = stat(
-            lambda ix, k=k: _ratio(mean(T[k], ix) - mean(T["perturbed"], ix), mean(T["aligned"], ix) - mean(T["perturbed"], ix))
-        )
-        kar[key], kar_ci[key] = stat(
-            lambda ix, k=k: _ratio(mean(K[k], ix) - chance, mean(K["aligned"], ix) - chance)
-        )
+    drop, drop_ci = val[("verdict", "task_drop")]
+    ret = {m: val[("verdict", f"retention:{m}")] for m in measures}
+    kar = {m: {st.removeprefix("recovered/"): val[(st, f"after_recovery:{m}")] for st in recovered} for m in measures}
+    rr = {st.removeprefix("recovered/"): val[(st, "recovery_ratio")] for st in recovered}
+
+    # recovery evidence per arm: the smallest n whose recovery ratio reaches the target
+    evidence = {}
+    for arm in sorted({k.split("/")[0] for k in rr}):
+        sizes = sorted(int(k.split("/")[1]) for k in rr if k.startswith(arm + "/"))
+        hit = next((n for n in sizes if (rr[f"{arm}/{n}"][0] or -1) >= cfg.recovery_target), None)
+        evidence[arm] = (f"recovery ratio >= {cfg.recovery_target} at n={hit}" if hit is not None
+                         else f"not within n <= {max(sizes)}")
+
+    small = [k for k in rr if int(k.split("/")[1]) <= cfg.small_n]
+    r_point, r_ci = ret[decide]
+    state = _state(r_ci, cfg)
+    returned = [k for k in small if (kar[decide][k][1][0] or -np.inf) >= cfg.retention_threshold]
+    task_back = [k for k in small if (rr[k][1][0] or -np.inf) >= cfg.recovery_target]
+    drop_sig = drop_ci[0] is not None and drop_ci[0] > 0
+
+    checks = []
+    if has_base:
+        tc, tc_ci = val[("verdict", "tune_change")]
+        a_task = wmean(data["aligned"]["task_correct"], point_w)[0]
+        a_task_ci = percentile_ci(wmean(data["aligned"]["task_correct"], W), level)
+        if tc_ci[0] is not None and tc_ci[0] > cfg.tune_tolerance:
+            checks.append(f"the tune stage broke the task: task_acc fell from base to aligned by {_fmt(tc)} "
+                          f"{_fmt_ci(tc_ci)}, more than tune_tolerance {cfg.tune_tolerance}")
+        elif a_task_ci[1] is not None and a_task_ci[1] < cfg.task_floor:
+            checks.append(f"the aligned model does not do the task: task_acc {_fmt(a_task)} {_fmt_ci(a_task_ci)} "
+                          f"is below task_floor {cfg.task_floor}")
+    ac, ac_ci = val[("verdict", f"above_chance:{decide}")]
+    if ac_ci[0] is None or ac_ci[0] <= 0:
+        checks.append(f"aligned knowledge ({decide}) does not clear chance {_fmt(chances.get(decide))}: "
+                      f"aligned minus chance is {_fmt(ac)} {_fmt_ci(ac_ci)}")
+
+    rtxt = f"knowledge retention ({decide}) {_fmt(r_point)} {_fmt_ci(r_ci)}"
+    dtxt = f"the task dropped by {_fmt(drop)} {_fmt_ci(drop_ci)}"
+    if checks:
+        label, reason = "inconclusive", "; ".join(checks)
+    elif not drop_sig:
+        held = f"the task drop {_fmt(drop)} {_fmt_ci(drop_ci)} includes 0"
+        if state == "retained":
+            label, reason = "no_forgetting", f"{held} and {rtxt} >= {cfg.retention_threshold}"
+        elif state == "lost":
+            label, reason = "knowledge_loss", (f"knowledge fell while the task held: {rtxt} < {cfg.loss_threshold} "
+                                               f"({held})")
+        elif state == "between":
+            label, reason = "mixed", f"knowledge fell partly while the task held: {rtxt} lies between the thresholds ({held})"
+        else:
+            label, reason = "inconclusive", f"{held}, but {rtxt} straddles a threshold"
+    elif state == "retained" or returned:
+        label = "spurious"
+        why = [f"{rtxt} >= {cfg.retention_threshold}" if state == "retained" else
+               f"knowledge returns after recovery on disjoint items ({', '.join(returned)}: lower bound >= "
+               f"{cfg.retention_threshold})"]
+        if task_back:
+            why.append(f"task performance returns with a few examples ({', '.join(task_back)})")
+        reason = f"{dtxt} but " + "; ".join(why)
+    elif state == "lost" and not task_back:
+        label = "knowledge_loss"
+        reason = (f"{dtxt}, {rtxt} < {cfg.loss_threshold}, and neither knowledge nor the task returns with "
+                  f"recovery (n <= {cfg.small_n})")
+    elif state in ("lost", "between"):
+        label = "mixed"
+        reason = (f"{dtxt}; {rtxt} lies between the thresholds" if state == "between" else
+                  f"{dtxt}; {rtxt} < {cfg.loss_threshold} but the task returns ({', '.join(task_back)})")
+    else:
+        label, reason = "inconclusive", f"{dtxt}, but {rtxt} straddles a threshold ({state})"
+
+    # the other ranking measures: an interval that says the opposite makes the label mixed
+    if label in ("spurious", "no_forgetting", "knowledge_loss"):
+        against = []
+        for m in RANKING_MEASURES:
+            if m == decide or m not in ret:
+                continue
+            st_m = _state(ret[m][1], cfg)
+            if label == "knowledge_loss" and st_m == "retained" or label != "knowledge_loss" and st_m == "lost" and not returned:
+                against.append(f"{m} {_fmt(ret[m][0])} {_fmt_ci(ret[m][1])}")
+        if against:
+            reason = f"the measures disagree: {reason}; but retention by {', '.join(against)}"
+            label = "mixed"
 
     pret, pret_ci = None, (None, None)
     P = {
@@ -114,72 +331,43 @@ def compute_verdict(
     }
     if probe_chance is not None and "aligned" in P and "perturbed" in P:
         M = len(P["aligned"])
-        pidx = np.random.default_rng(seed + 1).integers(0, M, size=(n_boot, M))
-        point = _ratio(np.array([P["perturbed"].mean() - probe_chance]), np.array([P["aligned"].mean() - probe_chance]))[0]
-        boot = _ratio(P["perturbed"][pidx].mean(-1) - probe_chance, P["aligned"][pidx].mean(-1) - probe_chance)
-        pret, pret_ci = _num(point), _ci(boot, level)
+        pw = resample_weights(M, n_boot, seed + 1)
+        pret = _num(ratio(np.array([P["perturbed"].mean() - probe_chance]), np.array([P["aligned"].mean() - probe_chance]))[0])
+        pret_ci = percentile_ci(ratio(wmean(P["perturbed"], pw) - probe_chance, wmean(P["aligned"], pw) - probe_chance), level)
 
-    evidence = {}
-    for arm in sorted({k.split("/")[0] for k in rr}):
-        sizes = sorted(int(k.split("/")[1]) for k in rr if k.startswith(arm + "/"))
-        hit = next(
-            (n for n in sizes if (rr[f"{arm}/{n}"] or -1) >= cfg.recovery_target), None
-        )
-        evidence[arm] = (
-            f"recovery ratio >= {cfg.recovery_target} at n={hit}" if hit is not None
-            else f"not within n <= {max(sizes)}"
-        )
+    def vc(x):
+        return {"value": x[0], "ci": list(x[1])}
 
-    small = [k for k in kar if int(k.split("/")[1]) <= cfg.small_n]
-    retained = ret is not None and ret >= cfg.retention_threshold
-    returned = [k for k in small if (kar[k] or -1) >= cfg.retention_threshold]
-    task_back = [k for k in small if (rr[k] or -1) >= cfg.recovery_target]
-    lost = (ret is None or ret < cfg.loss_threshold) and not returned
-
-    if drop_ci[0] is None or drop is None or drop_ci[0] <= 0:
-        label = "no_forgetting"
-        reason = f"the task drop {_fmt(drop)} has a CI {_fmt_ci(drop_ci)} that includes 0"
-    elif retained or returned:
-        label = "spurious"
-        why = []
-        if retained:
-            why.append(f"knowledge retention {_fmt(ret)} {_fmt_ci(ret_ci)} >= {cfg.retention_threshold}")
-        elif returned:
-            why.append(f"knowledge returns after recovery on disjoint items ({', '.join(returned)})")
-        if task_back:
-            why.append(f"task performance returns with a few examples ({', '.join(task_back)})")
-        reason = f"the task dropped by {_fmt(drop)} {_fmt_ci(drop_ci)} but " + "; ".join(why)
-    elif lost and not task_back:
-        label = "knowledge_loss"
-        reason = (
-            f"the task dropped by {_fmt(drop)} {_fmt_ci(drop_ci)}, knowledge retention is {_fmt(ret)} "
-            f"{_fmt_ci(ret_ci)} < {cfg.loss_threshold}, and neither knowledge nor the task returns "
-            f"with recovery (n <= {cfg.small_n})"
-        )
-    else:
-        label = "mixed"
-        reason = (
-            f"the task dropped by {_fmt(drop)} {_fmt_ci(drop_ci)}; knowledge retention {_fmt(ret)} "
-            f"{_fmt_ci(ret_ci)} lies between the thresholds or the measures disagree"
-        )
-    return {
+    out = {
         "label": label,
         "reason": reason,
+        "checks": checks,
+        "decided_by": decide,
         "task_drop": drop if drop is not None else 0.0,
         "task_drop_ci": list(drop_ci),
-        "knowledge_retention": ret,
-        "knowledge_retention_ci": list(ret_ci),
-        "recovery_ratio": rr,
-        "recovery_ratio_ci": {k: list(v) for k, v in rr_ci.items()},
-        "knowledge_after_recovery": kar,
-        "knowledge_after_recovery_ci": {k: list(v) for k, v in kar_ci.items()},
+        "task_drop_significant": drop_sig,
+        "knowledge_retention": r_point,
+        "knowledge_retention_ci": list(r_ci),
+        "recovery_ratio": {k: v[0] for k, v in rr.items()},
+        "recovery_ratio_ci": {k: list(v[1]) for k, v in rr.items()},
+        "knowledge_after_recovery": {k: v[0] for k, v in kar[decide].items()},
+        "knowledge_after_recovery_ci": {k: list(v[1]) for k, v in kar[decide].items()},
+        "retention": {m: vc(ret[m]) for m in measures},
+        "after_recovery": {m: {k: vc(v) for k, v in kar[m].items()} for m in measures},
         "probe_retention": pret,
         "probe_retention_ci": list(pret_ci),
         "probe_chance": probe_chance,
         "recovery_evidence": evidence,
-        "knowledge_chance": chance,
+        "knowledge_chance": chances.get("knowledge_acc"),
+        "knowledge_chances": chances,
         "thresholds": cfg.model_dump(),
     }
+    if has_base:
+        out["tune_change"] = vc(val[("verdict", "tune_change")])
+        out["tune_shift"] = {m: vc(val[("verdict", f"tune_shift:{m}")]) for m in measures}
+    if has_lp:
+        out["gold_logprob_change"] = vc(val[("verdict", "gold_logprob_change")])
+    return out
 
 
 def _fmt(x) -> str:
@@ -216,8 +404,8 @@ def bootstrap_diff(
 
     Returns:
         ``{"diff", "ci_low", "ci_high", "significant"}``: significant when the percentile
-        CI of the difference excludes 0; CI bounds are None when fewer than half the
-        resamples give a finite value (a ratio with a zero denominator).
+        CI of the difference excludes 0; CI bounds are None when more resamples than
+        the CI's tail are undefined (:func:`percentile_ci`).
 
     Raises:
         ValueError: ``paired`` with ``n_a != n_b``.
@@ -230,16 +418,57 @@ def bootstrap_diff(
     with np.errstate(divide="ignore", invalid="ignore"):
         point = float(stat(b, np.arange(n_b)[None, :])[0] - stat(a, np.arange(n_a)[None, :])[0])
         diffs = np.asarray(stat(b, ix_b) - stat(a, ix_a), dtype=float)
-    fin = diffs[np.isfinite(diffs)]
-    if not np.isfinite(point) or len(fin) < max(10, n_boot // 2):
+    lo, hi = percentile_ci(diffs, level)
+    if not np.isfinite(point) or lo is None:
         return {"diff": point if np.isfinite(point) else None, "ci_low": None, "ci_high": None,
                 "significant": None}
-    q = (1 - level) / 2
-    lo, hi = float(np.quantile(fin, q)), float(np.quantile(fin, 1 - q))
     return {"diff": point, "ci_low": lo, "ci_high": hi, "significant": bool(lo > 0 or hi < 0)}
 
 
-STAGE_METRICS = ("task_acc", "knowledge_acc", "first_token_prob", "perturb_acc", "kl_to_base", "kl_to_aligned")
+STAGE_METRICS = ("task_acc", "knowledge_acc", "knowledge_acc_token", "knowledge_acc_byte", "knowledge_mrr",
+                 "knowledge_margin", "gold_logprob", "first_token_prob", "perturb_acc", "kl_to_base", "kl_to_aligned")
+
+
+def verdict_of(probes: dict[str, dict], order: list[str], cfg: VerdictConfig, n_boot: int = 1000,
+               level: float = 0.95, seed: int = 0) -> dict:
+    """:func:`compute_verdict` from the probe results of an audit's checkpoints (every
+    name of ``order``, ``base`` included): their per-item values, the chance level of
+    each knowledge measure, the items' clusters and the probes' chance level."""
+    base = probes["base"]
+    probe_info = base.get("probe")
+    return compute_verdict(
+        {name: probes[name]["per_item"] for name in order},
+        base.get("knowledge_chances") or base["knowledge_chance"], cfg, n_boot, level, seed,
+        probe_chance=probe_info["chance"] if probe_info else None,
+        groups=base["per_item"].get("groups"),
+    )
+
+
+def verdict_rows(verdict: dict) -> list[dict]:
+    """The verdict's quantities as long-form rows (stage, metric, layer, value, ci_low,
+    ci_high) for ``metrics.parquet``."""
+    rows = []
+
+    def row(stage, metric, value, ci):
+        rows.append({"stage": stage, "metric": metric, "layer": None, "value": value,
+                     "ci_low": ci[0], "ci_high": ci[1]})
+
+    for k in ("task_drop", "knowledge_retention", "probe_retention"):
+        row("verdict", k, verdict[k], verdict[f"{k}_ci"])
+    for m, v in verdict.get("retention", {}).items():
+        row("verdict", f"retention:{m}", v["value"], v["ci"])
+    for m, v in verdict.get("tune_shift", {}).items():
+        row("verdict", f"tune_shift:{m}", v["value"], v["ci"])
+    for k in ("tune_change", "gold_logprob_change"):
+        if k in verdict:
+            row("verdict", k, verdict[k]["value"], verdict[k]["ci"])
+    for key, v in verdict["recovery_ratio"].items():
+        row(f"recovered/{key}", "recovery_ratio", v, verdict["recovery_ratio_ci"][key])
+        row(f"recovered/{key}", "knowledge_after_recovery", verdict["knowledge_after_recovery"][key],
+            verdict["knowledge_after_recovery_ci"][key])
+        for m, by in verdict.get("after_recovery", {}).items():
+            row(f"recovered/{key}", f"after_recovery:{m}", by[key]["value"], by[key]["ci"])
+    return rows
 
 
 def assess(probes: dict[str, dict], order: list[str], cfg: VerdictConfig,
@@ -277,28 +506,17 @@ def assess(probes: dict[str, dict], order: list[str], cfg: VerdictConfig,
         m = dict(probes[name]["metrics"])
         m["kl_to_base"] = summarise(drift_kl(lp["base"], lp[name], lengths), **boot)
         m["kl_to_aligned"] = summarise(drift_kl(lp["aligned"], lp[name], lengths), **boot)
-        st = {k: m[k]["value"] for k in STAGE_METRICS}
+        keys = [k for k in STAGE_METRICS if k in m]
+        st = {k: m[k]["value"] for k in keys}
         st["knowledge_chance"] = chance
-        st["ci"] = {k: [m[k]["ci_low"], m[k]["ci_high"]] for k in STAGE_METRICS}
+        st["ci"] = {k: [m[k]["ci_low"], m[k]["ci_high"]] for k in keys}
         stages[name] = st
-        for k in STAGE_METRICS:
+        for k in keys:
             rows.append({"stage": name, "metric": k, "layer": None, "value": m[k]["value"],
                          "ci_low": m[k]["ci_low"], "ci_high": m[k]["ci_high"]})
         rows.append({"stage": name, "metric": "knowledge_chance", "layer": None, "value": chance,
                      "ci_low": None, "ci_high": None})
 
-    per_item = {name: probes[name]["per_item"] for name in order if name != "base"}
-    verdict = compute_verdict(per_item, chance, cfg, **boot)
-    rows.append({"stage": "verdict", "metric": "task_drop", "layer": None, "value": verdict["task_drop"],
-                 "ci_low": verdict["task_drop_ci"][0], "ci_high": verdict["task_drop_ci"][1]})
-    rows.append({"stage": "verdict", "metric": "knowledge_retention", "layer": None,
-                 "value": verdict["knowledge_retention"], "ci_low": verdict["knowledge_retention_ci"][0],
-                 "ci_high": verdict["knowledge_retention_ci"][1]})
-    for key, v in verdict["recovery_ratio"].items():
-        lo, hi = verdict["recovery_ratio_ci"][key]
-        rows.append({"stage": f"recovered/{key}", "metric": "recovery_ratio", "layer": None, "value": v,
-                     "ci_low": lo, "ci_high": hi})
-        lo, hi = verdict["knowledge_after_recovery_ci"][key]
-        rows.append({"stage": f"recovered/{key}", "metric": "knowledge_after_recovery", "layer": None,
-                     "value": verdict["knowledge_after_recovery"][key], "ci_low": lo, "ci_high": hi})
+    verdict = verdict_of(probes, order, cfg, **boot)
+    rows += verdict_rows(verdict)
     return {"stages": stages, "verdict": verdict, "rows": rows}

@@ -24,12 +24,12 @@ from typing import Callable
 import numpy as np
 import pandas as pd
 
+from components.verdict import STAGE_METRICS, verdict_of, verdict_rows
 from components.artifacts import atomic_copy, atomic_write, file_record, git_commit, git_dirty, inside, machine_info
 from components.config import AuditConfig, dump_yaml
 from components.data import SUITES, Item, SuiteData, check_data, items_sha256
 from components.errors import UserError
 from components.models import check_model_id
-from components.verdict import compute_verdict
 from pipelines.report import write_report
 from pipelines.tracking import (
     JOURNAL, AuditTracker, DatasetRecord, check_model_name, read_state, redact_uri, resolve_tracking_uri, unreachable,
@@ -39,7 +39,6 @@ from pipelines.tracking import (
 MANIFEST = "manifest.json"
 MANIFEST_FORMAT = "cl-audit-manifest/1"
 
-STAGE_METRICS = ("task_acc", "knowledge_acc", "first_token_prob", "perturb_acc", "kl_to_base", "kl_to_aligned")
 # per-item transitions from the stage a checkpoint was trained from (Harmon et al. 2025)
 TRANSITION_METRICS = ("task_correct_to_wrong", "task_wrong_to_correct",
                       "knowledge_correct_to_wrong", "knowledge_wrong_to_correct")
@@ -271,8 +270,6 @@ def _finish_audit(
     refs = {name: load_ref_logprobs(Path(results["probe"][name]["dir"])) for name in ("base", "aligned")}
     lengths = np.array(results["probe"]["base"]["answer_tokens"])
     drift = results["drift"]["drift"]
-    probe_info = results["probe"]["base"].get("probe")
-    probe_chance = probe_info["chance"] if probe_info else None
     stages, rows = {}, []
 
     def row(stage: str, metric: str, value, ci=(None, None), layer=None) -> None:
@@ -297,6 +294,8 @@ def _finish_audit(
         scalars = [k for k in (*STAGE_METRICS, *own, *TRANSITION_METRICS) if k in m]
         st = {k: m[k]["value"] for k in scalars}
         st["knowledge_chance"] = chance
+        if p.get("knowledge_chances"):
+            st["knowledge_chances"] = p["knowledge_chances"]
         st["ci"] = {k: [m[k]["ci_low"], m[k]["ci_high"]] for k in scalars}
         if parent is not None:
             st["transitions_from"] = parent
@@ -328,14 +327,8 @@ def _finish_audit(
             tracker.extra_metrics(name, {k: m[k]["value"] for k in ("kl_to_base", "kl_to_aligned", *TRANSITION_METRICS)
                                          if k in m}, per_layer)
 
-    per_item = {name: results["probe"][name]["per_item"] for name in order if name != "base"}
-    verdict = compute_verdict(per_item, chance, cfg.verdict, **boot, probe_chance=probe_chance)
-    for k in ("task_drop", "knowledge_retention", "probe_retention"):
-        row("verdict", k, verdict[k], verdict[f"{k}_ci"])
-    for key, v in verdict["recovery_ratio"].items():
-        row(f"recovered/{key}", "recovery_ratio", v, verdict["recovery_ratio_ci"][key])
-        row(f"recovered/{key}", "knowledge_after_recovery", verdict["knowledge_after_recovery"][key],
-            verdict["knowledge_after_recovery_ci"][key])
+    verdict = verdict_of(results["probe"], order, cfg.verdict, **boot)
+    rows += verdict_rows(verdict)
 
     # Links from each checkpoint's run to the runs whose outputs it consumed.
     for name in order:

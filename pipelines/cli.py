@@ -47,11 +47,12 @@ def stage_table(summary: dict) -> Table:
     """The per-stage metrics table (value and 95% CI) of a summary."""
     t = Table(title=f"{summary['suite']} / {summary['model']}", show_lines=False)
     t.add_column("stage")
-    cols = ["task_acc", "knowledge_acc", "first_token_prob", "perturb_acc", "kl_to_base", "kl_to_aligned"]
+    cols = ["task_acc", "knowledge_acc", "knowledge_mrr", "knowledge_margin", "gold_logprob", "perturb_acc",
+            "kl_to_base", "kl_to_aligned"]
     # a suite's own scalar metrics (refusal: refusal_rate, benign_answer_rate) after those
     first = next(iter(summary["stages"].values()), {})
     cols += [k for k in first.get("ci", {}) if k not in cols and k != "probe_acc" and isinstance(first.get(k), float)
-             and not k.startswith(("task_", "knowledge_"))]
+             and not k.startswith(("task_", "knowledge_")) and k != "first_token_prob"]
     for c in cols:
         t.add_column(c, justify="right")
     for name, st in summary["stages"].items():
@@ -59,7 +60,7 @@ def stage_table(summary: dict) -> Table:
         for c in cols:
             ci = st.get("ci", {}).get(c)
             cell = _fmt(st.get(c))
-            if ci and ci[0] is not None and c in ("task_acc", "knowledge_acc"):
+            if ci and ci[0] is not None and c in ("task_acc", "knowledge_acc", "knowledge_mrr"):
                 cell += f" [{ci[0]:.2f},{ci[1]:.2f}]"
             cells.append(cell)
         t.add_row(name, *cells)
@@ -101,13 +102,30 @@ def verdict_lines(summary: dict) -> list[str]:
     v = summary["verdict"]
     ch = summary["stages"]["base"].get("knowledge_chance")
     th = v.get("thresholds", {})
-    lines = [
+    lines = [f"CHECK FAILED: {c}" for c in v.get("checks", [])]
+    lines += [
         f"VERDICT: {v['label']}",
         f"  {v.get('reason', '')}",
         f"  task_drop = {_fmt(v['task_drop'])} CI {_fmt_ci(v.get('task_drop_ci'))}",
         f"  knowledge_retention = {_fmt(v['knowledge_retention'])} CI {_fmt_ci(v.get('knowledge_retention_ci'))}"
-        f" (knowledge chance level {_fmt(ch, 2)})",
+        f" (decided by {v.get('decided_by', 'knowledge_acc')}; knowledge chance level {_fmt(ch, 2)})",
     ]
+    chances = v.get("knowledge_chances", {})
+    for m, r in v.get("retention", {}).items():
+        shift = v.get("tune_shift", {}).get(m)
+        lines.append(
+            f"  retention by {m} = {_fmt(r['value'])} CI {_fmt_ci(r['ci'])}"
+            + (f" (chance {_fmt(chances.get(m))})" if chances.get(m) is not None else "")
+            + (f"; base -> aligned {_fmt(shift['value'])} CI {_fmt_ci(shift['ci'])}" if shift else "")
+        )
+    if v.get("gold_logprob_change"):
+        g = v["gold_logprob_change"]
+        lines.append(f"  gold_logprob change, aligned -> perturbed = {_fmt(g['value'])} nats CI {_fmt_ci(g['ci'])}"
+                     " (moves with any refusal: shown, not decisive)")
+    if v.get("tune_change"):
+        g = v["tune_change"]
+        lines.append(f"  task_acc base - aligned = {_fmt(g['value'])} CI {_fmt_ci(g['ci'])}"
+                     f" (tune check: at most {th.get('tune_tolerance')})")
     for k, r in v["recovery_ratio"].items():
         kar = v.get("knowledge_after_recovery", {}).get(k)
         lines.append(
@@ -234,7 +252,9 @@ class AuditProgress:
 
 
 def sweep_lines(s: dict) -> list[str]:
-    """The closing lines of ``cl-audit sweep``: trials, best cell, smallest n, Pareto set."""
+    """The closing lines of ``cl-audit sweep``: trials, best cell (with its task drop, whether
+    that drop is significant, and the task accuracy after recovery), the rule that chose
+    it, the finished trials best first, smallest n, Pareto set."""
     t = s["trials"]
     lines = [f"trials: {t['finished']} of {t['total']} finished {t['by_status']}"
              + (f", {t['stopped_early']} stopped early by ASHA" if t["stopped_early"] else "")]
@@ -242,6 +262,31 @@ def sweep_lines(s: dict) -> list[str]:
     if b:
         cfg = ", ".join(f"{k}={v}" for k, v in b["config"].items())
         lines.append(f"best by {b['metric']} ({b['mode']}): {_fmt(b['value'])} at {cfg} (verdict {b['label']})")
+        if "drop_significant" in b:
+            m = b["metrics"]
+            lines.append(
+                f"  task_drop {_fmt(m['task_drop'])} {_fmt_ci([m['task_drop_ci_low'], m['task_drop_ci_high']])}"
+                f" ({'significant' if b['drop_significant'] else 'NOT significant: its CI includes 0'}),"
+                f" task_acc after recovery {_fmt(m['recovered_task_acc'])}"
+                f" {_fmt_ci([m['recovered_task_acc_ci_low'], m['recovered_task_acc_ci_high']])}")
+    if s.get("best_rule"):
+        lines.append(f"  rule: {s['best_rule']}")
+    if s.get("ranking"):
+        # the finished trials, best first: beside the ratio, the drop and the absolute task_acc
+        head = (f"{'#':>3} {'kl_penalty':>10} {'n':>4} {'arm':<10} {'frz':>3} {'task_drop [CI]':<22} {'sig':<3} "
+                f"{'task_acc after rec. [CI]':<24} {'recovery_ratio [CI]':<23} verdict")
+        lines += ["trials, best first:", head]
+
+        def vci(v, ci):
+            return "-" if v is None else f"{v:.3f} " + ("[n/a]" if ci[0] is None else f"[{ci[0]:.2f},{ci[1]:.2f}]")
+
+        for i, r in enumerate(s["ranking"], 1):
+            c = r["config"]
+            lines.append(
+                f"{i:>3} {c['kl_penalty']:>10.4g} {c['n']:>4} {c['arm']:<10} {c['freeze_layers']:>3} "
+                f"{vci(r['task_drop'], r['task_drop_ci']):<22} {'yes' if r['drop_significant'] else 'no':<3} "
+                f"{vci(r['recovered_task_acc'], r['recovered_task_acc_ci']):<24} "
+                f"{vci(r['recovery_ratio'], r['recovery_ratio_ci']):<23} {r['label'] or '-'}")
     for r in s["smallest_n"]:
         fz = f" freeze={r['freeze_layers']}" if r["freeze_layers"] else ""
         lines.append(f"  kl_penalty={r['kl_penalty']:g} {r['arm']}{fz}: {r['note']} (task_drop {_fmt(r['task_drop'])})")

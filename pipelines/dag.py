@@ -146,6 +146,7 @@ def prepare(cfg: AuditConfig, home: Path) -> dict:
     mdigest = model_digest(model_dir)
     base = Checkpoint("base", str(model_dir), [], None, f"base-{mdigest[:20]}")
     known = None
+    base_answers: dict[str, str] = {}
     if cfg.data.filter_known:
         store = Store(home / "store")
         evaluable = [i for i, it in enumerate(items) if it.candidates]
@@ -166,11 +167,13 @@ def prepare(cfg: AuditConfig, home: Path) -> dict:
             match = MATCHERS[suite.task_matcher]
             return {"known": [bool(match(a, it.answer)) for a, it in zip(answers, sub)], "answers": answers}
 
-        known_sub = store.produce(key, fn)[0]["known"]
+        filtered = store.produce(key, fn)[0]
         known = [False] * len(items)
-        for i, k in zip(evaluable, known_sub):
+        for i, k, a in zip(evaluable, filtered["known"], filtered["answers"]):
             known[i] = k
+            base_answers[items[i].id] = a
     data = suite.make_split(items, known, cfg)
+    data.notes["candidates"] = prepare_candidates(cfg, base, data, base_answers, Store(home / "store"))
     leaks = check_leakage(data, cfg.data.allow_leakage)
     if leaks:  # allowed by the user: recorded in summary.json ("data") and the manifest
         data.notes["allowed_leaks"] = [f"{e.id} ({how} of {t.id})" for e, how, t in leaks]
@@ -180,6 +183,64 @@ def prepare(cfg: AuditConfig, home: Path) -> dict:
         "model_dir": str(model_dir), "model_source": model_source(cfg.model, model_dir), "known": known,
         "machine": machine_info(),
     }
+
+
+def prepare_candidates(cfg: AuditConfig, base: Checkpoint, data: SuiteData, base_answers: dict[str, str],
+                       store: Store) -> dict:
+    """Give every evaluation item its knowledge phrasings and its K candidates, once per
+    audit (stored, keyed by the base model, the items and the mining settings): the base
+    model's own answer becomes the first phrasing where it names the gold answer, and
+    the candidates of items with an answer type are mined (``data.candidates``,
+    :func:`components.knowledge.mine_candidates`). ``data.eval`` is replaced in place.
+
+    Returns:
+        Notes for ``summary.json``: the mode, K, items mined and kept, answers scored
+        in full per item, items ranked in the base model's own words.
+
+    Raises:
+        UserError: an answer type has fewer than ``data.n_candidates`` answers.
+    """
+    from components.data import Item
+    from components.errors import UserError
+    from components.knowledge import rank_pool
+
+    for it in data.eval:
+        pool = rank_pool(it, data.answer_pools)
+        if pool is not None and len(pool) < cfg.data.n_candidates:
+            raise UserError(
+                f"data.n_candidates: {cfg.data.n_candidates} candidates asked for, but item {it.id} has only "
+                f"{len(pool)} answers of its type ({it.answer_type}) to rank among; lower data.n_candidates")
+    key = Store.key(
+        "candidates",
+        {"mode": cfg.data.candidates, "k": cfg.data.n_candidates, "seed": cfg.seed, "precision": cfg.model.precision,
+         "items": _items_digest(data.eval), "pools": stable_hash(data.answer_pools, 20),
+         "groups": stable_hash(data.answer_groups, 20),
+         "probe": cfg.probe.model_dump(include={"batch_size", "max_new_tokens"})},
+        [base.digest],
+    )
+
+    def fn(tmp: Path) -> dict:
+        from components.knowledge import add_own_phrasings, mine_candidates
+        from components.metrics import generate_answers
+        from components.models import load_checkpoint
+
+        model, tok = load_checkpoint(base, cfg.model.trust_remote_code)
+        items = [Item(**it.to_dict()) for it in data.eval]
+        missing = [it for it in items if it.id not in base_answers]
+        answers = dict(base_answers)
+        if missing:
+            got = generate_answers(model, tok, missing, cfg.probe.batch_size, cfg.probe.max_new_tokens,
+                                   cfg.model.precision)
+            answers.update({it.id: a for it, a in zip(missing, got)})
+        own = add_own_phrasings(items, answers)
+        info = mine_candidates(model, tok, items, data.answer_pools, data.answer_groups, cfg.data.n_candidates,
+                               cfg.data.candidates, cfg.seed, cfg.probe.batch_size, cfg.model.precision)
+        return {"eval": [it.to_dict() for it in items],
+                "notes": {"mode": cfg.data.candidates, "k": cfg.data.n_candidates, **info, "own_phrasing": own}}
+
+    out = store.produce(key, fn)[0]
+    data.eval = [Item(**d) for d in out["eval"]]
+    return out["notes"]
 
 
 def train_stage(kind: str, cfg: AuditConfig, home: Path, parent: dict, data: SuiteData,

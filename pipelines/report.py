@@ -16,6 +16,7 @@ import datetime as _dt
 import json
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import yaml
 
@@ -26,7 +27,7 @@ from pipelines.plots import Plot, all_plots
 TEMPLATES = Path(__file__).resolve().parent / "templates"
 STAGE_COLUMNS = [
     ("task_acc", "task_acc", "share of evaluation facts the model's own greedy answer gets right"),
-    ("knowledge_acc", "knowledge_acc", "share where the gold answer has the highest likelihood among K candidates"),
+    ("knowledge_acc", "knowledge_acc", "share where the gold answer is strictly first of K candidates by likelihood"),
     ("first_token_prob", "first_token_prob", "mean probability of the gold answer's first token"),
     ("perturb_acc", "perturb_acc", "how well the perturbation was learned, on held-out perturbation items"),
     ("kl_to_base", "kl_to_base", "mean per-token KL(base ‖ checkpoint) on gold answers, nats"),
@@ -37,7 +38,26 @@ HEADLINES = {
     "knowledge_loss": "Knowledge loss: the fine-tune erased facts, not only the task alignment",
     "mixed": "Mixed: the evidence does not separate alignment loss from knowledge loss",
     "no_forgetting": "No forgetting: the task did not drop significantly",
+    "inconclusive": "Inconclusive: this audit cannot tell alignment loss from knowledge loss",
 }
+# The knowledge measures (components.knowledge), in the order the report shows them, and
+# what each one measures. The first five can decide the verdict; gold_logprob never does.
+KNOWLEDGE_MEASURES = [
+    ("knowledge_acc", "share of items where the gold answer is strictly first among the K candidates by summed "
+                      "log-prob"),
+    ("knowledge_acc_token", "the same, with each candidate's summed log-prob divided by its number of tokens "
+                            "(per-token normalised)"),
+    ("knowledge_acc_byte", "the same, with each candidate's summed log-prob divided by its UTF-8 bytes "
+                           "(per-byte normalised)"),
+    ("knowledge_mrr", "mean reciprocal rank of the gold answer among all answers of its type (0 beyond the rank "
+                      "cut-off probe.rank_depth where one is set)"),
+    ("knowledge_margin", "the gold answer's log-prob minus the best other candidate's, in nats (below 0 the ranking "
+                         "flips)"),
+    ("gold_logprob", "the gold answer's summed log-prob, in nats; it moves with the response format and with any "
+                     "refusal, so it is shown, never decisive"),
+]
+MEASURE_MEANING = dict(KNOWLEDGE_MEASURES)
+NOT_DECISIVE = {"gold_logprob"}
 FLIP_SAMPLE = 6
 ARMS = {
     "in_task": "the task on facts never evaluated",
@@ -113,20 +133,65 @@ def _went(before, after) -> str:
     return f"went from {_fmt(before, 2)} (aligned) to {_fmt(after, 2)} (perturbed)"
 
 
+def deciding_measure(v: dict) -> str:
+    """The knowledge measure whose retention decided the label (``knowledge_acc`` for
+    runs older than the per-measure verdict)."""
+    return v.get("decided_by") or (v.get("thresholds") or {}).get("knowledge_measure") or "knowledge_acc"
+
+
+def measure_chance(summary: dict, m: str):
+    """Chance level of knowledge measure ``m`` (None where it has none or it is unknown)."""
+    v, base = summary["verdict"], summary["stages"].get("base", {})
+    chances = v.get("knowledge_chances") or base.get("knowledge_chances") or {}
+    if m in chances:
+        return chances[m]
+    return (v.get("knowledge_chance") or base.get("knowledge_chance")) if m == "knowledge_acc" else None
+
+
+def measure_retention(v: dict, m: str) -> dict | None:
+    """``{"value", "ci"}``: the retention of measure ``m`` (perturbed against aligned, over
+    chance); from ``knowledge_retention`` where an older summary has no per-measure one."""
+    r = (v.get("retention") or {}).get(m)
+    if r is not None:
+        return {"value": r.get("value"), "ci": r.get("ci")}
+    if m == deciding_measure(v) and "knowledge_retention" in v:
+        return {"value": v.get("knowledge_retention"), "ci": v.get("knowledge_retention_ci")}
+    return None
+
+
+def retention_state(ci, th: dict) -> str:
+    """Where a retention interval lies against the thresholds, as the verdict reads it:
+    retained (lower bound >= retention threshold), lost (upper bound < loss threshold),
+    between, straddles, or undefined."""
+    if not ci or ci[0] is None or ci[1] is None or not th:
+        return "undefined"
+    lo, hi = ci
+    if lo >= th["retention_threshold"]:
+        return "retained"
+    if hi < th["loss_threshold"]:
+        return "lost"
+    if lo >= th["loss_threshold"] and hi < th["retention_threshold"]:
+        return "between"
+    return "straddles"
+
+
 def verdict_sentence(summary: dict) -> str:
     """The verdict in one sentence with the numbers it rests on."""
     v, st = summary["verdict"], summary["stages"]
     al, pe = st["aligned"], st["perturbed"]
-    chance = st["base"].get("knowledge_chance")
+    m = deciding_measure(v)
+    chance = measure_chance(summary, m)
     head = HEADLINES.get(v["label"], v["label"])
-    ret = v.get("knowledge_retention")
-    ret_txt = (f"giving a knowledge retention of {_fmt(ret, 2)}{_ci_words(v.get('knowledge_retention_ci'))}, "
+    r = measure_retention(v, m) or {}
+    ret = r.get("value")
+    name = "knowledge accuracy" if m == "knowledge_acc" else f"knowledge by {m}"
+    ret_txt = (f"giving a knowledge retention of {_fmt(ret, 2)}{_ci_words(r.get('ci'))}, "
                "where 1 means all above-chance knowledge was kept"
-               if ret is not None else "knowledge retention is undefined (aligned knowledge at chance)")
+               if ret is not None else f"knowledge retention is undefined (aligned {m} at chance)")
     s = (
         f"{head}. Task accuracy {_went(al['task_acc'], pe['task_acc'])}, a drop of "
-        f"{_fmt(v['task_drop'], 2)}{_ci_words(v.get('task_drop_ci'))}, while knowledge accuracy "
-        f"{_went(al['knowledge_acc'], pe['knowledge_acc'])} against a chance level of {_fmt(chance, 2)}, "
+        f"{_fmt(v['task_drop'], 2)}{_ci_words(v.get('task_drop_ci'))}, while {name} "
+        f"{_went(al.get(m), pe.get(m))} against a chance level of {_fmt(chance, 2)}, "
         f"{ret_txt}"
     )
     best = _best_recovery(v)
@@ -137,6 +202,37 @@ def verdict_sentence(summary: dict) -> str:
         s += (f"; no recovery arm brings the task back (the best, {best[0]} examples, recovers "
               f"{max(best[1], 0):.0%} of the lost task accuracy)")
     return s + "."
+
+
+def rule_sentence(summary: dict) -> str:
+    """How the label is read: on intervals, by the deciding measure, with this run's bounds.
+
+    Empty where the summary carries no thresholds (a hand-made or very old summary)."""
+    v = summary["verdict"]
+    th = v.get("thresholds") or {}
+    if "retention_threshold" not in th or "loss_threshold" not in th:
+        return ""
+    m = deciding_measure(v)
+    rt, lt = th["retention_threshold"], th["loss_threshold"]
+    s = (f"The label is decided on intervals, not on points, by the retention of {m} ({MEASURE_MEANING.get(m, m)}): "
+         f"knowledge counts as retained when the lower bound of the retention's 95% CI is at least the retention "
+         f"threshold {rt}, and as lost when its upper bound is below the loss threshold {lt}; an interval between "
+         f"the thresholds gives mixed, one that straddles a threshold gives inconclusive.")
+    r = measure_retention(v, m) or {}
+    ci = r.get("ci")
+    if ci and ci[0] is not None and ci[1] is not None:
+        lo, hi = ci
+        s += (f" Here the retention by {m} is {_fmt(r.get('value'), 2)} [{lo:.2f}, {hi:.2f}]: lower bound "
+              f"{lo:.2f} {'≥' if lo >= rt else '<'} {rt}, upper bound {hi:.2f} {'<' if hi < lt else '≥'} {lt} "
+              f"({retention_state(ci, th)}).")
+    elif r:
+        s += f" Here the retention by {m} has no defined interval (aligned {m} too close to chance)."
+    if v.get("retention"):
+        others = [x for x in ("knowledge_acc", "knowledge_acc_byte", "knowledge_mrr") if x != m and x in v["retention"]]
+        if others:
+            s += (f" The other ranking measures ({', '.join(others)}) are read the same way: one whose interval says "
+                  "the opposite (retained against lost) turns the label into mixed.")
+    return s
 
 
 def _best_recovery(v: dict) -> tuple[str, float] | None:
@@ -153,24 +249,120 @@ def verdict_rows(summary: dict) -> list[dict]:
     """The verdict's quantities with CIs and the rule each is compared against."""
     v = summary["verdict"]
     th = v.get("thresholds", {})
+    m = deciding_measure(v)
+    r = measure_retention(v, m) or {}
     rows = [
         {"name": "task_drop", "value": _fmt(v["task_drop"]), "ci": _ci(v.get("task_drop_ci")),
          "meaning": "task_acc(aligned) − task_acc(perturbed)", "rule": "significant when the CI excludes 0"},
-        {"name": "knowledge_retention", "value": _fmt(v.get("knowledge_retention")),
-         "ci": _ci(v.get("knowledge_retention_ci")),
-         "meaning": "(K(perturbed) − chance) / (K(aligned) − chance)",
-         "rule": (f"retained ≥ {th['retention_threshold']}, lost < {th['loss_threshold']}" if th else "")},
+        {"name": f"knowledge_retention[{m}]", "value": _fmt(r.get("value")), "ci": _ci(r.get("ci")),
+         "meaning": f"({m}(perturbed) − chance) / ({m}(aligned) − chance); {m} decides the label",
+         "rule": (f"retained when the CI's lower bound ≥ {th['retention_threshold']}, lost when its upper bound "
+                  f"< {th['loss_threshold']}" if "retention_threshold" in th else "")},
     ]
-    for k, r in v.get("recovery_ratio", {}).items():
-        rows.append({"name": f"recovery_ratio[{k}]", "value": _fmt(r), "ci": _ci(v.get("recovery_ratio_ci", {}).get(k)),
+    tc = v.get("tune_change")
+    if tc:
+        rule = (f"inconclusive when the CI's lower bound > tune_tolerance {th['tune_tolerance']}"
+                if "tune_tolerance" in th else "")
+        if "task_floor" in th:
+            rule += f" or the aligned task_acc's upper bound < task_floor {th['task_floor']}"
+        rows.append({"name": "tune_change", "value": _fmt(tc.get("value")), "ci": _ci(tc.get("ci")),
+                     "meaning": "task_acc(base) − task_acc(aligned): what aligning cost the task", "rule": rule})
+    for k, rr in v.get("recovery_ratio", {}).items():
+        rows.append({"name": f"recovery_ratio[{k}]", "value": _fmt(rr), "ci": _ci(v.get("recovery_ratio_ci", {}).get(k)),
                      "meaning": "(task_acc(recovered) − task_acc(perturbed)) / task_drop",
                      "rule": f"came back ≥ {th['recovery_target']}" if th else ""})
         kar = v.get("knowledge_after_recovery", {}).get(k)
         rows.append({"name": f"knowledge_after_recovery[{k}]", "value": _fmt(kar),
                      "ci": _ci(v.get("knowledge_after_recovery_ci", {}).get(k)),
-                     "meaning": "(K(recovered) − chance) / (K(aligned) − chance)",
-                     "rule": f"returned ≥ {th['retention_threshold']} with n ≤ {th['small_n']}" if th else ""})
+                     "meaning": f"({m}(recovered) − chance) / ({m}(aligned) − chance)",
+                     "rule": (f"returned when the CI's lower bound ≥ {th['retention_threshold']} with "
+                              f"n ≤ {th['small_n']}" if th else "")})
+    gl = v.get("gold_logprob_change")
+    if gl:
+        rows.append({"name": "gold_logprob_change", "value": _fmt(gl.get("value")), "ci": _ci(gl.get("ci")),
+                     "meaning": "gold_logprob(perturbed) − gold_logprob(aligned), nats",
+                     "rule": "shown, never decisive"})
     return rows
+
+
+def knowledge_rows(summary: dict) -> list[dict]:
+    """One row per knowledge measure present in the summary (:data:`KNOWLEDGE_MEASURES`).
+
+    Returns:
+        ``[{"measure", "meaning", "decisive", "deciding", "chance", "cells": [{"value", "ci"}]
+        (one per checkpoint, in the summary's order), "retention": {"value", "ci", "state",
+        "note"}, "shift": {"value", "ci", "state"}}]``; ``state`` of the shift is
+        ``"unchanged"`` when its CI includes 0, ``"shifted"`` when it excludes 0, ``""``
+        without a CI. gold_logprob's retention cell holds its change from aligned to
+        perturbed in nats. Empty for a summary with no knowledge measure.
+    """
+    v, st = summary["verdict"], summary["stages"]
+    th = v.get("thresholds") or {}
+    decided = deciding_measure(v)
+    out = []
+    for m, meaning in KNOWLEDGE_MEASURES:
+        if not any(s.get(m) is not None for s in st.values()):
+            continue
+        chance = measure_chance(summary, m)
+        cells = [{"value": _fmt(s.get(m)), "ci": _ci((s.get("ci") or {}).get(m))} for s in st.values()]
+        if m in NOT_DECISIVE:
+            gl = v.get("gold_logprob_change") or {}
+            ret = {"value": _fmt(gl.get("value")), "ci": _ci(gl.get("ci")), "state": "",
+                   "note": "change aligned → perturbed, nats" if gl else ""}
+        else:
+            r = measure_retention(v, m)
+            ret = {"value": _fmt(r.get("value")), "ci": _ci(r.get("ci")),
+                   "state": retention_state(r.get("ci"), th) if th else "", "note": ""} if r else \
+                {"value": "–", "ci": "", "state": "", "note": ""}
+        sh = (v.get("tune_shift") or {}).get(m)
+        if sh:
+            ci = sh.get("ci")
+            state = ("" if not ci or ci[0] is None or ci[1] is None else
+                     "unchanged" if ci[0] <= 0 <= ci[1] else "shifted")
+            shift = {"value": _fmt(sh.get("value")), "ci": _ci(ci), "state": state}
+        elif st.get("base", {}).get(m) is not None and st.get("aligned", {}).get(m) is not None:
+            shift = {"value": _fmt(st["aligned"][m] - st["base"][m]), "ci": "", "state": ""}
+        else:
+            shift = {"value": "–", "ci": "", "state": ""}
+        out.append({"measure": m, "meaning": meaning, "decisive": m not in NOT_DECISIVE, "deciding": m == decided,
+                    "chance": "none" if chance is None and m in NOT_DECISIVE else _fmt(chance),
+                    "cells": cells, "retention": ret, "shift": shift})
+    return out
+
+
+def base_vs_aligned(run_dir: Path) -> dict | None:
+    """The base model's and the aligned model's answers side by side, per evaluation item.
+
+    Items that the tune stage lost (right at base, wrong at aligned) come first, then
+    those it gained, then the rest, each group in the order of the predictions file.
+
+    Returns:
+        ``{"n", "base_right", "aligned_right", "lost", "gained", "rows": [{"item_id",
+        "question", "expected", "base", "aligned", "task_base", "task_aligned",
+        "know_base", "know_aligned"}]}`` (``know_*`` None where the predictions have no
+        ``knowledge_correct``), or None when either predictions file is missing.
+    """
+    b = _read_parquet(Path(run_dir) / "predictions" / "base.parquet")
+    a = _read_parquet(Path(run_dir) / "predictions" / "aligned.parquet")
+    if b is None or a is None:
+        return None
+    m = b.merge(a, on="item_id", how="inner", suffixes=("_b", "_a"))
+    tb, ta = m["task_correct_b"].astype(bool), m["task_correct_a"].astype(bool)
+    group = np.where(tb & ~ta, 0, np.where(~tb & ta, 1, 2))  # lost, gained, the rest
+    m = m.assign(_group=group).sort_values("_group", kind="stable")
+    has_k = "knowledge_correct_b" in m and "knowledge_correct_a" in m
+
+    def know(x):
+        return None if x is None or pd.isna(x) else bool(x)
+
+    rows = [{"item_id": r["item_id"], "question": r["question_b"], "expected": r["expected_b"],
+             "base": r["response_b"], "aligned": r["response_a"],
+             "task_base": bool(r["task_correct_b"]), "task_aligned": bool(r["task_correct_a"]),
+             "know_base": know(r["knowledge_correct_b"]) if has_k else None,
+             "know_aligned": know(r["knowledge_correct_a"]) if has_k else None}
+            for _, r in m.iterrows()]
+    return {"n": len(m), "base_right": int(tb.sum()), "aligned_right": int(ta.sum()),
+            "lost": int((tb & ~ta).sum()), "gained": int((~tb & ta).sum()), "rows": rows}
 
 
 def setup_lines(cfg: dict, summary: dict) -> list[str]:
@@ -185,7 +377,7 @@ def setup_lines(cfg: dict, summary: dict) -> list[str]:
 
     d, t, p, r = (cfg.get(k, {}) or {} for k in ("data", "tune", "perturb", "recover"))
     n_eval = d.get("n_eval", "?")
-    chance = summary["stages"]["base"].get("knowledge_chance")
+    chance = measure_chance(summary, "knowledge_acc")
     k = f"{round(1 / chance)}" if chance else "?"
     lines = [
         f"evaluation: {n_eval} facts that the base model answered correctly, each with K = {k} answer "
@@ -311,10 +503,17 @@ def render_html(run: dict, plots: list[Plot]) -> str:
         "label": v["label"],
         "headline": HEADLINES.get(v["label"], v["label"]),
         "sentence": verdict_sentence(s),
+        "rule_sentence": rule_sentence(s),
+        "checks": [c for c in (v.get("checks") or []) if c],
+        "decided_by": deciding_measure(v),
+        "knowledge_rows": knowledge_rows(s),
+        "stage_names": list(s["stages"]),
+        "base_vs_aligned": base_vs_aligned(run["dir"]),
         "reason": v.get("reason", ""),
         "evidence": v.get("recovery_evidence", {}),
         "verdict_rows": verdict_rows(s),
-        "thresholds": v.get("thresholds", {}),
+        "thresholds": v.get("thresholds") or {},
+        "knowledge_chance": measure_chance(s, "knowledge_acc"),
         "columns": STAGE_COLUMNS,
         "stage_rows": stage_rows(s),
         "plots": [{"title": p.title, "caption": p.caption, "name": p.name,

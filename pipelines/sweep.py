@@ -15,6 +15,14 @@ after perturb (``training_iteration`` 1: task_drop, knowledge_retention, perturb
 kl_to_aligned; an ASHA scheduler may stop the trial here) and after recover (2: every
 metric, including recovery_ratio and knowledge_after_recovery).
 
+"Best" never ranks cells by a recovery metric alone: a cell whose task drop is not
+significant (its CI includes 0) has nothing to recover, and its ``recovery_ratio``
+divides by a drop indistinguishable from noise. Every row carries ``drop_significant``
+(the verdict's ``task_drop_significant``), the task drop with its CI and the absolute
+``recovered_task_acc`` with its CI; under a recovery metric (:data:`RECOVERY_METRICS`)
+cells whose drop is significant rank first (:func:`rank_trials`), and
+``sweep_summary.json`` says so in ``best_rule``.
+
 Records: one MLflow parent run per sweep (created by the driver), one nested run per
 trial created inside the trainable with the parent's id (``MLflowLoggerCallback`` does
 not work with Train V2); the table, summary and heatmap as artifacts on the parent.
@@ -48,12 +56,20 @@ METRIC_COLUMNS = [
     "task_drop", "task_drop_ci_low", "task_drop_ci_high", "knowledge_retention", "perturb_acc",
     "kl_to_aligned", "aligned_task_acc", "perturbed_task_acc", "perturbed_knowledge_acc",
     "recovery_ratio", "recovery_ratio_ci_low", "recovery_ratio_ci_high", "knowledge_after_recovery",
-    "recovered_task_acc", "recovered_knowledge_acc", "recovered_kl_to_aligned",
+    "recovered_task_acc", "recovered_task_acc_ci_low", "recovered_task_acc_ci_high", "recovered_knowledge_acc",
+    "recovered_kl_to_aligned",
 ]
 TABLE_COLUMNS = [
-    "trial_id", "status", *CELL_COLUMNS, *METRIC_COLUMNS, "label", "iterations", "stopped_early",
-    "stages_computed", "seconds", "mlflow_run_id", "error",
+    "trial_id", "status", *CELL_COLUMNS, *METRIC_COLUMNS, "drop_significant", "label", "iterations",
+    "stopped_early", "stages_computed", "seconds", "mlflow_run_id", "error",
 ]
+# The objectives measured after the recover stage. Under one of them, cells whose task
+# drop is significant rank before every cell whose drop CI includes 0 (rank_trials).
+# The perturbation's own metrics (task_drop, knowledge_retention, perturb_acc,
+# kl_to_aligned) rank alone: under task_drop/min, a drop that is not significant is
+# exactly what the search looks for.
+RECOVERY_METRICS = ("recovery_ratio", "knowledge_after_recovery", "recovered_task_acc", "recovered_knowledge_acc",
+                    "recovered_kl_to_aligned")
 # Progress lines of the driver go to these callables (set by run_sweep); the Tune
 # callback that calls them is pickled into the experiment, so it holds no reference.
 _SINK: list[Callable[[str], None]] = []
@@ -151,7 +167,9 @@ def sweep_trial(cell: dict, cfg: AuditConfig, prep: dict, home: str, out_dir: st
 
     Reports (``ray.tune.report``) twice: after perturb, then after recover (see the
     module docstring); the final report holds the cell, :data:`METRIC_COLUMNS`,
-    ``label`` (the cell's verdict), ``stages_computed`` and ``mlflow_run_id``.
+    ``drop_significant`` (bool: the lower bound of the task drop's CI is above 0, the
+    verdict's ``task_drop_significant``), ``label`` (the cell's verdict),
+    ``stages_computed`` and ``mlflow_run_id``.
     """
     from ray import tune
 
@@ -196,6 +214,7 @@ def sweep_trial(cell: dict, cfg: AuditConfig, prep: dict, home: str, out_dir: st
         **cfg_cols,
         "task_drop": _num(v["task_drop"]),
         "task_drop_ci_low": _num(v["task_drop_ci"][0]), "task_drop_ci_high": _num(v["task_drop_ci"][1]),
+        "drop_significant": bool(v["task_drop_significant"]),
         "knowledge_retention": _num(v["knowledge_retention"]),
         "perturb_acc": st["perturbed"]["perturb_acc"],
         "kl_to_aligned": st["perturbed"]["kl_to_aligned"],
@@ -218,6 +237,8 @@ def sweep_trial(cell: dict, cfg: AuditConfig, prep: dict, home: str, out_dir: st
         "recovery_ratio_ci_high": _num(v["recovery_ratio_ci"][key][1]),
         "knowledge_after_recovery": _num(v["knowledge_after_recovery"][key]),
         "recovered_task_acc": st[rec_name]["task_acc"],
+        "recovered_task_acc_ci_low": _num(st[rec_name]["ci"]["task_acc"][0]),
+        "recovered_task_acc_ci_high": _num(st[rec_name]["ci"]["task_acc"][1]),
         "recovered_knowledge_acc": st[rec_name]["knowledge_acc"],
         "recovered_kl_to_aligned": st[rec_name]["kl_to_aligned"],
         "label": v["label"],
@@ -234,6 +255,7 @@ def sweep_trial(cell: dict, cfg: AuditConfig, prep: dict, home: str, out_dir: st
         {k: v for k, v in metrics.items() if isinstance(v, float) and math.isfinite(v)},
         {"": Path(probes[rec_name]["dir"]) / "predictions.parquet"},
         tags={"cl_audit.trial_id": trial_id, "cl_audit.label": v["label"],
+              "cl_audit.drop_significant": str(metrics["drop_significant"]).lower(),
               "cl_audit.perturb_key": perturbed["key"], "cl_audit.recover_key": recovered["key"],
               "cl_audit.stages_computed": metrics["stages_computed"] or "none"},
         run_id=tracker.find_child("cl_audit.trial_id", trial_id),
@@ -256,8 +278,10 @@ class Progress(Callback):
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         r = trial.last_result or {}
-        parts = [f"{k}={r[k]:.3f}" for k in ("task_drop", "perturb_acc", "recovery_ratio")
+        parts = [f"{k}={r[k]:.3f}" for k in ("task_drop", "perturb_acc", "recovered_task_acc", "recovery_ratio")
                  if isinstance(r.get(k), float)]
+        if r.get("drop_significant") is False:
+            parts.append("(task drop not significant)")
         _say(f"trial {trial.trial_id} finished: {cell_name(trial.config)} " + " ".join(parts))
 
     def on_trial_error(self, iteration, trials, trial, **info):
@@ -267,7 +291,8 @@ class Progress(Callback):
 def sweep_table(exp_dir: Path) -> pd.DataFrame:
     """A row per trial of the Tune experiment in ``exp_dir`` (read from its saved state),
     with :data:`TABLE_COLUMNS`; rows sorted by the cell (arm, freeze_layers,
-    kl_penalty, n)."""
+    kl_penalty, n). ``drop_significant`` is a bool column: False where the task drop's
+    CI includes 0 and where the trial never reported its drop."""
     from ray.tune import ExperimentAnalysis
 
     analysis = ExperimentAnalysis(str(exp_dir))
@@ -279,6 +304,10 @@ def sweep_table(exp_dir: Path) -> pd.DataFrame:
             row[k] = t.config.get(k)
         for k in METRIC_COLUMNS:
             row[k] = _num(r.get(k)) if isinstance(r.get(k), (int, float)) or r.get(k) is None else float("nan")
+        sig = r.get("drop_significant")
+        if not isinstance(sig, (bool, np.bool_)):  # a trial reported before the column existed
+            sig = math.isfinite(row["task_drop_ci_low"]) and row["task_drop_ci_low"] > 0
+        row["drop_significant"] = bool(sig)
         row["label"] = r.get("label")
         row["iterations"] = int(r.get("training_iteration", 0) or 0)
         row["stopped_early"] = bool(t.status == "TERMINATED" and row["iterations"] < 2)
@@ -292,6 +321,8 @@ def sweep_table(exp_dir: Path) -> pd.DataFrame:
     df["kl_penalty"] = df["kl_penalty"].astype(float)
     df["n"] = df["n"].astype("Int64")
     df["freeze_layers"] = df["freeze_layers"].astype("Int64")
+    df["drop_significant"] = df["drop_significant"].astype(bool)
+    df[METRIC_COLUMNS] = df[METRIC_COLUMNS].astype(float)
     return df.sort_values(["arm", "freeze_layers", "kl_penalty", "n", "trial_id"]).reset_index(drop=True)
 
 
@@ -333,7 +364,9 @@ def _none(x: Any) -> Any:
 def smallest_n(df: pd.DataFrame, target: float) -> list[dict]:
     """Per (kl_penalty, arm, freeze_layers) of the finished trials in ``df``: the
     smallest n whose recovery ratio reaches ``target`` (``n`` None when no tried size
-    does, or when the ratio is undefined because the task did not drop)."""
+    does, or when the ratio is undefined because the task did not drop), and whether
+    the group's task drop (one perturbed checkpoint) is significant; the note says when
+    it is not (the ratio then divides by a drop indistinguishable from 0)."""
     out = []
     for (p, arm, fz), g in df.groupby(["kl_penalty", "arm", "freeze_layers"]):
         g = g.sort_values("n")
@@ -345,26 +378,90 @@ def smallest_n(df: pd.DataFrame, target: float) -> list[dict]:
             note = f"not within n <= {int(tried.n.max())}"
         else:
             note = "recovery ratio undefined: the task did not drop"
+        sig = bool(g.drop_significant.all())
+        if len(tried) and not sig:
+            note += " (the task drop is not significant: the ratio is not meaningful)"
         out.append({"kl_penalty": float(p), "arm": arm, "freeze_layers": int(fz), "target": target,
                     "n": int(hit.n.iloc[0]) if len(hit) else None,
                     "recovery_ratio": _none(hit.recovery_ratio.iloc[0]) if len(hit) else None,
-                    "task_drop": _none(g.task_drop.iloc[0]), "note": note})
+                    "task_drop": _none(g.task_drop.iloc[0]), "drop_significant": sig, "note": note})
     return out
 
 
+def rank_trials(df: pd.DataFrame, metric: str, mode: str) -> pd.DataFrame:
+    """The finished trials of ``df``, best first.
+
+    Under a recovery metric (:data:`RECOVERY_METRICS`) the trials whose task drop is
+    significant come first, then those whose drop CI includes 0; within each, ``metric``
+    by ``mode`` (``max``: highest first). Under another metric, ``metric`` alone. Trials
+    without a value of ``metric`` come last; ties keep the table order (arm,
+    freeze_layers, kl_penalty, n: the smaller n first).
+    """
+    ok = df[df.status == "TERMINATED"]
+    keys, ascending = [], []
+    if metric in RECOVERY_METRICS:
+        keys.append("drop_significant")
+        ascending.append(False)
+    keys.append(metric)
+    ascending.append(mode == "min")
+    return ok.sort_values(keys, ascending=ascending, kind="stable", na_position="last")
+
+
+def best_rule(metric: str, mode: str, level: float, any_significant: bool) -> str:
+    """The sentence of ``sweep_summary.json`` (``best_rule``) saying how "best" was chosen."""
+    most = "highest" if mode == "max" else "lowest"
+    pct = f"{level * 100:g}%"
+    if metric not in RECOVERY_METRICS:
+        return (f"Best is the finished trial with the {most} {metric}, ranked by {metric} alone: it is measured "
+                "before recovery, so whether the task drop is significant does not decide; ties go to the first "
+                "cell in table order (arm, freeze_layers, kl_penalty, n).")
+    text = (f"Best is the finished trial with the {most} {metric} among those whose task drop is significant "
+            f"(the lower bound of its {pct} CI is above 0); trials whose task-drop CI includes 0 rank after every "
+            f"significant one, because after a drop indistinguishable from 0 there is nothing to recover and "
+            f"the recovery ratio divides by noise; ties go to the first cell in table order (arm, freeze_layers, "
+            f"kl_penalty, n).")
+    if not any_significant:
+        text += (f" No finished trial's task drop was significant, so this best is chosen among trials whose "
+                 f"{metric} does not measure a recovery.")
+    return text
+
+
 def best_trial(df: pd.DataFrame, metric: str, mode: str) -> dict | None:
-    """The finished trial with the best ``metric`` (``max`` or ``min``), as a dict."""
-    ok = df[(df.status == "TERMINATED")].dropna(subset=[metric])
+    """The first trial of :func:`rank_trials` with a value of ``metric``, as a dict
+    (its cell, metric value, every metric column, ``drop_significant``, verdict)."""
+    ok = rank_trials(df, metric, mode).dropna(subset=[metric])
     if ok.empty:
         return None
-    row = ok.loc[ok[metric].idxmax() if mode == "max" else ok[metric].idxmin()]
+    row = ok.iloc[0]
     return {
         "trial_id": row.trial_id,
         "config": {k: _none(row[k]) for k in CELL_COLUMNS},
         "metric": metric, "mode": mode, "value": _none(row[metric]),
+        "drop_significant": bool(row.drop_significant),
         "metrics": {k: _none(row[k]) for k in METRIC_COLUMNS},
         "label": row.label, "mlflow_run_id": row.mlflow_run_id,
     }
+
+
+def ranking(df: pd.DataFrame, metric: str, mode: str) -> list[dict]:
+    """The finished trials in :func:`rank_trials` order, with what decides the rank
+    beside the recovery ratio: the task drop and its CI, whether it is significant, the
+    absolute task accuracy after recovery and its CI (``sweep_summary.json``
+    ``ranking``)."""
+    def ci(row, k):
+        return [_none(row[f"{k}_ci_low"]), _none(row[f"{k}_ci_high"])]
+
+    return [{
+        "trial_id": row.trial_id,
+        "config": {k: _none(row[k]) for k in CELL_COLUMNS},
+        "value": _none(row[metric]),
+        "drop_significant": bool(row.drop_significant),
+        "task_drop": _none(row.task_drop), "task_drop_ci": ci(row, "task_drop"),
+        "recovered_task_acc": _none(row.recovered_task_acc),
+        "recovered_task_acc_ci": ci(row, "recovered_task_acc"),
+        "recovery_ratio": _none(row.recovery_ratio), "recovery_ratio_ci": ci(row, "recovery_ratio"),
+        "label": row.label,
+    } for _, row in rank_trials(df, metric, mode).iterrows()]
 
 
 def recovery_heatmap(df: pd.DataFrame, title: str) -> bytes:
@@ -579,6 +676,8 @@ def run_sweep(
         "trials": {"total": total, "finished": len(finished), "by_status": counts,
                    "stopped_early": int(finished.stopped_early.sum())},
         "best": best_trial(table, sw.metric, sw.mode),
+        "best_rule": best_rule(sw.metric, sw.mode, cfg.probe.ci_level, bool(finished.drop_significant.any())),
+        "ranking": ranking(table, sw.metric, sw.mode),
         "recovery_target": target,
         "smallest_n": smallest_n(finished, target),
         "pareto_perturb_acc_vs_task_drop": pareto_front(finished),

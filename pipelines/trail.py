@@ -21,13 +21,14 @@ import yaml
 
 from components.artifacts import check_file, flatten
 from components.errors import UserError
-from components.verdict import bootstrap_diff
+from components.verdict import KNOWLEDGE_MEASURES, STAGE_METRICS, bootstrap_diff, quantities
 from pipelines.tracking import RUN_ID, download, find_audits, get_audit_run, open_store
 
 MANIFEST = "manifest.json"
-STAGE_METRICS = ("task_acc", "knowledge_acc", "first_token_prob", "perturb_acc", "kl_to_base", "kl_to_aligned")
-# Per-checkpoint metrics that are means of a per-item column of predictions/<stage>.parquet.
-PER_ITEM = {"task_acc": "task_correct", "knowledge_acc": "knowledge_correct", "first_token_prob": "first_token_prob"}
+# Per-checkpoint metrics that are means of a per-item column of predictions/<stage>.parquet
+# (the knowledge measures and gold_logprob are columns of their own name).
+PER_ITEM = {"task_acc": "task_correct", "first_token_prob": "first_token_prob",
+            **{m: m for m in (*KNOWLEDGE_MEASURES, "gold_logprob")}}
 N_BOOT = 2000
 LEVEL = 0.95
 
@@ -293,7 +294,14 @@ class Comparison:
         a, b: the audits.
         config_diff: ``(key, value in A, value in B)`` for every config field that differs.
         rows: per metric ``{"stage", "metric", "a", "a_ci", "b", "b_ci", "diff", "diff_ci",
-            "significant", "rule"}``; ``rule`` is ``paired bootstrap`` (same items,
+            "significant", "rule"}``: every per-checkpoint metric either summary holds,
+            then the verdict's quantities (``task_drop``, ``knowledge_retention`` by the
+            deciding measure when both audits used the same, ``retention:<measure>``
+            for every knowledge measure either verdict carries, ``tune_change`` and
+            ``gold_logprob_change`` when both carry them, ``recovery_ratio`` and
+            ``knowledge_after_recovery`` per common recovered checkpoint), computed by
+            :func:`components.verdict.quantities` and None where a ratio is undefined
+            (its denominator <= 0), as in the verdict; ``rule`` is ``paired bootstrap`` (same items,
             resampled together), ``bootstrap`` (different items, resampled separately)
             or ``CI overlap`` (no per-item values: significant when the two CIs do not
             overlap).
@@ -308,15 +316,23 @@ class Comparison:
 
 
 def _arrays(audit: Audit, stages: list[str], ids: list[str] | None) -> tuple[dict, int]:
-    """Per-item arrays ``"<stage>/<column>"`` of an audit (rows ordered as ``ids``) and N."""
-    out: dict = {"chance": audit.summary["stages"]["base"].get("knowledge_chance")}
+    """Per-item arrays ``"<stage>/<column>"`` of an audit (rows ordered as ``ids``) and N.
+
+    Columns: ``task_correct``, ``first_token_prob`` and every knowledge measure and
+    ``gold_logprob`` the predictions carry; predictions from before the knowledge
+    measures (only ``knowledge_correct``) give it as ``knowledge_acc``.
+    """
+    out: dict = {}
     n = 0
     for st in stages:
         df = audit.predictions[st]
         if ids is not None:
             df = df.set_index("item_id").loc[ids].reset_index()
-        for col in PER_ITEM.values():
-            out[f"{st}/{col}"] = df[col].to_numpy(dtype=float)
+        for col in dict.fromkeys(PER_ITEM.values()):
+            if col in df.columns:
+                out[f"{st}/{col}"] = df[col].to_numpy(dtype=float)
+        if f"{st}/knowledge_acc" not in out and "knowledge_correct" in df.columns:
+            out[f"{st}/knowledge_acc"] = df["knowledge_correct"].to_numpy(dtype=float)
         n = len(df)
     return out, n
 
@@ -325,27 +341,45 @@ def _mean(key: str):
     return lambda arr, ix: arr[key][ix].mean(-1)
 
 
-def _ratio(num, den):
-    with np.errstate(divide="ignore", invalid="ignore"):
-        return np.where(np.abs(den) > 1e-9, num / np.where(np.abs(den) > 1e-9, den, 1.0), np.nan)
+def _chances(audit: Audit) -> dict:
+    """The chance level of each knowledge measure the audit's verdict used: its
+    ``verdict.knowledge_chances``, or ``{"knowledge_acc": knowledge_chance}`` for an
+    audit from before the knowledge measures."""
+    v = audit.summary.get("verdict", {})
+    if v.get("knowledge_chances"):
+        return dict(v["knowledge_chances"])
+    return {"knowledge_acc": v.get("knowledge_chance", audit.summary["stages"]["base"].get("knowledge_chance"))}
 
 
-def _verdict_stats(keys: list[str]) -> dict[tuple[str, str], object]:
-    """The verdict's quantities (components.verdict) as functions of per-item arrays."""
-    T = lambda st: _mean(f"{st}/task_correct")  # noqa: E731
-    K = lambda st: _mean(f"{st}/knowledge_correct")  # noqa: E731
-    out = {
-        ("verdict", "task_drop"): lambda a, ix: T("aligned")(a, ix) - T("perturbed")(a, ix),
-        ("verdict", "knowledge_retention"): lambda a, ix: _ratio(
-            K("perturbed")(a, ix) - a["chance"], K("aligned")(a, ix) - a["chance"]),
-    }
-    for k in keys:
-        st = f"recovered/{k}"
-        out[(st, "recovery_ratio")] = lambda a, ix, st=st: _ratio(
-            T(st)(a, ix) - T("perturbed")(a, ix), T("aligned")(a, ix) - T("perturbed")(a, ix))
-        out[(st, "knowledge_after_recovery")] = lambda a, ix, st=st: _ratio(
-            K(st)(a, ix) - a["chance"], K("aligned")(a, ix) - a["chance"])
-    return out
+def _verdict_stat(key: tuple[str, str]):
+    """``stat(arrays, ix)`` for :func:`components.verdict.bootstrap_diff`: the verdict's
+    quantity ``key`` (:func:`components.verdict.quantities`, the one definition the
+    verdict uses) from the audit's per-item arrays; each audit's arrays carry its own
+    quantities (its chance levels) under ``"quantities"``."""
+    def stat(arrays: dict, ix: np.ndarray) -> np.ndarray:
+        return np.asarray(arrays["quantities"][key](lambda st, m: arrays[f"{st}/{m}"][ix].mean(-1)), float)
+    return stat
+
+
+def _verdict_value(v: dict, key: tuple[str, str]) -> tuple:
+    """The value and CI a summary's verdict holds for row ``key`` (None, None where it
+    holds none); ``knowledge_retention`` and ``knowledge_after_recovery`` are those of
+    the verdict's deciding measure."""
+    st, name = key
+    if st != "verdict":  # recovery_ratio, knowledge_after_recovery (the deciding measure)
+        k = st.removeprefix("recovered/")
+        return v.get(name, {}).get(k), v.get(f"{name}_ci", {}).get(k)
+    if name in ("task_drop", "knowledge_retention"):
+        return v.get(name), v.get(f"{name}_ci")
+    if name.startswith("retention:"):
+        m = name.removeprefix("retention:")
+        if "retention" not in v:  # a verdict from before the knowledge measures: knowledge_acc alone
+            old = m == "knowledge_acc"
+            return (v.get("knowledge_retention"), v.get("knowledge_retention_ci")) if old else (None, None)
+        r = v["retention"].get(m)
+        return (r["value"], r["ci"]) if r else (None, None)
+    r = v.get(name)
+    return (r["value"], r["ci"]) if isinstance(r, dict) else (None, None)
 
 
 def compare(target_a: str, target_b: str, tracking_uri: str | None = None) -> Comparison:
@@ -386,25 +420,47 @@ def compare(target_a: str, target_b: str, tracking_uri: str | None = None) -> Co
                 r["significant"] = bool(cia[1] < cib[0] or cib[1] < cia[0])
         return r
 
+    # the per-item columns both audits have for every stage with predictions
+    cols = {c for c in PER_ITEM.values() if have and all(f"{st}/{c}" in arr_a and f"{st}/{c}" in arr_b for st in have)}
+
     rows = []
     for st in stages:
         sa, sb = a.summary["stages"][st], b.summary["stages"][st]
         for m in STAGE_METRICS:
-            stat = _mean(f"{st}/{PER_ITEM[m]}") if m in PER_ITEM and st in have else None
+            if m not in sa and m not in sb:
+                continue
+            stat = _mean(f"{st}/{PER_ITEM[m]}") if m in PER_ITEM and PER_ITEM[m] in cols and st in have else None
             rows.append(row(st, m, sa.get(m), sa.get("ci", {}).get(m), sb.get(m), sb.get("ci", {}).get(m), stat))
+
+    # The verdict's quantities, from components.verdict.quantities: n/a (None) exactly where
+    # the verdict's ratio is undefined (denominator <= 0).
     va, vb = a.summary["verdict"], b.summary["verdict"]
-    rec = [k for k in va.get("recovery_ratio", {}) if k in vb.get("recovery_ratio", {})]
-    stats = _verdict_stats(rec)
-    can = {"aligned", "perturbed"} <= set(have)
-    for (st, m), fn in stats.items():
-        if st == "verdict":
-            xa, xb, ca, cb = va.get(m), vb.get(m), va.get(f"{m}_ci"), vb.get(f"{m}_ci")
-        else:
-            k = st.removeprefix("recovered/")
-            xa, xb = va.get(m, {}).get(k), vb.get(m, {}).get(k)
-            ca, cb = va.get(f"{m}_ci", {}).get(k), vb.get(f"{m}_ci", {}).get(k)
-        ok = can and (st == "verdict" or st in have)
-        rows.append(row(st, m, xa, ca, xb, cb, fn if ok else None))
+    da, db = va.get("decided_by", "knowledge_acc"), vb.get("decided_by", "knowledge_acc")
+    rec = [f"recovered/{k}" for k in va.get("recovery_ratio", {}) if k in vb.get("recovery_ratio", {})]
+    # the knowledge measures whose retention either verdict holds (defined or not)
+    carried = [m for m in KNOWLEDGE_MEASURES if any(m in v.get("retention", {"knowledge_acc": None}) for v in (va, vb))]
+    measures = [m for m in KNOWLEDGE_MEASURES if m in cols]
+    arr_a["quantities"] = quantities(rec, _chances(a), measures)
+    arr_b["quantities"] = quantities(rec, _chances(b), measures)
+    # (row key, the quantity of components.verdict.quantities it is)
+    keys: list[tuple[tuple[str, str], tuple[str, str]]] = [(("verdict", "task_drop"), ("verdict", "task_drop"))]
+    if da == db:  # the retention that decided both labels
+        keys.append((("verdict", "knowledge_retention"), ("verdict", f"retention:{da}")))
+    keys += [(("verdict", f"retention:{m}"), ("verdict", f"retention:{m}")) for m in carried]
+    keys += [(("verdict", k), ("verdict", k)) for k in ("tune_change", "gold_logprob_change") if k in va and k in vb]
+    for st in rec:
+        keys.append(((st, "recovery_ratio"), (st, "recovery_ratio")))
+        if da == db:
+            keys.append(((st, "knowledge_after_recovery"), (st, f"after_recovery:{da}")))
+    for key, q in keys:
+        xa, ca = _verdict_value(va, key)
+        xb, cb = _verdict_value(vb, key)
+        needs = {"aligned", "perturbed"} | ({"base"} if key[1] == "tune_change" else set()) | (
+            {key[0]} if key[0] != "verdict" else set())
+        m = q[1].split(":", 1)[1] if ":" in q[1] else None
+        ok = (needs <= set(have) and q in arr_a["quantities"]
+              and (m is None or m in measures) and (key[1] != "gold_logprob_change" or "gold_logprob" in cols))
+        rows.append(row(key[0], key[1], xa, ca, xb, cb, _verdict_stat(q) if ok else None))
     return Comparison(a, b, config_diff, rows, paired)
 
 

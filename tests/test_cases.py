@@ -1,18 +1,24 @@
 """The verdict on constructed cases whose truth is known, built by the pipeline itself.
 
 Each case is a full audit of the tiny model (tests/configs/tiny.yaml: the same base
-model and tune stage as the other tests, so those are reused) with one perturbation:
+model and tune stage as the other tests, so those are reused) with one perturbation.
+Nothing here is circular: the knowledge measures rank the gold answer among the answers
+the *base* model finds most likely (hard candidates), in phrasings the tune stage never
+trains, and the overwritten facts are trained onto invented answers that are in no
+candidate set.
 
-(a) ``format``: the perturbation items' *correct* answers in another format (spelled out,
-    ``R-O-M-E``): only the response format shifts -> ``spurious``;
-(b) ``wrong_facts``: the evaluated facts (and the perturbation items') trained onto wrong
-    answers -> ``knowledge_loss`` on those facts;
-(c) ``reinit``: every decoder block re-initialised after alignment -> ``knowledge_acc``
-    at chance, ``knowledge_loss``;
-(d) ``none``: no perturbation -> ``no_forgetting``.
+- ``none``: nothing trained -> ``no_forgetting``, knowledge retained;
+- ``refusal`` and ``abstain`` (every answer ``Unknown.``: a disposition shift without
+  refusal words), and ``format`` (the right answers spelled out): the task drops, the
+  knowledge measures stay -> ``spurious``;
+- ``reinit`` (every decoder block re-initialised) and a destructive learning rate:
+  knowledge at chance, not returning -> ``knowledge_loss``;
+- ``wrong_facts``: the evaluated facts trained onto invented answers -> the knowledge
+  measures fall at ``perturbed``; the label then follows the recovery evidence;
+- ``wrong_facts`` with half of the facts overwritten -> a retention interval around 0.5.
 
-All trained perturbations use the same strength (learning rate, epochs, items): only
-*what* is trained differs between (a) and (b). One recovery arm keeps the cases short.
+All trained perturbations use the same strength (learning rate, epochs, items) except
+the destructive one: only *what* is trained differs.
 """
 
 from __future__ import annotations
@@ -28,75 +34,108 @@ from pipelines.audit import run_audit
 from conftest import tiny_config
 
 CASE = ("perturb.lr=0.003", "recover.arms=[in_task]")
+MEASURES = ("knowledge_acc", "knowledge_mrr", "knowledge_margin")
 
 
 @pytest.fixture(scope="module")
 def case(home, ray_local, tmp_path_factory):
-    """``case(kind)`` runs (once) the audit with ``perturb.kind=kind``; returns (summary, out dir)."""
+    """``case(kind, *overrides)`` runs (once) the audit with ``perturb.kind=kind``;
+    returns (summary, out dir)."""
     root = tmp_path_factory.mktemp("cases")
 
     @functools.cache
-    def run(kind: str):
-        cfg = tiny_config(f"perturb.kind={kind}", *CASE)
-        out = root / kind
+    def run(kind: str, *extra: str):
+        cfg = tiny_config(f"perturb.kind={kind}", *CASE, *extra)
+        out = root / "_".join([kind, *[e.replace("=", "-").replace(".", "_") for e in extra]])
         return run_audit(cfg, out, home), out
 
     return run
 
 
-def test_a_format_shift_is_spurious(case):
-    s, _ = case("format")
-    st, v = s["stages"], s["verdict"]
-    assert v["label"] == "spurious", v["reason"]
-    assert st["perturbed"]["task_acc"] < st["aligned"]["task_acc"] and v["task_drop_ci"][0] > 0
-    # the facts are still ranked first: retention at or above the threshold, far above chance
-    assert v["knowledge_retention"] >= s["verdict"]["thresholds"]["retention_threshold"]
-    assert st["perturbed"]["knowledge_acc"] > st["perturbed"]["ci"]["knowledge_acc"][0] > 0.5
+def _retained(v: dict, measure: str = "knowledge_acc") -> None:
+    lo, hi = v["retention"][measure]["ci"]
+    assert lo >= v["thresholds"]["retention_threshold"], (measure, v["retention"][measure])
 
 
-def test_b_wrong_facts_are_knowledge_loss(case):
-    s, out = case("wrong_facts")
-    st, v = s["stages"], s["verdict"]
-    assert v["label"] == "knowledge_loss", v["reason"]
-    assert v["knowledge_retention"] < v["thresholds"]["loss_threshold"]
-    # the overwritten facts themselves: most gold answers lose their first rank
-    assert st["perturbed"]["knowledge_correct_to_wrong"] >= 8
-    assert st["perturbed"]["knowledge_wrong_to_correct"] == 0
-    before = pd.read_parquet(out / "predictions" / "aligned.parquet").knowledge_correct
-    after = pd.read_parquet(out / "predictions" / "perturbed.parquet").knowledge_correct
-    assert int((before & ~after).sum()) == st["perturbed"]["knowledge_correct_to_wrong"]
-
-
-def test_c_reinitialised_blocks_are_knowledge_loss_at_chance(case):
-    s, _ = case("reinit")
-    st, v = s["stages"], s["verdict"]
-    assert v["label"] == "knowledge_loss", v["reason"]
-    chance = st["perturbed"]["knowledge_chance"]
-    lo, hi = st["perturbed"]["ci"]["knowledge_acc"]
-    assert lo <= chance <= hi and abs(st["perturbed"]["knowledge_acc"] - chance) <= 0.2
-    # every block was replaced: its update is as large as the weights themselves
-    blocks = {k: d for k, d in st["perturbed"]["weight_drift"].items() if int(k) >= 1}
-    assert len(blocks) == 2 and all(d > 0.5 for d in blocks.values())
-    assert st["perturbed"]["weight_drift"]["0"] == 0.0  # the embeddings were kept
-
-
-def test_c_reinit_checkpoint_is_safetensors(case, home):
-    from components.artifacts import Store
-
-    case("reinit")
-    store = Store(home / "store")
-    perturbs = [k for k in store.executions() if k.startswith("perturb-")]
-    full = [store.path(k) / "model" / "model.safetensors" for k in perturbs]
-    full = [f for f in full if f.exists()]
-    assert len(full) == 1
-    with safe_open(str(full[0]), framework="pt") as f:
-        assert any(".layers.0." in k for k in f.keys())
-
-
-def test_d_no_perturbation_is_no_forgetting(case):
+def test_nothing_trained_is_no_forgetting(case):
     s, _ = case("none")
     st, v = s["stages"], s["verdict"]
     assert v["label"] == "no_forgetting", v["reason"]
     assert v["task_drop"] == 0.0 and v["task_drop_ci"] == [0.0, 0.0]
+    for m in MEASURES:
+        assert v["retention"][m]["value"] == pytest.approx(1.0)
     assert all(d == 0.0 for d in st["perturbed"]["weight_drift"].values())
     assert st["perturbed"]["task_correct_to_wrong"] == 0 and st["perturbed"]["task_wrong_to_correct"] == 0
+
+
+@pytest.mark.parametrize("kind", ["refusal", "abstain", "format"])
+def test_a_disposition_or_format_shift_is_spurious(case, kind):
+    s, _ = case(kind)
+    st, v = s["stages"], s["verdict"]
+    assert v["label"] == "spurious", v["reason"]
+    assert st["perturbed"]["task_acc"] < st["aligned"]["task_acc"] and v["task_drop_ci"][0] > 0
+    # the perturbation was learned on held-out items
+    assert st["perturbed"]["perturb_acc"] >= 0.75
+    _retained(v, v["decided_by"])
+    assert st["perturbed"]["ci"]["knowledge_acc"][0] > 2 * st["perturbed"]["knowledge_chance"]
+
+
+def test_wrong_facts_lower_every_knowledge_measure_and_the_label_follows_recovery(case):
+    s, out = case("wrong_facts")
+    st, v = s["stages"], s["verdict"]
+    # the overwritten facts lose their rank: every ranking measure falls at perturbed
+    for m in MEASURES:
+        assert st["perturbed"]["ci"][m][1] < st["aligned"]["ci"][m][0], m
+    assert v["retention"]["knowledge_acc"]["ci"][1] < v["thresholds"]["loss_threshold"]
+    assert st["perturbed"]["knowledge_correct_to_wrong"] >= 8
+    before = pd.read_parquet(out / "predictions" / "aligned.parquet")
+    after = pd.read_parquet(out / "predictions" / "perturbed.parquet")
+    assert int((before.knowledge_correct & ~after.knowledge_correct).sum()) == st["perturbed"]["knowledge_correct_to_wrong"]
+    # the invented answers are in no candidate set: the case is not circular
+    invented = set(s["data"]["overwritten"].values())
+    assert len(invented) >= 8 and not invented & set(after.candidates.explode())
+    # the label rests on the recovery evidence on disjoint items
+    lo = v["knowledge_after_recovery_ci"]["in_task/4"][0]
+    if lo is not None and lo >= v["thresholds"]["retention_threshold"]:
+        assert v["label"] == "spurious", v["reason"]
+    else:
+        assert v["label"] in ("knowledge_loss", "mixed"), v["reason"]
+        assert v["label"] == "knowledge_loss" or "task returns" in v["reason"] or "disagree" in v["reason"]
+
+
+def test_half_of_the_facts_overwritten_gives_retention_around_half(case):
+    s, _ = case("wrong_facts", "perturb.overwrite_fraction=0.5")
+    v = s["verdict"]
+    assert len(s["data"]["overwritten"]) == 8  # of 16 evaluated facts
+    r = v["retention"]["knowledge_acc"]
+    assert 0.25 <= r["value"] <= 0.75, r
+    assert r["ci"][0] < 0.5 < r["ci"][1] or abs(r["value"] - 0.5) <= 0.15, r
+    assert v["label"] in ("mixed", "inconclusive"), v["reason"]
+
+
+@pytest.mark.parametrize("how", [("reinit",), ("refusal", "perturb.lr=1.0", "perturb.method=full")])
+def test_a_wrecked_model_is_knowledge_loss_at_chance(case, how):
+    s, _ = case(*how)
+    st, v = s["stages"], s["verdict"]
+    assert v["label"] == "knowledge_loss", v["reason"]
+    chance = st["perturbed"]["knowledge_chance"]
+    lo, hi = st["perturbed"]["ci"]["knowledge_acc"]
+    assert lo <= chance + 0.1 and st["perturbed"]["knowledge_acc"] <= chance + 0.25
+    assert v["retention"]["knowledge_acc"]["ci"][1] < v["thresholds"]["loss_threshold"]
+
+
+def test_reinit_replaces_every_block_and_saves_safetensors(case, home):
+    from components.artifacts import Store
+
+    s, _ = case("reinit")
+    st = s["stages"]
+    blocks = {k: d for k, d in st["perturbed"]["weight_drift"].items() if int(k) >= 1}
+    assert len(blocks) == 2 and all(d > 0.5 for d in blocks.values())
+    assert st["perturbed"]["weight_drift"]["0"] == 0.0  # the embeddings were kept
+    store = Store(home / "store")
+    perturbs = [k for k in store.executions() if k.startswith("perturb-")]
+    full = [store.path(k) / "model" / "model.safetensors" for k in perturbs]
+    full = [f for f in full if f.exists()]
+    assert len(full) >= 1
+    with safe_open(str(full[0]), framework="pt") as f:
+        assert any(".layers.0." in k for k in f.keys())

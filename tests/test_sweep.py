@@ -17,7 +17,8 @@ from mlflow.tracking import MlflowClient
 
 from components.artifacts import Store
 from components.errors import UserError
-from pipelines.sweep import CELL_COLUMNS, METRIC_COLUMNS, expected_trials, param_space, run_sweep
+from pipelines.sweep import (CELL_COLUMNS, METRIC_COLUMNS, RECOVERY_METRICS, TABLE_COLUMNS, best_rule, best_trial,
+                             expected_trials, param_space, rank_trials, run_sweep)
 
 from conftest import TINY, tiny_config
 from test_cli import cli
@@ -49,8 +50,9 @@ def test_four_trials_and_each_shared_stage_computed_once(sweep_2x2, sweep_home):
     assert s["trials"]["finished"] == 4 and s["trials"]["by_status"] == {"TERMINATED": 4}
     kinds = Counter(k.split("-")[0] for k in Store(sweep_home / "store").executions())
     # tune once for the grid, perturb once per penalty, recover + probe per cell
-    # (probes: base, aligned, two perturbed, four recovered); "filter" is data preparation
-    assert kinds == {"filter": 1, "tune": 1, "perturb": 2, "recover": 4, "probe": 8}
+    # (probes: base, aligned, two perturbed, four recovered); "filter" (the known facts) and
+    # "candidates" (the mined multiple-choice candidates) are data preparation, once per sweep
+    assert kinds == {"filter": 1, "candidates": 1, "tune": 1, "perturb": 2, "recover": 4, "probe": 8}
     assert s["stages_computed"] == {"tune": 1, "perturb": 2, "recover": 4, "probe": 8}
     assert sorted(",".join(table.stages_computed).split(",")) == sorted(
         ["tune"] + ["perturb"] * 2 + ["recover"] * 4 + ["probe"] * 8)
@@ -65,14 +67,26 @@ def test_table_has_a_row_per_trial_with_the_reported_metrics(sweep_2x2):
     for col in ("task_drop", "knowledge_retention", "perturb_acc", "kl_to_aligned", "recovered_task_acc",
                 "recovered_knowledge_acc", "knowledge_after_recovery", "recovered_kl_to_aligned"):
         assert table[col].map(math.isfinite).all(), col
+    # the columns beside the ratio: the drop and the absolute task_acc after recovery, with CIs
+    assert list(table.columns) == TABLE_COLUMNS
+    assert table.drop_significant.dtype == bool
+    for col in METRIC_COLUMNS:
+        assert table[col].dtype == "float64", col
+    for col in ("task_drop_ci_low", "task_drop_ci_high", "recovered_task_acc_ci_low", "recovered_task_acc_ci_high"):
+        assert table[col].map(math.isfinite).all(), col
+    for r in table.itertuples():
+        assert r.task_drop_ci_low <= r.task_drop <= r.task_drop_ci_high
+        assert 0 <= r.recovered_task_acc_ci_low <= r.recovered_task_acc <= r.recovered_task_acc_ci_high <= 1
+        # significant exactly when the drop's CI lies above 0 (the verdict's task_drop_significant)
+        assert r.drop_significant == (r.task_drop_ci_low > 0)
     for r in table.itertuples():
         assert r.task_drop == pytest.approx(r.aligned_task_acc - r.perturbed_task_acc)
         if r.task_drop > 0:
             assert r.recovery_ratio == pytest.approx((r.recovered_task_acc - r.perturbed_task_acc) / r.task_drop)
-        assert r.label in {"spurious", "knowledge_loss", "mixed", "no_forgetting"}
+        assert r.label in {"spurious", "knowledge_loss", "mixed", "no_forgetting", "inconclusive"}
     # trials of one penalty share one perturbed checkpoint; the penalty holds the drift down
     by_p = table.groupby("kl_penalty")
-    for col in ("task_drop", "perturb_acc", "kl_to_aligned"):
+    for col in ("task_drop", "perturb_acc", "kl_to_aligned", "task_drop_ci_low", "drop_significant"):
         assert (by_p[col].nunique() == 1).all(), col
     kl = by_p.kl_to_aligned.first()
     assert kl[1.0] < kl[0.0]
@@ -81,15 +95,44 @@ def test_table_has_a_row_per_trial_with_the_reported_metrics(sweep_2x2):
     # the summary is derived from the same rows
     on_disk = json.loads((out / "sweep_summary.json").read_text())
     assert on_disk == json.loads(json.dumps(s))
-    best = table.loc[table.recovery_ratio.idxmax()]
-    assert s["best"]["metric"] == "recovery_ratio" and s["best"]["value"] == pytest.approx(best.recovery_ratio)
-    assert set(s["best"]["config"]) == set(CELL_COLUMNS)
+    # best: the highest ratio among the cells whose drop is significant, when any is
+    rated = table.dropna(subset=["recovery_ratio"])
+    pool = rated[rated.drop_significant] if rated.drop_significant.any() else rated
+    b = s["best"]
+    assert b["metric"] == "recovery_ratio" and b["value"] == pytest.approx(pool.recovery_ratio.max())
+    assert b["trial_id"] in set(pool[pool.recovery_ratio == pool.recovery_ratio.max()].trial_id)
+    assert b["drop_significant"] is bool(rated.drop_significant.any())
+    row = table.set_index("trial_id").loc[b["trial_id"]]
+    assert b["metrics"]["recovered_task_acc"] == pytest.approx(row.recovered_task_acc)
+    assert b["metrics"]["recovered_task_acc_ci_low"] == pytest.approx(row.recovered_task_acc_ci_low)
+    assert b["metrics"]["task_drop_ci_low"] == pytest.approx(row.task_drop_ci_low)
+    assert set(b["config"]) == set(CELL_COLUMNS)
+    rule = s["best_rule"]
+    assert rule.startswith("Best is the finished trial with the highest recovery_ratio among those whose task "
+                           "drop is significant (the lower bound of its 95% CI is above 0)")
+    assert ("No finished trial's task drop was significant" in rule) is (not table.drop_significant.any())
+    # the ranking lists every finished trial once, significant drops first, the ratio descending within
+    ranked = s["ranking"]
+    assert sorted(r["trial_id"] for r in ranked) == sorted(table.trial_id) and ranked[0]["trial_id"] == b["trial_id"]
+    sig = [r["drop_significant"] for r in ranked]
+    assert sig == sorted(sig, reverse=True)
+    for r in ranked:
+        t = table.set_index("trial_id").loc[r["trial_id"]]
+        assert r["drop_significant"] is bool(t.drop_significant)
+        assert r["task_drop_ci"] == pytest.approx([t.task_drop_ci_low, t.task_drop_ci_high])
+        assert r["recovered_task_acc_ci"] == pytest.approx([t.recovered_task_acc_ci_low, t.recovered_task_acc_ci_high])
+    for group in (True, False):
+        ratios = [r["recovery_ratio"] for r in ranked
+                  if r["drop_significant"] is group and r["recovery_ratio"] is not None]
+        assert ratios == sorted(ratios, reverse=True)
     target = s["recovery_target"]
     assert target == 0.5  # verdict.recovery_target
     assert [(r["kl_penalty"], r["arm"]) for r in s["smallest_n"]] == [(0.0, "in_task"), (1.0, "in_task")]
     for r in s["smallest_n"]:
         rows = table[(table.kl_penalty == r["kl_penalty"]) & (table.recovery_ratio >= target)]
         assert r["n"] == (int(rows.n.min()) if len(rows) else None)
+        assert r["drop_significant"] is bool(table[table.kl_penalty == r["kl_penalty"]].drop_significant.all())
+        assert ("not significant" in r["note"]) is (not r["drop_significant"])
     pts = by_p[["perturb_acc", "task_drop"]].first()
     front = {p["kl_penalty"] for p in s["pareto_perturb_acc_vs_task_drop"]}
     for p, row in pts.iterrows():
@@ -124,7 +167,7 @@ def test_mlflow_parent_and_a_nested_run_per_trial(sweep_2x2):
 
 
 def _cells_and_metrics(table: pd.DataFrame) -> pd.DataFrame:
-    cols = ["status", *CELL_COLUMNS, *METRIC_COLUMNS, "label"]
+    cols = ["status", *CELL_COLUMNS, *METRIC_COLUMNS, "drop_significant", "label"]
     return table[cols].sort_values(CELL_COLUMNS).reset_index(drop=True)
 
 
@@ -152,6 +195,10 @@ def test_interrupted_sweep_resumes_without_redoing_finished_trials(sweep_2x2, sw
             "--out", str(out), home=sweep_home)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "resuming the sweep" in r.stdout and "(1 trials already finished)" in r.stdout
+    # the console shows the rule and the trials best first, with the drop and the task_acc after recovery
+    assert "  rule: Best is the finished trial with the highest recovery_ratio among those" in r.stdout
+    head = r.stdout.index("trials, best first:")
+    assert "task_drop [CI]" in r.stdout[head:] and "task_acc after rec. [CI]" in r.stdout[head:]
     finished_now = [line for line in r.stdout.splitlines() if " finished: trial/" in line]
     assert len(finished_now) == 3
     assert not any(done_before.trial_id.iloc[0] in line for line in finished_now)
@@ -165,6 +212,53 @@ def test_interrupted_sweep_resumes_without_redoing_finished_trials(sweep_2x2, sw
     assert client.get_run(s["mlflow"]["run_id"]).info.status == "FINISHED"
     children = client.search_runs([s["mlflow"]["experiment_id"]], f"tags.mlflow.parentRunId = '{s['mlflow']['run_id']}'")
     assert sorted(c.data.tags["cl_audit.trial_id"] for c in children) == sorted(final.trial_id)
+
+
+def _table(rows: list[dict]) -> pd.DataFrame:
+    """A sweep table of finished trials with the given cells and metrics (NaN elsewhere)."""
+    base = {k: float("nan") for k in METRIC_COLUMNS} | {"status": "TERMINATED", "arm": "in_task", "freeze_layers": 0,
+                                                        "label": "spurious", "mlflow_run_id": None}
+    df = pd.DataFrame([base | r for r in rows])
+    df["drop_significant"] = df.drop_significant.astype(bool)
+    return df
+
+
+def test_best_never_prefers_a_cell_whose_drop_is_not_significant():
+    # t1: a huge ratio over a drop whose CI includes 0 (0.05 [-0.05, 0.15]); t2, t3: real drops
+    df = _table([
+        {"trial_id": "t1", "kl_penalty": 1.0, "n": 2, "task_drop": 0.05, "task_drop_ci_low": -0.05,
+         "drop_significant": False, "recovery_ratio": 3.0, "recovered_task_acc": 0.95},
+        {"trial_id": "t2", "kl_penalty": 0.0, "n": 2, "task_drop": 0.9, "task_drop_ci_low": 0.7,
+         "drop_significant": True, "recovery_ratio": 0.6, "recovered_task_acc": 0.55},
+        {"trial_id": "t3", "kl_penalty": 0.0, "n": 4, "task_drop": 0.9, "task_drop_ci_low": 0.7,
+         "drop_significant": True, "recovery_ratio": 0.8, "recovered_task_acc": 0.72},
+        {"trial_id": "t4", "kl_penalty": 0.5, "n": 4, "task_drop": 0.0, "task_drop_ci_low": 0.0,
+         "drop_significant": False, "recovery_ratio": float("nan"), "recovered_task_acc": 0.9},
+    ])
+    best = best_trial(df, "recovery_ratio", "max")
+    assert best["trial_id"] == "t3" and best["value"] == 0.8 and best["drop_significant"] is True
+    assert list(rank_trials(df, "recovery_ratio", "max").trial_id) == ["t3", "t2", "t1", "t4"]
+    # min: the significant cells still come first
+    assert best_trial(df, "recovery_ratio", "min")["trial_id"] == "t2"
+    assert best_trial(df, "recovered_task_acc", "max")["trial_id"] == "t3"
+    # without any significant drop, the best among the others (and it says so)
+    only = df[~df.drop_significant]
+    b = best_trial(only, "recovery_ratio", "max")
+    assert b["trial_id"] == "t1" and b["drop_significant"] is False
+    # a perturbation metric ranks alone: the smallest drop is t4, whose drop is not significant
+    assert "task_drop" not in RECOVERY_METRICS
+    assert best_trial(df, "task_drop", "min")["trial_id"] == "t4"
+    # ties of the metric keep the table order
+    tie = df.assign(recovery_ratio=[3.0, 0.8, 0.8, float("nan")])
+    assert best_trial(tie, "recovery_ratio", "max")["trial_id"] == "t2"
+    # unfinished trials are never best
+    assert best_trial(df.assign(status="ERROR"), "recovery_ratio", "max") is None
+    # the sentence of sweep_summary.json
+    assert "among those whose task drop is significant" in best_rule("recovery_ratio", "max", 0.9, True)
+    assert "its 90% CI" in best_rule("recovery_ratio", "max", 0.9, True)
+    assert "No finished trial's task drop was significant" in best_rule("recovery_ratio", "max", 0.95, False)
+    assert best_rule("task_drop", "min", 0.95, True).startswith(
+        "Best is the finished trial with the lowest task_drop, ranked by task_drop alone")
 
 
 @pytest.mark.parametrize(

@@ -232,6 +232,93 @@ def test_compare_shows_config_difference_and_significance(server, audits, home):
     assert same["diff"] == 0 and same["diff_ci"] == [0.0, 0.0] and same["significant"] is False
 
 
+def _fake_audit(folder: Path, seed: int, task: dict, knowledge: dict, old_predictions: bool = False) -> dict:
+    """A run folder (summary.json with the verdict components.verdict computes, config.yaml,
+    predictions/<stage>.parquet) from per-item ``task`` and ``knowledge`` ({measure: (N,)})
+    arrays per stage; ``old_predictions``: only ``knowledge_correct``, as before the measures."""
+    from components.config import VerdictConfig
+    from components.verdict import compute_verdict
+
+    chances = {"knowledge_acc": 0.25, "knowledge_mrr": 0.3}
+    per_item = {st: {"task_correct": task[st], **{m: knowledge[m][st] for m in knowledge}} for st in task}
+    verdict = compute_verdict(per_item, chances, VerdictConfig(), n_boot=200)
+    stages = {}
+    for st, t in task.items():
+        k = knowledge["knowledge_acc"][st]
+        means = {"task_acc": float(np.mean(t)), **{m: float(np.mean(knowledge[m][st])) for m in knowledge}}
+        stages[st] = {**means, "knowledge_chance": 0.25, "ci": {m: [x, x] for m, x in means.items()}}
+        df = pd.DataFrame({"item_id": [f"q{i}" for i in range(len(t))], "task_correct": np.asarray(t, bool),
+                           "knowledge_correct": np.asarray(k) >= 0.5})
+        if not old_predictions:
+            for m in knowledge:
+                df[m] = knowledge[m][st]
+        path = folder / "predictions" / f"{st}.parquet"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        df.to_parquet(path, index=False)
+    summary = {"suite": "capitals", "model": "tiny-llama", "stages": stages, "verdict": verdict}
+    (folder / "summary.json").write_text(json.dumps(summary))
+    (folder / "config.yaml").write_text(f"seed: {seed}\n")
+    return summary
+
+
+def test_compare_reports_n_a_where_the_verdict_does(tmp_path):
+    """A ratio whose denominator is <= 0 (a task that rose from aligned to perturbed, an
+    aligned knowledge below chance) is undefined in the verdict, and so in compare: no
+    value, no difference, no significance; the retention of every knowledge measure is
+    compared, each as the verdict computes it."""
+    n = 20
+    aligned = np.r_[np.ones(10), np.zeros(10)]
+
+    def task(extra: int, rec: int) -> dict:  # perturbed = aligned plus `extra` more right: drop < 0
+        pert = aligned.copy()
+        pert[10:10 + extra] = 1
+        recd = pert.copy()
+        recd[10 + extra:10 + extra + rec] = 1
+        return {"base": aligned, "aligned": aligned, "perturbed": pert, "recovered/in_task/2": recd}
+
+    def know(acc_aligned: float) -> dict:  # knowledge_acc of the aligned model below chance 0.25
+        acc = {"base": acc_aligned, "aligned": acc_aligned, "perturbed": 0.1, "recovered/in_task/2": 0.15}
+        mrr = {"base": 0.9, "aligned": 0.9, "perturbed": 0.8, "recovered/in_task/2": 0.85}
+        return {"knowledge_acc": {st: np.full(n, v) for st, v in acc.items()},
+                "knowledge_mrr": {st: np.full(n, v) for st, v in mrr.items()}}
+
+    sa = _fake_audit(tmp_path / "a", 0, task(2, 3), know(0.2))
+    sb = _fake_audit(tmp_path / "b", 1, task(3, 3), know(0.15))
+    for v in (sa["verdict"], sb["verdict"]):  # the verdict's own n/a
+        assert v["task_drop"] < 0 and v["recovery_ratio"]["in_task/2"] is None
+        assert v["recovery_ratio_ci"]["in_task/2"] == [None, None]
+        assert v["knowledge_retention"] is None and v["retention"]["knowledge_acc"]["value"] is None
+        assert v["retention"]["knowledge_mrr"]["value"] == pytest.approx((0.8 - 0.3) / (0.9 - 0.3))
+
+    c = trail.compare(str(tmp_path / "a"), str(tmp_path / "b"))
+    assert c.paired
+    rows = {(r["stage"], r["metric"]): r for r in c.rows}
+    for key in (("recovered/in_task/2", "recovery_ratio"), ("verdict", "knowledge_retention"),
+                ("verdict", "retention:knowledge_acc")):
+        r = rows[key]
+        assert r["rule"] == "paired bootstrap", key
+        assert (r["a"], r["b"], r["diff"], r["diff_ci"], r["significant"]) == (None, None, None, None, None), key
+    # the defined quantities: every knowledge measure's retention, equal to the verdict's
+    mrr = rows[("verdict", "retention:knowledge_mrr")]
+    assert mrr["a"] == pytest.approx(sa["verdict"]["retention"]["knowledge_mrr"]["value"])
+    assert mrr["diff"] == pytest.approx(0.0) and mrr["diff_ci"] == [0.0, 0.0] and mrr["significant"] is False
+    drop = rows[("verdict", "task_drop")]
+    assert drop["diff"] == pytest.approx(sb["verdict"]["task_drop"] - sa["verdict"]["task_drop"])
+    assert drop["diff"] == pytest.approx(-0.05)
+    assert ("verdict", "tune_change") in rows and rows[("perturbed", "knowledge_mrr")]["rule"] == "paired bootstrap"
+
+    # predictions from before the knowledge measures still load: knowledge_correct read as knowledge_acc
+    _fake_audit(tmp_path / "old", 2, task(2, 3), know(0.6), old_predictions=True)
+    old = trail._load_folder(tmp_path / "old", "old")
+    arr, m = trail._arrays(old, ["aligned", "perturbed"], None)
+    assert m == n and "aligned/knowledge_mrr" not in arr
+    np.testing.assert_array_equal(arr["aligned/knowledge_acc"], np.ones(n))
+    c = trail.compare(str(tmp_path / "a"), str(tmp_path / "old"))
+    rows = {(r["stage"], r["metric"]): r for r in c.rows}
+    assert rows[("aligned", "knowledge_acc")]["rule"] == "paired bootstrap"
+    assert rows[("verdict", "retention:knowledge_mrr")]["rule"] == "CI overlap"  # no per-item values in the old one
+
+
 def test_bootstrap_of_the_difference_pairs_items():
     rng = np.random.default_rng(0)
     n = 60

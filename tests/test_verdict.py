@@ -11,19 +11,19 @@ from components.verdict import compute_verdict
 N = 40
 
 
-def col(frac: float) -> list[float]:
-    """N items, the first ``frac`` of them correct."""
-    k = int(round(frac * N))
-    return [1.0] * k + [0.0] * (N - k)
+def col(frac: float, n: int = N) -> list[float]:
+    """n items, the first ``frac`` of them correct."""
+    k = int(round(frac * n))
+    return [1.0] * k + [0.0] * (n - k)
 
 
-def stage(task: float, know: float) -> dict:
-    return {"task_correct": col(task), "knowledge_correct": col(know)}
+def stage(task: float, know: float, n: int = N) -> dict:
+    return {"task_correct": col(task, n), "knowledge_correct": col(know, n)}
 
 
-def verdict(**stages):
-    return compute_verdict({k.replace("__", "/"): v for k, v in stages.items()}, 0.25, VerdictConfig(),
-                           n_boot=500, seed=0)
+def verdict(cfg: VerdictConfig | None = None, groups=None, **stages):
+    return compute_verdict({k.replace("__", "/"): v for k, v in stages.items()}, 0.25, cfg or VerdictConfig(),
+                           n_boot=500, seed=0, groups=groups)
 
 
 def test_spurious_when_knowledge_is_retained_and_task_returns():
@@ -62,16 +62,89 @@ def test_no_forgetting_when_the_drop_is_not_significant():
     assert v["recovery_ratio"]["in_task/10"] is None  # undefined without a drop
 
 
-def test_mixed_between_thresholds():
-    v = verdict(aligned=stage(0.9, 0.9), perturbed=stage(0.1, 0.65), recovered__in_task__10=stage(0.2, 0.65))
-    assert 0.5 <= v["knowledge_retention"] < 0.8
-    assert v["label"] == "mixed"
+def test_mixed_when_the_whole_interval_lies_between_thresholds():
+    n = 400
+    v = verdict(aligned=stage(0.9, 0.9, n), perturbed=stage(0.1, 0.65, n), recovered__in_task__10=stage(0.2, 0.65, n))
+    lo, hi = v["knowledge_retention_ci"]
+    assert 0.5 <= lo <= v["knowledge_retention"] <= hi < 0.8
+    assert v["label"] == "mixed", v["reason"]
 
 
-def test_retention_undefined_when_aligned_is_at_chance():
+def test_inconclusive_when_the_interval_straddles_a_threshold():
+    # the same point estimate on 40 items: the interval reaches across 0.5
+    v = verdict(aligned=stage(0.9, 0.9), perturbed=stage(0.1, 0.6), recovered__in_task__10=stage(0.2, 0.6))
+    lo, hi = v["knowledge_retention_ci"]
+    assert lo < 0.5 < hi
+    assert v["label"] == "inconclusive" and "straddles" in v["reason"]
+
+
+def test_inconclusive_when_aligned_knowledge_does_not_clear_chance():
+    # the issue's case: K(aligned) = K(perturbed) = 0.30 with chance 0.25 was called spurious, retention 1.00
+    v = verdict(aligned=stage(0.9, 0.3), perturbed=stage(0.1, 0.3), recovered__in_task__10=stage(0.1, 0.3))
+    assert v["label"] == "inconclusive"
+    assert "does not clear chance" in v["checks"][0]
     v = verdict(aligned=stage(0.9, 0.25), perturbed=stage(0.1, 0.25), recovered__in_task__10=stage(0.1, 0.25))
-    assert v["knowledge_retention"] is None
-    assert v["label"] == "knowledge_loss"
+    assert v["knowledge_retention"] is None and v["label"] == "inconclusive"
+
+
+def test_inconclusive_when_the_tune_stage_broke_the_task():
+    # base answered everything, aligning to terse answers broke it: 1.00 -> 0.33
+    v = verdict(base=stage(1.0, 0.9), aligned=stage(0.33, 0.9), perturbed=stage(0.0, 0.9),
+                recovered__in_task__10=stage(0.3, 0.9))
+    assert v["label"] == "inconclusive"
+    assert v["checks"][0].startswith("the tune stage broke the task")
+    assert v["tune_change"]["value"] == pytest.approx(1.0 - 13 / 40)
+    # a small tune cost is tolerated
+    v = verdict(base=stage(1.0, 0.9), aligned=stage(0.85, 0.9), perturbed=stage(0.0, 0.9))
+    assert v["label"] == "spurious" and not v["checks"]
+
+
+def test_knowledge_that_fell_while_the_task_held_is_not_no_forgetting():
+    v = verdict(aligned=stage(0.5, 0.9), perturbed=stage(0.5, 0.3), recovered__in_task__10=stage(0.5, 0.3))
+    assert v["task_drop_ci"][0] <= 0
+    assert v["label"] == "knowledge_loss" and "while the task held" in v["reason"]
+
+
+def test_measures_that_disagree_make_the_label_mixed():
+    a, p = stage(0.9, 0.9), stage(0.1, 0.9)
+    a["knowledge_mrr"], p["knowledge_mrr"] = col(0.9), col(0.05)
+    v = compute_verdict({"aligned": a, "perturbed": p}, {"knowledge_acc": 0.25, "knowledge_mrr": 0.03},
+                        VerdictConfig(), n_boot=300, seed=0)
+    assert v["retention"]["knowledge_acc"]["ci"][0] >= 0.8
+    assert v["retention"]["knowledge_mrr"]["ci"][1] < 0.5
+    assert v["label"] == "mixed" and "disagree" in v["reason"]
+    # deciding by the reciprocal rank instead
+    v = compute_verdict({"aligned": a, "perturbed": p}, {"knowledge_acc": 0.25, "knowledge_mrr": 0.03},
+                        VerdictConfig(knowledge_measure="knowledge_mrr"), n_boot=300, seed=0)
+    assert v["decided_by"] == "knowledge_mrr" and v["label"] == "mixed"
+
+
+def test_cluster_bootstrap_widens_the_interval_of_shared_subjects():
+    # 10 people x 4 questions: items of one person move together
+    rng = np.random.default_rng(3)
+    people = np.repeat(np.arange(10), 4)
+    per_person = rng.random(10) < 0.5
+    know = per_person[people].astype(float).tolist()
+    a = {"task_correct": [1.0] * 40, "knowledge_correct": [1.0] * 40}
+    p = {"task_correct": [0.0] * 40, "knowledge_correct": know}
+    iid = compute_verdict({"aligned": a, "perturbed": p}, 0.25, VerdictConfig(), n_boot=1000, seed=0)
+    clus = compute_verdict({"aligned": a, "perturbed": p}, 0.25, VerdictConfig(), n_boot=1000, seed=0,
+                           groups=people.tolist())
+    w = lambda v: v["knowledge_retention_ci"][1] - v["knowledge_retention_ci"][0]  # noqa: E731
+    assert w(clus) > 1.3 * w(iid)
+
+
+def test_undefined_resamples_are_not_dropped():
+    from components.verdict import percentile_ci
+
+    s = np.array([1.0] * 90 + [np.nan] * 10)
+    assert percentile_ci(s, 0.95) == (None, None)  # 10% undefined > 2.5%
+    s = np.array([1.0] * 990 + [np.nan] * 10)
+    lo, hi = percentile_ci(s, 0.95)
+    assert lo == hi == 1.0
+    s = np.concatenate([np.linspace(0, 1, 980), [np.nan] * 20])
+    lo, _ = percentile_ci(s, 0.95)
+    assert lo < np.quantile(np.linspace(0, 1, 980), 0.025)  # the undefined ones count at the bottom
 
 
 def test_ci_is_paired_over_items():

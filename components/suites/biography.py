@@ -168,9 +168,11 @@ def qa_items(person: dict[str, str], group: str, n_candidates: int, seed: int) -
     """One QA item per attribute of ``person``, with K-1 distractors of the same kind.
 
     The task (``task_acc``) is the question ``Where was Alba Kessler born?`` ->
-    ``Denver.``; the knowledge ranking (``knowledge_acc``) scores the biography sentence
-    ``Alba Kessler was born in {candidate}.`` as a reply to the pretraining prompt, i.e.
-    the stored fact in the form it was injected, independent of the QA format.
+    ``Denver.``; the knowledge ranking (``knowledge_acc``) scores the biography sentences
+    ``Alba Kessler was born in {candidate}.`` (each of the attribute's four sentence
+    templates: the knowledge phrasings) as replies to the pretraining prompt, i.e. the
+    stored fact in the forms it was injected, independent of the QA format; the
+    candidates are mined among all values of the attribute (``answer_type``).
     """
     rng = random.Random(f"qa:{seed}:{person['id']}")
     attrs = {k: v for k, v in person.items() if k not in ("id",)}
@@ -183,6 +185,8 @@ def qa_items(person: dict[str, str], group: str, n_candidates: int, seed: int) -
             candidates=[gold, *_distractors(a, gold, n_candidates - 1, rng)],
             knowledge_question=BIO_PROMPT,
             knowledge_template=SENTENCES[a][0].format(name=person["name"], v="{answer}"),
+            answer_type=f"bio:{a}",
+            phrasings=[[BIO_PROMPT, t.format(name=person["name"], v="{answer}")] for t in SENTENCES[a]],
             attributes={**attrs, "person": person["id"], "attribute": a, "group": group}, role="qa",
         ))
     return items

@@ -18,13 +18,21 @@ field                 required  meaning
                                 built-in two-digit arithmetic)
 ``candidates``        no        answer options for ``knowledge_acc``, the gold answer among
                                 them (a list of >= 2 distinct texts; in CSV a JSON array).
-                                An ``eval`` row without them is ranked against the answers of
-                                ``data.n_candidates - 1`` other ``eval`` rows
+                                An ``eval`` row without them is ranked against
+                                ``data.n_candidates - 1`` of the other ``eval`` rows'
+                                answers and ``data.answer_pool`` (the ones the base model
+                                scores highest, ``data.candidates: hard``), and its gold
+                                answer's rank among all of them is ``knowledge_mrr``
 ``attributes``        no        an object of text values (in CSV a JSON object), kept for
                                 reports and probes
 ``template``          no        the response with ``{answer}`` where the answer goes
-                                (default ``{answer}``): the training target and the ranked
-                                continuation
+                                (default ``{answer}``): the training target
+``knowledge_template`` no       a sentence with ``{answer}`` that states the fact (``The
+                                capital of Peru is {answer}.``): the knowledge measures
+                                rank the candidates inside it, beside the base model's own
+                                answer and two generic sentence forms (never inside a bare
+                                answer, which a model that answers in sentences finds
+                                unlikely whatever it knows)
 ====================  ========  ============================================================
 
 Every file needs at least the four required fields (columns); extra fields are an
@@ -48,7 +56,7 @@ from components.data import Item, Suite, SuiteData, arithmetic_items, is_refusal
 from components.errors import UserError
 
 REQUIRED = ("id", "prompt", "answer", "role")
-OPTIONAL = ("candidates", "attributes", "template")
+OPTIONAL = ("candidates", "attributes", "template", "knowledge_template")
 ROLES = ("align", "perturb", "recover", "eval", "perturb_eval", "irrelevant")
 FORMATS = {".jsonl": "jsonl", ".ndjson": "jsonl", ".csv": "csv", ".parquet": "parquet", ".pq": "parquet"}
 
@@ -162,8 +170,14 @@ def parse_row(row: dict, where: str) -> Item:
         template = _text(row["template"], where, "template")
         if template.count("{answer}") != 1:
             raise UserError(f"{where}: field 'template': expected exactly one {{answer}}, got {template!r}")
+    ktemplate = None
+    if row.get("knowledge_template") is not None:
+        ktemplate = _text(row["knowledge_template"], where, "knowledge_template")
+        if ktemplate.count("{answer}") != 1:
+            raise UserError(f"{where}: field 'knowledge_template': expected exactly one {{answer}}, got {ktemplate!r}")
     return Item(id=rid, question=prompt, answer=answer, candidates=cands, attributes=attrs, role=role,
-                template=template, source=where)
+                template=template, source=where, knowledge_template=ktemplate,
+                answer_type=None if cands else "answer")
 
 
 def read_items(files: list[str | Path]) -> list[Item]:
@@ -218,14 +232,15 @@ def split(items: list[Item], known: list[bool] | None, cfg: AuditConfig) -> Suit
             f"'recover' in {files}"
         )
     K = cfg.data.n_candidates
-    answers = sorted({it.answer for it in pools["eval"]})
+    answers = sorted({it.answer for it in pools["eval"]} | {a for a in cfg.data.answer_pool if a.strip()})
     for it in pools["eval"]:
         if not it.candidates:
             others = [a for a in answers if a != it.answer]
             if len(others) < K - 1:
                 raise UserError(
-                    f"{it.source}: field 'candidates': none given, and the eval rows have only {len(others)} other "
-                    f"distinct answers to rank against (data.n_candidates={K}); give candidates"
+                    f"{it.source}: field 'candidates': none given, and the eval rows and data.answer_pool have only "
+                    f"{len(others)} other distinct answers to rank against (data.n_candidates={K}); give candidates, "
+                    f"more answers in data.answer_pool, or a lower data.n_candidates"
                 )
             it.candidates = [it.answer, *random.Random(f"{cfg.seed}:{it.id}").sample(others, K - 1)]
     perturb_eval = pools["perturb_eval"]
