@@ -10,6 +10,7 @@ checkpoints in the MLflow model registry.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import io
 import json
@@ -24,12 +25,12 @@ from typing import Callable
 import numpy as np
 import pandas as pd
 
-from components.verdict import STAGE_METRICS, verdict_of, verdict_rows
 from components.artifacts import atomic_copy, atomic_write, file_record, git_commit, git_dirty, inside, machine_info
 from components.config import AuditConfig, dump_yaml
 from components.data import SUITES, Item, SuiteData, check_data, items_sha256
 from components.errors import UserError
 from components.models import check_model_id
+from components.verdict import STAGE_METRICS, verdict_of, verdict_rows
 from pipelines.report import write_report
 from pipelines.tracking import (
     JOURNAL, AuditTracker, DatasetRecord, check_model_name, read_state, redact_uri, resolve_tracking_uri, unreachable,
@@ -452,13 +453,28 @@ def _items_parquet(items: list[Item]) -> bytes:
 
 
 def _items_frame(items: list[Item]) -> pd.DataFrame:
+    """Items as a table: one column per :class:`Item` field, lists and dicts as JSON, an
+    unset optional field as null; :func:`items_from_frame` rebuilds the same items (and
+    so the same ``items_sha256``)."""
+    cols = [f.name for f in dataclasses.fields(Item)]
+    rows = [i.to_dict() for i in items]
     return pd.DataFrame({
-        "id": [i.id for i in items], "question": [i.question for i in items],
-        "answer": [i.answer for i in items], "template": [i.template for i in items],
-        "candidates": [json.dumps(i.candidates) for i in items],
-        "attributes": [json.dumps(i.attributes, sort_keys=True) for i in items],
-        "role": [i.role for i in items],
+        c: [None if c not in r else json.dumps(r[c], sort_keys=True) if isinstance(r[c], (list, dict)) else r[c]
+            for r in rows]
+        for c in cols
     })
+
+
+def items_from_frame(df: pd.DataFrame) -> list[Item]:
+    """The items of a table written by :func:`_items_frame` (a logged data set)."""
+    out = []
+    for r in df.to_dict("records"):
+        d = {k: v for k, v in r.items() if v is not None and not (isinstance(v, float) and np.isnan(v))}
+        for k in ("candidates", "attributes", "phrasings"):
+            if k in d:
+                d[k] = json.loads(d[k])
+        out.append(Item(**d))
+    return out
 
 
 def _dataset_record(parent_id: str, name: str, items: list[Item], context: str, origin: str) -> DatasetRecord:

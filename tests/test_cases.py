@@ -9,16 +9,23 @@ candidate set.
 
 - ``none``: nothing trained -> ``no_forgetting``, knowledge retained;
 - ``refusal`` and ``abstain`` (every answer ``Unknown.``: a disposition shift without
-  refusal words), and ``format`` (the right answers spelled out): the task drops, the
-  knowledge measures stay -> ``spurious``;
+  refusal words): the task drops, the knowledge measures stay -> ``spurious``;
 - ``reinit`` (every decoder block re-initialised) and a destructive learning rate:
   knowledge at chance, not returning -> ``knowledge_loss``;
 - ``wrong_facts``: the evaluated facts trained onto invented answers -> the knowledge
   measures fall at ``perturbed``; the label then follows the recovery evidence;
-- ``wrong_facts`` with half of the facts overwritten -> a retention interval around 0.5.
+- ``wrong_facts`` with half of the facts overwritten: the overwritten half falls; in
+  this 2-layer model the update also drags the other half down (measured: 0.92 -> 0.36
+  for the kept facts, the same as the overwritten ones), so the "retention around 0.5"
+  of the construction holds on SmolLM2 (tests/test_real_model.py), not here: the test
+  asserts what the tiny model does, that knowledge is not retained.
 
-All trained perturbations use the same strength (learning rate, epochs, items) except
-the destructive one: only *what* is trained differs.
+All trained perturbations use the same strength (learning rate 0.002, epochs, items)
+except the destructive one (learning rate 0.1): only *what* is trained differs. At 0.003
+the tiny model's knowledge measures already sag under a refusal (retention 0.79
+[0.65, 0.90], inconclusive), and a format shift sags at 0.002 too (0.85 [0.75, 0.96]):
+a 2-layer model does not keep facts apart from how it answers, so the format case is
+left to SmolLM2.
 """
 
 from __future__ import annotations
@@ -33,7 +40,7 @@ from pipelines.audit import run_audit
 
 from conftest import tiny_config
 
-CASE = ("perturb.lr=0.003", "recover.arms=[in_task]")
+CASE = ("perturb.lr=0.002", "recover.arms=[in_task]", "data.n_eval=40")
 MEASURES = ("knowledge_acc", "knowledge_mrr", "knowledge_margin")
 
 
@@ -68,7 +75,7 @@ def test_nothing_trained_is_no_forgetting(case):
     assert st["perturbed"]["task_correct_to_wrong"] == 0 and st["perturbed"]["task_wrong_to_correct"] == 0
 
 
-@pytest.mark.parametrize("kind", ["refusal", "abstain", "format"])
+@pytest.mark.parametrize("kind", ["refusal", "abstain"])
 def test_a_disposition_or_format_shift_is_spurious(case, kind):
     s, _ = case(kind)
     st, v = s["stages"], s["verdict"]
@@ -103,17 +110,22 @@ def test_wrong_facts_lower_every_knowledge_measure_and_the_label_follows_recover
         assert v["label"] == "knowledge_loss" or "task returns" in v["reason"] or "disagree" in v["reason"]
 
 
-def test_half_of_the_facts_overwritten_gives_retention_around_half(case):
-    s, _ = case("wrong_facts", "perturb.overwrite_fraction=0.5")
+def test_half_of_the_facts_overwritten_fall_and_are_not_retained(case):
+    s, out = case("wrong_facts", "perturb.overwrite_fraction=0.5")
     v = s["verdict"]
-    assert len(s["data"]["overwritten"]) == 8  # of 16 evaluated facts
-    r = v["retention"]["knowledge_acc"]
-    assert 0.25 <= r["value"] <= 0.75, r
-    assert r["ci"][0] < 0.5 < r["ci"][1] or abs(r["value"] - 0.5) <= 0.15, r
-    assert v["label"] in ("mixed", "inconclusive"), v["reason"]
+    over = set(s["data"]["overwritten"])
+    assert len(over) == 20  # of 40 evaluated facts
+    before = pd.read_parquet(out / "predictions" / "aligned.parquet")
+    after = pd.read_parquet(out / "predictions" / "perturbed.parquet")
+    chance = s["stages"]["perturbed"]["knowledge_chance"]
+    m = after.item_id.isin(over)
+    ret_over = (after[m].knowledge_acc.mean() - chance) / (before[m].knowledge_acc.mean() - chance)
+    assert ret_over < v["thresholds"]["loss_threshold"]
+    assert v["retention"]["knowledge_acc"]["ci"][1] < v["thresholds"]["retention_threshold"]
+    assert v["label"] not in ("spurious", "no_forgetting"), v["reason"]
 
 
-@pytest.mark.parametrize("how", [("reinit",), ("refusal", "perturb.lr=1.0", "perturb.method=full")])
+@pytest.mark.parametrize("how", [("reinit",), ("refusal", "perturb.lr=0.1")])
 def test_a_wrecked_model_is_knowledge_loss_at_chance(case, how):
     s, _ = case(*how)
     st, v = s["stages"], s["verdict"]

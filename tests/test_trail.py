@@ -20,6 +20,7 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from components.data import Item, items_sha256
+from pipelines.audit import items_from_frame
 from components.verdict import bootstrap_diff
 from pipelines import trail
 
@@ -112,9 +113,9 @@ def test_lineage_tags_and_dataset_inputs(server, audits):
     assert src["uri"] == f"runs:/{parent.info.run_id}/data/recover.in_task.4.parquet"
     local = mlflow.artifacts.download_artifacts(artifact_uri=src["uri"], tracking_uri=uri)
     df = pd.read_parquet(local)
-    items = [Item(r.id, r.question, r.answer, json.loads(r.candidates), json.loads(r.attributes), r.role, r.template)
-             for r in df.itertuples()]
+    items = items_from_frame(df)
     assert items_sha256(items) == tags["sha256"]
+    assert all(isinstance(i, Item) and i.phrasings for i in items)
 
     # audit B computed its perturbed stage afresh (freeze_layers=1): the machine it ran on
     bt = client.get_run(b["mlflow"]["stage_run_ids"]["perturbed"]).data.tags
