@@ -157,7 +157,7 @@ def direct(cfg, home: Path) -> dict[str, float]:
     import torch
 
     from components.models import Checkpoint, load_checkpoint
-    from pipelines.dag import prepare, probe_stage, train_stage
+    from components.runner import prepare, probe as probe_stage, train as train_stage
 
     torch.set_num_threads(os.cpu_count() or 1)
     t: dict[str, float] = {}

@@ -55,7 +55,7 @@ def child(home: Path, overrides: list[str]) -> None:
     import torch
 
     from components.config import load_config
-    from pipelines.dag import prepare, probe_stage, train_stage
+    from components.runner import prepare, probe as probe_stage, train as train_stage
 
     torch.set_num_threads(2)
     cfg = load_config("capitals", overrides=overrides)
@@ -89,7 +89,8 @@ def main() -> None:
         return
 
     from components.config import load_config
-    from pipelines.dag import prepare, worker_allocator_env
+    from components.runner import prepare
+    from pipelines.dag import worker_allocator_env
 
     os.environ.pop("CL_AUDIT_MALLOC", None)
     os.environ.pop("RAY_ADDRESS", None)

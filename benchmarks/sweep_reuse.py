@@ -41,8 +41,10 @@ sys.path.insert(0, str(ROOT))
 
 from components.artifacts import Store  # noqa: E402
 from components.config import load_config  # noqa: E402
-from pipelines.dag import init_ray, prepare  # noqa: E402
-from pipelines.sweep import CELL_COLUMNS, METRIC_COLUMNS, run_sweep  # noqa: E402
+from components.runner import prepare  # noqa: E402
+from pipelines.dag import init_ray  # noqa: E402
+from pipelines.sweep import run_sweep  # noqa: E402
+from pipelines.sweep_analysis import CELL_COLUMNS, METRIC_COLUMNS  # noqa: E402
 
 GRID = ["sweep.kl_penalty=[0.0,0.1,1.0]", "sweep.sizes=[1,2,4,6]", "sweep.arms=[in_task]", "sweep.max_concurrent=2"]
 

@@ -421,7 +421,7 @@ def _capitals(n_candidates: int, seed: int) -> list[Item]:
 # in each, so the first-token bound of the ranking is tight (components.knowledge:
 # SmolLM2 scores almost no other capital's first token above a known gold answer). The
 # base model's own answer is put in front of them when the candidates are mined
-# (pipelines.dag.prepare_candidates).
+# (components.runner.prepare_candidates).
 CAPITAL_PHRASINGS = (
     ("What is the capital city of {name}?", "{name}'s capital city is {answer}."),
     ("Name the capital of {name}.", "The capital of {name} is called {answer}."),

@@ -264,7 +264,7 @@ def _finish_audit(
     # the DAG: the driver does not hold it while the stage workers run.
     from components.metrics import drift_kl, summarise, transitions
     from components.probe import load_ref_logprobs
-    from pipelines.dag import parent_stage
+    from components.runner import parent_stage
 
     # The (P, V) reference log-probs: base and aligned are the KL references, the others
     # are read one at a time (each is P x vocabulary floats).

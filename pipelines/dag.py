@@ -1,51 +1,29 @@
 """The audit DAG on Ray: prepare -> tune -> perturb -> recover[arm][n], a probe per checkpoint.
 
-Each stage is one Ray task with declared CPUs; a training stage trains inside a Ray
-Train ``TorchTrainer`` (``pipelines.train_ray``: in-process by default, or data-parallel
-workers and GPUs from the stage's ``scaling`` section). Tasks receive their inputs as object
-references, so probes and recovery arms run in parallel where resources allow. Each
-task computes its store key and reuses a finished output (``components.artifacts.Store``).
-``ray.init()`` starts a local Ray unless ``RAY_ADDRESS`` points at a cluster.
+Each stage is one Ray task with declared CPUs around the stage runner
+(:mod:`components.runner`, which decides the store key and reuse); a training stage
+trains inside a Ray Train ``TorchTrainer`` (``pipelines.train_ray``: in-process by
+default, or data-parallel workers and GPUs from the stage's ``scaling`` section). Tasks
+receive their inputs as object references, so probes and recovery arms run in parallel
+where resources allow. ``ray.init()`` starts a local Ray unless ``RAY_ADDRESS`` points
+at a cluster.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import time
 from pathlib import Path
 from typing import Callable
 
 import ray
 
-from components.artifacts import Store, machine_info
-from components.config import AuditConfig, stable_hash
-from components.data import SUITES, SuiteData, check_leakage
-from components.models import Checkpoint, model_digest, model_source, resolve_model
+from components import runner
+from components.runner import TASK_ENV
+from components.config import AuditConfig
+from components.data import SuiteData
 from pipelines.train_ray import TEST_FAULT_ENV
 
-TASK_ENV = {
-    "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "TRANSFORMERS_VERBOSITY": "error",
-    "HF_HUB_DISABLE_PROGRESS_BARS": "1", "TQDM_DISABLE": "1", "PYTHONWARNINGS": "ignore::FutureWarning",
-}
-
-
-def _release_memory() -> None:
-    """After a stage task: free its model and hand freed heap pages back to the OS, so an
-    idle Ray worker waiting for its next task does not hold a model's worth of memory
-    (mimalloc's ``mi_collect`` where the worker runs on it, else glibc's ``malloc_trim``)."""
-    import ctypes
-    import gc
-
-    gc.collect()
-    try:
-        libc = ctypes.CDLL(None)
-        if hasattr(libc, "mi_collect"):  # mimalloc preloaded (worker_allocator_env)
-            libc.mi_collect(ctypes.c_bool(True))
-        else:
-            ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError, TypeError):  # not glibc; TypeError: CDLL(None) on Windows
-        pass
 
 
 MALLOC_ENV = "CL_AUDIT_MALLOC"
@@ -95,234 +73,58 @@ def worker_allocator_env() -> dict[str, str]:
     return {"LD_PRELOAD": str(lib)} if ok else {}
 
 
-def _set_threads() -> None:
-    """Inside a Ray task, as many torch threads as the task's CPUs.
-
-    Outside Ray (a Kubeflow component) the caller's setting is kept: asking Ray for the
-    runtime context there would start a local Ray instance.
-    """
-    import torch
-
-    if not ray.is_initialized():
-        return
+def _task_threads() -> int:
+    """Inside a Ray task: as many torch threads as the task's CPUs."""
     try:
-        n = int(ray.get_runtime_context().get_assigned_resources().get("CPU", 1))
+        return max(1, int(ray.get_runtime_context().get_assigned_resources().get("CPU", 1)))
     except Exception:  # noqa: BLE001 - the driver, not a Ray task
-        n = os.cpu_count() or 1
-    torch.set_num_threads(max(1, n))
+        return os.cpu_count() or 1
 
 
-def _items_digest(items) -> str:
-    return stable_hash([i.to_dict() for i in items], 20)
+def prepare_task(cfg: AuditConfig, home: Path) -> dict:
+    """The Ray task of :func:`components.runner.prepare`."""
+    return runner.prepare(cfg, home)
 
 
-def prepare(cfg: AuditConfig, home: Path) -> dict:
-    """Resolve the model, keep the facts the base model knows, split the pools, check
-    them for leakage.
-
-    The suite decides where the items come from, what a ``tiny-llama`` base model is
-    pretrained on, and how the pools are split (:class:`components.data.Suite`). Only
-    items with candidates (evaluable ones) are checked for being known.
-
-    Returns:
-        ``{"base": Checkpoint dict, "data": SuiteData, "model_digest", "data_digest",
-        "model_dir", "model_source", "known": [...], "machine": machine_info()}``.
-
-    Raises:
-        UserError: bad data, too few known items, or leakage between a training pool
-            and the evaluation pool (unless ``data.allow_leakage``; allowed leaks are
-            listed in ``data.notes["allowed_leaks"]``).
-    """
-    from components.metrics import generate_answers
-    from components.data import MATCHERS
-    from components.models import load_checkpoint
-
-    home = Path(home)
-    suite = SUITES[cfg.suite]
-    items = suite.items(cfg)
-    model_dir = resolve_model(
-        cfg.model, home / "cache", suite.tokenizer_texts(items, cfg), cfg.seed, suite.pretraining_items(items, cfg)
-    )
-    mdigest = model_digest(model_dir)
-    base = Checkpoint("base", str(model_dir), [], None, f"base-{mdigest[:20]}")
-    known = None
-    base_answers: dict[str, str] = {}
-    if cfg.data.filter_known:
-        store = Store(home / "store")
-        evaluable = [i for i, it in enumerate(items) if it.candidates]
-        sub = [items[i] for i in evaluable]
-        key = Store.key(
-            "filter",
-            {"suite": cfg.suite, "items": _items_digest(sub), "precision": cfg.model.precision,
-             # only the generation settings decide which facts count as known
-             "probe": cfg.probe.model_dump(include={"batch_size", "max_new_tokens"})},
-            [base.digest],
-        )
-
-        def fn(tmp: Path) -> dict:
-            model, tok = load_checkpoint(base, cfg.model.trust_remote_code)
-            answers = generate_answers(
-                model, tok, sub, cfg.probe.batch_size, cfg.probe.max_new_tokens, cfg.model.precision
-            )
-            match = MATCHERS[suite.task_matcher]
-            return {"known": [bool(match(a, it.answer)) for a, it in zip(answers, sub)], "answers": answers}
-
-        filtered = store.produce(key, fn)[0]
-        known = [False] * len(items)
-        for i, k, a in zip(evaluable, filtered["known"], filtered["answers"]):
-            known[i] = k
-            base_answers[items[i].id] = a
-    data = suite.make_split(items, known, cfg)
-    data.notes["candidates"] = prepare_candidates(cfg, base, data, base_answers, Store(home / "store"))
-    leaks = check_leakage(data, cfg.data.allow_leakage)
-    if leaks:  # allowed by the user: recorded in summary.json ("data") and the manifest
-        data.notes["allowed_leaks"] = [f"{e.id} ({how} of {t.id})" for e, how, t in leaks]
-    _release_memory()
-    return {
-        "base": base.to_dict(), "data": data, "model_digest": mdigest, "data_digest": data.digest(),
-        "model_dir": str(model_dir), "model_source": model_source(cfg.model, model_dir), "known": known,
-        "machine": machine_info(),
-    }
-
-
-def prepare_candidates(cfg: AuditConfig, base: Checkpoint, data: SuiteData, base_answers: dict[str, str],
-                       store: Store) -> dict:
-    """Give every evaluation item its knowledge phrasings and its K candidates, once per
-    audit (stored, keyed by the base model, the items and the mining settings): the base
-    model's own answer becomes the first phrasing where it names the gold answer, and
-    the candidates of items with an answer type are mined (``data.candidates``,
-    :func:`components.knowledge.mine_candidates`). ``data.eval`` is replaced in place.
-
-    Returns:
-        Notes for ``summary.json``: the mode, K, items mined and kept, answers scored
-        in full per item, items ranked in the base model's own words.
-
-    Raises:
-        UserError: an answer type has fewer than ``data.n_candidates`` answers.
-    """
-    from components.data import Item
-    from components.errors import UserError
-    from components.knowledge import rank_pool
-
-    for it in data.eval:
-        pool = rank_pool(it, data.answer_pools)
-        if pool is not None and len(pool) < cfg.data.n_candidates:
-            raise UserError(
-                f"data.n_candidates: {cfg.data.n_candidates} candidates asked for, but item {it.id} has only "
-                f"{len(pool)} answers of its type ({it.answer_type}) to rank among; lower data.n_candidates")
-    key = Store.key(
-        "candidates",
-        {"mode": cfg.data.candidates, "k": cfg.data.n_candidates, "seed": cfg.seed, "precision": cfg.model.precision,
-         "items": _items_digest(data.eval), "pools": stable_hash(data.answer_pools, 20),
-         "groups": stable_hash(data.answer_groups, 20),
-         "probe": cfg.probe.model_dump(include={"batch_size", "max_new_tokens"})},
-        [base.digest],
-    )
-
-    def fn(tmp: Path) -> dict:
-        from components.knowledge import add_own_phrasings, mine_candidates
-        from components.metrics import generate_answers
-        from components.models import load_checkpoint
-
-        model, tok = load_checkpoint(base, cfg.model.trust_remote_code)
-        items = [Item(**it.to_dict()) for it in data.eval]
-        missing = [it for it in items if it.id not in base_answers]
-        answers = dict(base_answers)
-        if missing:
-            got = generate_answers(model, tok, missing, cfg.probe.batch_size, cfg.probe.max_new_tokens,
-                                   cfg.model.precision)
-            answers.update({it.id: a for it, a in zip(missing, got)})
-        own = add_own_phrasings(items, answers)
-        info = mine_candidates(model, tok, items, data.answer_pools, data.answer_groups, cfg.data.n_candidates,
-                               cfg.data.candidates, cfg.seed, cfg.probe.batch_size, cfg.model.precision)
-        return {"eval": [it.to_dict() for it in items],
-                "notes": {"mode": cfg.data.candidates, "k": cfg.data.n_candidates, **info, "own_phrasing": own}}
-
-    out = store.produce(key, fn)[0]
-    data.eval = [Item(**d) for d in out["eval"]]
-    return out["notes"]
-
-
-def train_stage(kind: str, cfg: AuditConfig, home: Path, parent: dict, data: SuiteData,
-                arm: str | None = None, n: int | None = None, hub=None,
-                reuse: bool = True) -> dict:
-    """Run (or reuse) one training stage; returns its stored result plus ``key`` and ``reused``.
-
-    The stage trains on Ray Train (``pipelines.train_ray.fit_stage``) with the workers
-    and GPUs of its ``scaling`` section; ``scaling`` is left out of the store key, since
-    the number of workers changes speed, not the result. Ray Train keeps the run's
-    latest checkpoint in ``<home>/ray_train/<key>`` until the stage is stored.
-
-    ``hub``: an optional :class:`pipelines.progress.ProgressHub` that receives the
-    optimiser steps as they happen (``"train <checkpoint name>"``). ``reuse=False``
-    computes the stage even when ``<home>/store`` already holds its key (the naive
-    baseline of ``benchmarks/sweep_reuse.py``).
-    """
-    from components.perturb import perturb_spec, reinit_blocks, unperturbed
-    from components.recover import recover_spec, recovery_set
-    from components.tune import tune_spec
+def train_task(kind: str, cfg: AuditConfig, home: Path, parent: dict, data: SuiteData,
+               arm: str | None = None, n: int | None = None, hub=None) -> dict:
+    """The Ray task of :func:`components.runner.train`: the stage trains on Ray Train
+    (:func:`pipelines.train_ray.fit_stage`: in this worker with ``scaling.num_workers``
+    0, else on data-parallel workers and GPUs); Ray Train keeps the run's latest
+    checkpoint in ``<home>/ray_train/<key>`` until the stage is stored, so a restarted
+    task resumes it. ``hub``: a :class:`pipelines.progress.ProgressHub` receiving the
+    optimiser steps (``"train <checkpoint name>"``)."""
     from pipelines.progress import TaskProgress
     from pipelines.train_ray import fit_stage
 
-    parent_ckpt = Checkpoint(**parent["checkpoint"])
     name = {"tune": "aligned", "perturb": "perturbed"}.get(kind, f"recovered/{arm}/{n}")
     tracker = TaskProgress(hub, f"train {name}", "steps")
-    store = Store(Path(home) / "store")
-    common = {"seed": cfg.seed, "precision": cfg.model.precision}
-    if kind == "tune":
-        key = Store.key("tune", {**cfg.tune.result_fields(), **common}, [parent_ckpt.digest, _items_digest(data.align)])
-        spec = tune_spec(cfg, parent_ckpt, data)
-    elif kind == "perturb":
-        key = Store.key(
-            "perturb", {**cfg.perturb.result_fields(), **common}, [parent_ckpt.digest, _items_digest(data.perturb)]
-        )
-        spec = perturb_spec(cfg, parent_ckpt, data)
-    else:
-        rc = cfg.recover.result_fields()
-        rc.pop("arms"), rc.pop("sizes")
-        key = Store.key(
-            "recover", {**rc, **common, "arm": arm, "n": n},
-            [parent_ckpt.digest, _items_digest(recovery_set(data, arm, n))],
-        )
-        spec = recover_spec(cfg, parent_ckpt, data, arm, n)
 
-    def fn(tmp: Path) -> dict:
-        _set_threads()
-        t0 = time.time()
-        if kind == "perturb" and cfg.perturb.kind == "reinit":  # no training: blocks re-initialised
-            res = reinit_blocks(parent_ckpt, cfg.perturb.reinit_layers, cfg.seed + 1, tmp, cfg.model.trust_remote_code)
-        elif spec is None:  # perturb.kind == "none": nothing to train
-            res = unperturbed(parent_ckpt)
-        elif spec.cfg.scaling.num_workers == 0 and _in_tune_trial():
-            # Inside a Ray Tune trial a nested local-mode TorchTrainer fails; the same loop
-            # runs in-process instead (identical result: num_workers 0 is one process).
-            from components.training import train_checkpoint
+    def fit(spec, tmp, key, on_step):
+        return fit_stage(spec, tmp, Path(home) / "ray_train", key, progress=tracker)
 
-            res = train_checkpoint(spec.name, spec.parent, spec.items, spec.cfg, spec.seed, spec.precision, tmp,
-                                   spec.trust_remote_code, tracker.on_step)
-        else:
-            res = fit_stage(spec, tmp, Path(home) / "ray_train", key, progress=tracker)
-        tracker.finish(len(res.history), len(res.history))
-        ckpt = res.checkpoint
-        ckpt.digest = key
-        return {
-            "checkpoint": ckpt.to_dict(), "history": res.history, "n_items": res.n_items,
-            "seconds": time.time() - t0, "dir": str(tmp), "machine": machine_info(), "train_run": res.run,
-        }
-
-    result, reused = store.produce(key, fn, reuse=reuse)
-    _release_memory()
-    return {**result, "key": key, "reused": reused}
+    result = runner.train(kind, cfg, home, parent, data, arm, n, fit=fit, on_step=tracker.on_step,
+                          threads=_task_threads())
+    if not result["reused"]:
+        steps = len(result["history"])
+        tracker.finish(steps, steps)
+    return result
 
 
-def _in_tune_trial() -> bool:
-    """True inside a Ray Tune trial (a sweep cell)."""
-    try:
-        from ray import tune
+def probe_task(cfg: AuditConfig, home: Path, stage: dict, data: SuiteData, hub=None) -> dict:
+    """The Ray task of :func:`components.runner.probe` (scored items reported to ``hub``)."""
+    from pipelines.progress import TaskProgress
 
-        return bool(tune.get_context().get_trial_id())
-    except Exception:  # noqa: BLE001 - outside Tune there is no trial context
-        return False
+    report = TaskProgress(hub, f"probe {stage['checkpoint']['name']}", "items")
+    result = runner.probe(cfg, home, stage, data, on_progress=report, threads=_task_threads())
+    if not result["reused"]:
+        report.finish(*report.last)
+    return result
+
+
+def drift_task(cfg: AuditConfig, home: Path, names: list[str], *stages: dict) -> dict:
+    """The Ray task of :func:`components.runner.drift`."""
+    return runner.drift(cfg, home, names, *stages, threads=_task_threads())
 
 
 def stage_task_resources(cfg: AuditConfig, kind: str) -> dict:
@@ -349,65 +151,6 @@ def check_scaling(cfg: AuditConfig) -> None:
     total = ray.cluster_resources()
     for kind in ("tune", "perturb", "recover"):
         check_fits(kind, getattr(cfg, kind).scaling, total)
-
-
-def probe_stage(
-    cfg: AuditConfig, home: Path, stage: dict, data: SuiteData, hub=None, reuse: bool = True
-) -> dict:
-    """Run (or reuse) the probe of one checkpoint (scored items reported to ``hub``, if given;
-    ``reuse`` as in :func:`train_stage`)."""
-    from components.probe import probe
-    from pipelines.progress import TaskProgress
-
-    ckpt = Checkpoint(**stage["checkpoint"])
-    report = TaskProgress(hub, f"probe {ckpt.name}", "items")
-    store = Store(Path(home) / "store")
-    key = Store.key(
-        "probe", {**cfg.probe.model_dump(), "seed": cfg.seed, "precision": cfg.model.precision},
-        [ckpt.digest, _items_digest(data.eval), _items_digest(data.perturb_eval)],
-    )
-
-    def fn(tmp: Path) -> dict:
-        _set_threads()
-        t0 = time.time()
-        res = probe(cfg, ckpt, data, tmp, report)
-        report.finish(*report.last)
-        return {**res, "dir": str(tmp), "seconds": time.time() - t0, "machine": machine_info()}
-
-    result, reused = store.produce(key, fn, reuse=reuse)
-    _release_memory()
-    return {**result, "key": key, "reused": reused}
-
-
-def drift_stage(cfg: AuditConfig, home: Path, names: list[str], *stages: dict) -> dict:
-    """Run (or reuse) the weight-drift analysis of the trained checkpoints.
-
-    Args:
-        names: stage names (``base``, ``aligned``, ``perturbed``, ``recovered/...``) in
-            the order of ``stages`` (their train results, resolved by Ray).
-    """
-    from components.drift import weight_drift_report
-
-    ckpts = {n: Checkpoint(**st["checkpoint"]) for n, st in zip(names, stages)}
-    parent_of = {n: parent_stage(n) for n in names if parent_stage(n) is not None}
-    store = Store(Path(home) / "store")
-    key = Store.key("drift", {"angle_rank": cfg.probe.angle_rank}, [ckpts[n].digest for n in names])
-
-    def fn(tmp: Path) -> dict:
-        _set_threads()
-        t0 = time.time()
-        rep = weight_drift_report(ckpts, parent_of, ("perturbed", "aligned"), cfg.probe.angle_rank)
-        return {**rep, "parent_of": parent_of, "seconds": time.time() - t0}
-
-    result, reused = store.produce(key, fn)
-    return {**result, "key": key, "reused": reused}
-
-
-def parent_stage(name: str) -> str | None:
-    """The stage a checkpoint was trained from (None for ``base``)."""
-    if name.startswith("recovered/"):
-        return "perturbed"
-    return {"aligned": "base", "perturbed": "aligned"}.get(name)
 
 
 def init_ray() -> None:
@@ -455,13 +198,13 @@ def run_dag(
     home = str(Path(home).resolve())
     pcpu = cfg.ray.probe_cpus
     retries = cfg.ray.max_retries
-    prep_t = ray.remote(num_cpus=pcpu, max_retries=retries)(prepare)
-    train_r = ray.remote(max_retries=retries)(train_stage)
+    prep_t = ray.remote(num_cpus=pcpu, max_retries=retries)(prepare_task)
+    train_r = ray.remote(max_retries=retries)(train_task)
     fault = os.environ.get(TEST_FAULT_ENV)  # test only: forwarded to the stage tasks
     extra = {"runtime_env": {"env_vars": {TEST_FAULT_ENV: fault}}} if fault else {}
     train_t = {k: train_r.options(**stage_task_resources(cfg, k), **extra) for k in ("tune", "perturb", "recover")}
-    probe_t = ray.remote(num_cpus=pcpu, max_retries=retries)(probe_stage)
-    drift_t = ray.remote(num_cpus=pcpu, max_retries=retries)(drift_stage)
+    probe_t = ray.remote(num_cpus=pcpu, max_retries=retries)(probe_task)
+    drift_t = ray.remote(num_cpus=pcpu, max_retries=retries)(drift_task)
 
     prep_ref = prep_t.remote(cfg, home)
     prep = ray.get(prep_ref)

@@ -2,8 +2,8 @@
 
 Each component is a thin wrapper that runs in the project's image and calls (through
 :mod:`pipelines.kubeflow_steps`) the same stage function as the Ray DAG
-(:func:`pipelines.dag.prepare`, :func:`~pipelines.dag.train_stage`,
-:func:`~pipelines.dag.probe_stage`); the last one calls :func:`pipelines.audit.run_audit`
+(:func:`components.runner.prepare`, :func:`~components.runner.train`,
+:func:`~components.runner.probe`); the last one calls :func:`pipelines.audit.run_audit`
 with the stage results read from its input artifacts, so a pipeline run writes the same
 ``summary.json``, ``metrics.parquet`` and MLflow records as ``cl-audit run``.
 

@@ -3,7 +3,7 @@
 The component functions in :mod:`pipelines.kubeflow` are thin wrappers that import this
 module inside the image (importing kfp's compiler there would be circular) and call one
 step: :func:`prepare_step`, :func:`train_step`, :func:`probe_step`, :func:`verdict_step`.
-Each step calls the same function as the Ray DAG (:mod:`pipelines.dag`) or
+Each step calls the same stage runner as the Ray DAG (:mod:`components.runner`) or
 :func:`pipelines.audit.run_audit`; this module only moves stage outputs in and out of
 kfp artifact directories (layouts in :mod:`pipelines.kubeflow`).
 """
@@ -29,7 +29,7 @@ def _setup(config: dict, overrides: List[str], cpus: str) -> tuple[AuditConfig, 
     import torch
 
     from pipelines.audit import default_home
-    from pipelines.dag import TASK_ENV
+    from components.runner import TASK_ENV
 
     for k, v in TASK_ENV.items():
         os.environ.setdefault(k, v)
@@ -98,12 +98,12 @@ def recovery_cells(cfg: AuditConfig) -> List[str]:
 
 
 def prepare_step(config: dict, overrides: List[str], data_dir: str, base_dir: str) -> dict:
-    """Component ``prepare-data``: :func:`pipelines.dag.prepare`, then its outputs as artifacts.
+    """Component ``prepare-data``: :func:`components.runner.prepare`, then its outputs as artifacts.
 
     Returns:
         ``{"cells": [...], "n_known": int, "n_items": int, "model_digest": str}``.
     """
-    from pipelines.dag import prepare
+    from components.runner import prepare
 
     cfg, home = _setup(config, overrides, "probe")
     prep = prepare(cfg, home)
@@ -123,13 +123,15 @@ def prepare_step(config: dict, overrides: List[str], data_dir: str, base_dir: st
 
 def train_step(kind: str, config: dict, overrides: List[str], data_dir: str, base_dir: str,
                parent_dir: str, out_dir: str, cell: str = "") -> dict:
-    """Components ``tune``, ``perturb``, ``recover``: :func:`pipelines.dag.train_stage`
-    on the parent checkpoint artifact; the new checkpoint written as an artifact.
+    """Components ``tune``, ``perturb``, ``recover``: :func:`components.runner.train`
+    on the parent checkpoint artifact (in this process, or on Ray Train workers when the
+    stage's ``scaling.num_workers`` asks for them); the new checkpoint written as an
+    artifact.
 
     Returns:
         The stage's result (``checkpoint``, ``history``, ``n_items``, ``key``, ``reused``).
     """
-    from pipelines.dag import train_stage
+    from components.runner import train
 
     cfg, home = _setup(config, overrides, "train")
     data = load_data(Path(data_dir))["data"]
@@ -138,7 +140,13 @@ def train_step(kind: str, config: dict, overrides: List[str], data_dir: str, bas
     if kind == "recover":
         arm, n_text = cell.split("/")
         n = int(n_text)
-    result = train_stage(kind, cfg, home, {"checkpoint": parent}, data, arm, n)
+    fit = None
+    if getattr(cfg, kind).scaling.num_workers > 0:
+        from pipelines.train_ray import fit_stage
+
+        def fit(spec, tmp, key, on_step):
+            return fit_stage(spec, tmp, Path(home) / "ray_train", key)
+    result = train(kind, cfg, home, {"checkpoint": parent}, data, arm, n, fit=fit)
     stage = {k: v for k, v in result.items() if k not in ("checkpoint", "dir")}
     export_checkpoint(result["checkpoint"], Path(out_dir), stage)
     return result
@@ -146,18 +154,18 @@ def train_step(kind: str, config: dict, overrides: List[str], data_dir: str, bas
 
 def probe_step(config: dict, overrides: List[str], data_dir: str, base_dir: str, ckpt_dir: str,
                out_dir: str) -> dict:
-    """Component ``probe``: :func:`pipelines.dag.probe_stage` on a checkpoint artifact;
+    """Component ``probe``: :func:`components.runner.probe` on a checkpoint artifact;
     predictions and reference log-probs written as an artifact.
 
     Returns:
         The probe's result (``metrics``, ``knowledge_chance``, ``per_item``, ...).
     """
-    from pipelines.dag import probe_stage
+    from components.runner import probe
 
     cfg, home = _setup(config, overrides, "probe")
     data = load_data(Path(data_dir))["data"]
     ckpt = import_checkpoint(Path(ckpt_dir), Path(base_dir))
-    result = probe_stage(cfg, home, {"checkpoint": ckpt}, data)
+    result = probe(cfg, home, {"checkpoint": ckpt}, data)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     for f in sorted(Path(result["dir"]).iterdir()):  # predictions, log-probs, probe features
@@ -212,10 +220,10 @@ def verdict_step(config: dict, overrides: List[str], data_dir: str, base_dir: st
                 on_event("train", name, train[name])
             on_event("probe", name, probe[name])
         # weight drift needs only the checkpoints: computed here, as the DAG's drift task does
-        from pipelines.dag import drift_stage
+        from components.runner import drift as weight_drift
 
         stages = [{"checkpoint": base}] + [train[n] for n in order if n != "base"]
-        drift = drift_stage(cfg, home, list(order), *stages)
+        drift = weight_drift(cfg, home, list(order), *stages)
         on_event("drift", "drift", drift)
         return {"prepare": prep, "train": train, "probe": probe, "drift": {"drift": drift}}
 

@@ -63,7 +63,7 @@ def parse_env(items: list[str]) -> dict[str, str]:
         UserError: an item without ``=``, or a variable that every cl-audit task sets
             itself (Ray refuses to merge two values of one variable).
     """
-    from pipelines.dag import TASK_ENV
+    from components.runner import TASK_ENV
 
     out = {}
     for item in items:

@@ -213,7 +213,7 @@ def test_stage_workers_run_on_mimalloc_and_hand_memory_back(ray_local):
     def task():
         import numpy as np
 
-        from pipelines.dag import _release_memory
+        from components.runner import release_memory as _release_memory
 
         def rss() -> int:
             return int(next(x for x in open("/proc/self/status") if x.startswith("VmRSS")).split()[1]) * 1024

@@ -22,7 +22,8 @@ from components.models import Checkpoint
 from components.training import EpochEnd, TrainSpec, autocast_for, load_train_state, run_spec
 from components.tune import tune_spec
 from pipelines.audit import run_audit
-from pipelines.dag import check_scaling, prepare
+from components.runner import prepare
+from pipelines.dag import check_scaling
 from pipelines.train_ray import TEST_FAULT_ENV, check_fits, fit_stage
 
 from conftest import tiny_config

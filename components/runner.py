@@ -1,0 +1,331 @@
+"""The stage runner: what a stage *is*, whoever runs it.
+
+Plain functions, one per kind of stage: :func:`prepare` (model, known-fact filter,
+split, candidates), :func:`train` (tune, perturb or recover), :func:`probe` (every metric
+of one checkpoint) and :func:`drift` (weight drift of the trained checkpoints). Each
+computes its store key and reuses a finished output (:class:`components.artifacts.Store`),
+so a stage's output is the same whether the Ray DAG (:mod:`pipelines.dag`), a Ray Tune
+trial (:mod:`pipelines.sweep`), a Kubeflow component (:mod:`pipelines.kubeflow_steps`)
+or a benchmark calls it. Nothing here imports Ray, kfp, MLflow, typer or rich: where a
+stage trains (in this process, or on Ray Train workers) is the caller's choice, passed
+as ``fit``; so is how progress is reported (``on_step``, ``on_progress``) and how many
+torch threads a stage gets (``threads``).
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Callable
+
+from components.artifacts import Store, machine_info
+from components.config import AuditConfig, stable_hash
+from components.data import SUITES, SuiteData, check_leakage
+from components.models import Checkpoint, model_digest, model_source, resolve_model
+
+# The environment of every process that runs a stage (a Ray worker, a Kubeflow
+# component): no hub downloads, no progress bars or warnings of the libraries.
+TASK_ENV = {
+    "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "TRANSFORMERS_VERBOSITY": "error",
+    "HF_HUB_DISABLE_PROGRESS_BARS": "1", "TQDM_DISABLE": "1", "PYTHONWARNINGS": "ignore::FutureWarning",
+}
+
+# fit(spec, out_dir, key, on_step) -> StageResult: trains a TrainSpec into out_dir
+Fit = Callable[..., object]
+
+
+def _threads(n: int | None) -> None:
+    """Give torch ``n`` threads (None: leave the caller's setting)."""
+    if n:
+        import torch
+
+        torch.set_num_threads(max(1, int(n)))
+
+
+def release_memory() -> None:
+    """After a stage task: free its model and hand freed heap pages back to the OS, so an
+    idle Ray worker waiting for its next task does not hold a model's worth of memory
+    (mimalloc's ``mi_collect`` where the worker runs on it, else glibc's ``malloc_trim``)."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        libc = ctypes.CDLL(None)
+        if hasattr(libc, "mi_collect"):  # mimalloc preloaded (worker_allocator_env)
+            libc.mi_collect(ctypes.c_bool(True))
+        else:
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError, TypeError):  # not glibc; TypeError: CDLL(None) on Windows
+        pass
+
+
+def _items_digest(items) -> str:
+    return stable_hash([i.to_dict() for i in items], 20)
+
+
+def prepare(cfg: AuditConfig, home: Path, threads: int | None = None) -> dict:
+    """Resolve the model, keep the facts the base model knows, split the pools, check
+    them for leakage.
+
+    The suite decides where the items come from, what a ``tiny-llama`` base model is
+    pretrained on, and how the pools are split (:class:`components.data.Suite`). Only
+    items with candidates (evaluable ones) are checked for being known.
+
+    Returns:
+        ``{"base": Checkpoint dict, "data": SuiteData, "model_digest", "data_digest",
+        "model_dir", "model_source", "known": [...], "machine": machine_info()}``.
+
+    Raises:
+        UserError: bad data, too few known items, or leakage between a training pool
+            and the evaluation pool (unless ``data.allow_leakage``; allowed leaks are
+            listed in ``data.notes["allowed_leaks"]``).
+    """
+    from components.metrics import generate_answers
+    from components.data import MATCHERS
+    from components.models import load_checkpoint
+
+    _threads(threads)
+    home = Path(home)
+    suite = SUITES[cfg.suite]
+    items = suite.items(cfg)
+    model_dir = resolve_model(
+        cfg.model, home / "cache", suite.tokenizer_texts(items, cfg), cfg.seed, suite.pretraining_items(items, cfg)
+    )
+    mdigest = model_digest(model_dir)
+    base = Checkpoint("base", str(model_dir), [], None, f"base-{mdigest[:20]}")
+    known = None
+    base_answers: dict[str, str] = {}
+    if cfg.data.filter_known:
+        store = Store(home / "store")
+        evaluable = [i for i, it in enumerate(items) if it.candidates]
+        sub = [items[i] for i in evaluable]
+        key = Store.key(
+            "filter",
+            {"suite": cfg.suite, "items": _items_digest(sub), "precision": cfg.model.precision,
+             # only the generation settings decide which facts count as known
+             "probe": cfg.probe.model_dump(include={"batch_size", "max_new_tokens"})},
+            [base.digest],
+        )
+
+        def fn(tmp: Path) -> dict:
+            model, tok = load_checkpoint(base, cfg.model.trust_remote_code)
+            answers = generate_answers(
+                model, tok, sub, cfg.probe.batch_size, cfg.probe.max_new_tokens, cfg.model.precision
+            )
+            match = MATCHERS[suite.task_matcher]
+            return {"known": [bool(match(a, it.answer)) for a, it in zip(answers, sub)], "answers": answers}
+
+        filtered = store.produce(key, fn)[0]
+        known = [False] * len(items)
+        for i, k, a in zip(evaluable, filtered["known"], filtered["answers"]):
+            known[i] = k
+            base_answers[items[i].id] = a
+    data = suite.make_split(items, known, cfg)
+    data.notes["candidates"] = prepare_candidates(cfg, base, data, base_answers, Store(home / "store"))
+    leaks = check_leakage(data, cfg.data.allow_leakage)
+    if leaks:  # allowed by the user: recorded in summary.json ("data") and the manifest
+        data.notes["allowed_leaks"] = [f"{e.id} ({how} of {t.id})" for e, how, t in leaks]
+    release_memory()
+    return {
+        "base": base.to_dict(), "data": data, "model_digest": mdigest, "data_digest": data.digest(),
+        "model_dir": str(model_dir), "model_source": model_source(cfg.model, model_dir), "known": known,
+        "machine": machine_info(),
+    }
+
+
+def prepare_candidates(cfg: AuditConfig, base: Checkpoint, data: SuiteData, base_answers: dict[str, str],
+                       store: Store) -> dict:
+    """Give every evaluation item its knowledge phrasings and its K candidates, once per
+    audit (stored, keyed by the base model, the items and the mining settings): the base
+    model's own answer becomes the first phrasing where it names the gold answer, and
+    the candidates of items with an answer type are mined (``data.candidates``,
+    :func:`components.knowledge.mine_candidates`). ``data.eval`` is replaced in place.
+
+    Returns:
+        Notes for ``summary.json``: the mode, K, items mined and kept, answers scored
+        in full per item, items ranked in the base model's own words.
+
+    Raises:
+        UserError: an answer type has fewer than ``data.n_candidates`` answers.
+    """
+    from components.data import Item
+    from components.errors import UserError
+    from components.knowledge import rank_pool
+
+    for it in data.eval:
+        pool = rank_pool(it, data.answer_pools)
+        if pool is not None and len(pool) < cfg.data.n_candidates:
+            raise UserError(
+                f"data.n_candidates: {cfg.data.n_candidates} candidates asked for, but item {it.id} has only "
+                f"{len(pool)} answers of its type ({it.answer_type}) to rank among; lower data.n_candidates")
+    key = Store.key(
+        "candidates",
+        {"mode": cfg.data.candidates, "k": cfg.data.n_candidates, "seed": cfg.seed, "precision": cfg.model.precision,
+         "items": _items_digest(data.eval), "pools": stable_hash(data.answer_pools, 20),
+         "groups": stable_hash(data.answer_groups, 20),
+         "probe": cfg.probe.model_dump(include={"batch_size", "max_new_tokens"})},
+        [base.digest],
+    )
+
+    def fn(tmp: Path) -> dict:
+        from components.knowledge import add_own_phrasings, mine_candidates
+        from components.metrics import generate_answers
+        from components.models import load_checkpoint
+
+        model, tok = load_checkpoint(base, cfg.model.trust_remote_code)
+        items = [Item(**it.to_dict()) for it in data.eval]
+        missing = [it for it in items if it.id not in base_answers]
+        answers = dict(base_answers)
+        if missing:
+            got = generate_answers(model, tok, missing, cfg.probe.batch_size, cfg.probe.max_new_tokens,
+                                   cfg.model.precision)
+            answers.update({it.id: a for it, a in zip(missing, got)})
+        own = add_own_phrasings(items, answers)
+        info = mine_candidates(model, tok, items, data.answer_pools, data.answer_groups, cfg.data.n_candidates,
+                               cfg.data.candidates, cfg.seed, cfg.probe.batch_size, cfg.model.precision)
+        return {"eval": [it.to_dict() for it in items],
+                "notes": {"mode": cfg.data.candidates, "k": cfg.data.n_candidates, **info, "own_phrasing": own}}
+
+    out = store.produce(key, fn)[0]
+    data.eval = [Item(**d) for d in out["eval"]]
+    return out["notes"]
+
+
+def train(kind: str, cfg: AuditConfig, home: Path, parent: dict, data: SuiteData,
+          arm: str | None = None, n: int | None = None, fit: Fit | None = None,
+          on_step: Callable[[dict], None] | None = None, reuse: bool = True, threads: int | None = None) -> dict:
+    """Run (or reuse) one training stage; returns its stored result plus ``key`` and ``reused``.
+
+    The store key holds the stage's config without ``scaling`` (the number of workers
+    changes speed, not the result), the seed, the precision, the parent checkpoint's
+    key and the digest of the training items. ``perturb.kl_penalty`` reaches the loss by
+    one route whoever calls: the stage's :class:`components.training.TrainSpec`.
+
+    Args:
+        kind: ``tune``, ``perturb`` or ``recover`` (with ``arm`` and ``n``).
+        parent: the parent stage's result (its ``checkpoint`` dict).
+        fit: how to train the spec: ``fit(spec, out_dir, key, on_step) ->
+            StageResult`` (the Ray DAG passes Ray Train); None: in this process
+            (:func:`components.training.train_checkpoint`).
+        on_step: called after each optimiser step with its record.
+        reuse: False computes the stage even when the store holds its key (the naive
+            baseline of ``benchmarks/sweep_reuse.py``).
+        threads: torch threads for the stage (None: the caller's setting).
+
+    Returns:
+        The stored result (``checkpoint``, ``history``, ``n_items``, ``seconds``,
+        ``dir``, ``machine``, ``train_run``) plus ``key`` and ``reused``.
+
+    Raises:
+        TrainingDiverged: a non-finite loss; nothing of the stage is stored.
+    """
+    from components.perturb import perturb_spec, reinit_blocks, unperturbed
+    from components.recover import recover_spec, recovery_set
+    from components.tune import tune_spec
+
+    parent_ckpt = Checkpoint(**parent["checkpoint"])
+    store = Store(Path(home) / "store")
+    common = {"seed": cfg.seed, "precision": cfg.model.precision}
+    if kind == "tune":
+        key = Store.key("tune", {**cfg.tune.result_fields(), **common}, [parent_ckpt.digest, _items_digest(data.align)])
+        spec = tune_spec(cfg, parent_ckpt, data)
+    elif kind == "perturb":
+        key = Store.key(
+            "perturb", {**cfg.perturb.result_fields(), **common}, [parent_ckpt.digest, _items_digest(data.perturb)]
+        )
+        spec = perturb_spec(cfg, parent_ckpt, data)
+    else:
+        rc = cfg.recover.result_fields()
+        rc.pop("arms"), rc.pop("sizes")
+        key = Store.key(
+            "recover", {**rc, **common, "arm": arm, "n": n},
+            [parent_ckpt.digest, _items_digest(recovery_set(data, arm, n))],
+        )
+        spec = recover_spec(cfg, parent_ckpt, data, arm, n)
+
+    def fn(tmp: Path) -> dict:
+        _threads(threads)
+        t0 = time.time()
+        if kind == "perturb" and cfg.perturb.kind == "reinit":  # no training: blocks re-initialised
+            res = reinit_blocks(parent_ckpt, cfg.perturb.reinit_layers, cfg.seed + 1, tmp, cfg.model.trust_remote_code)
+        elif spec is None:  # perturb.kind == "none": nothing to train
+            res = unperturbed(parent_ckpt)
+        elif fit is not None:
+            res = fit(spec, tmp, key, on_step)
+        else:
+            from components.training import train_checkpoint
+
+            res = train_checkpoint(spec.name, spec.parent, spec.items, spec.cfg, spec.seed, spec.precision, tmp,
+                                   spec.trust_remote_code, on_step)
+        ckpt = res.checkpoint
+        ckpt.digest = key
+        return {
+            "checkpoint": ckpt.to_dict(), "history": res.history, "n_items": res.n_items,
+            "seconds": time.time() - t0, "dir": str(tmp), "machine": machine_info(), "train_run": res.run,
+        }
+
+    result, reused = store.produce(key, fn, reuse=reuse)
+    release_memory()
+    return {**result, "key": key, "reused": reused}
+
+
+def probe(
+    cfg: AuditConfig, home: Path, stage: dict, data: SuiteData,
+    on_progress: Callable[[int, int], None] | None = None, reuse: bool = True, threads: int | None = None,
+) -> dict:
+    """Run (or reuse) the probe of one checkpoint (:func:`components.probe.probe`).
+
+    ``on_progress(done, total)`` counts scored items; ``reuse`` and ``threads`` as in
+    :func:`train`. The store key holds the probe config, the seed, the precision, the
+    checkpoint's key and the digests of the evaluation items.
+    """
+    from components.probe import probe as measure
+
+    ckpt = Checkpoint(**stage["checkpoint"])
+    store = Store(Path(home) / "store")
+    key = Store.key(
+        "probe", {**cfg.probe.model_dump(), "seed": cfg.seed, "precision": cfg.model.precision},
+        [ckpt.digest, _items_digest(data.eval), _items_digest(data.perturb_eval)],
+    )
+
+    def fn(tmp: Path) -> dict:
+        _threads(threads)
+        t0 = time.time()
+        res = measure(cfg, ckpt, data, tmp, on_progress)
+        return {**res, "dir": str(tmp), "seconds": time.time() - t0, "machine": machine_info()}
+
+    result, reused = store.produce(key, fn, reuse=reuse)
+    release_memory()
+    return {**result, "key": key, "reused": reused}
+
+
+def drift(cfg: AuditConfig, home: Path, names: list[str], *stages: dict, threads: int | None = None) -> dict:
+    """Run (or reuse) the weight-drift analysis of the trained checkpoints.
+
+    Args:
+        names: stage names (``base``, ``aligned``, ``perturbed``, ``recovered/...``) in
+            the order of ``stages`` (their train results).
+    """
+    from components.drift import weight_drift_report
+
+    ckpts = {n: Checkpoint(**st["checkpoint"]) for n, st in zip(names, stages)}
+    parent_of = {n: parent_stage(n) for n in names if parent_stage(n) is not None}
+    store = Store(Path(home) / "store")
+    key = Store.key("drift", {"angle_rank": cfg.probe.angle_rank}, [ckpts[n].digest for n in names])
+
+    def fn(tmp: Path) -> dict:
+        _threads(threads)
+        t0 = time.time()
+        rep = weight_drift_report(ckpts, parent_of, ("perturbed", "aligned"), cfg.probe.angle_rank)
+        return {**rep, "parent_of": parent_of, "seconds": time.time() - t0}
+
+    result, reused = store.produce(key, fn)
+    return {**result, "key": key, "reused": reused}
+
+
+def parent_stage(name: str) -> str | None:
+    """The stage a checkpoint was trained from (None for ``base``)."""
+    if name.startswith("recovered/"):
+        return "perturbed"
+    return {"aligned": "base", "perturbed": "aligned"}.get(name)
