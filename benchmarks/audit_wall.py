@@ -39,7 +39,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import psutil  # noqa: E402
 
-from components.config import load_config  # noqa: E402
+from components.registry import load_config  # noqa: E402
 
 
 # Ray's own processes, by a word of their command line (also their short name here)

@@ -54,7 +54,7 @@ def main() -> None:
     from lm_eval.models.huggingface import HFLM
     from transformers import AutoModelForCausalLM
 
-    from components.data import SUITES
+    from components.registry import SUITES
     from components.metrics import score_candidates
     from components.models import load_tokenizer, materialise_smollm2
     from components.training import format_prompt

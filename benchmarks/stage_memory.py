@@ -54,7 +54,7 @@ def child(home: Path, overrides: list[str]) -> None:
     """Run the stages in this process and print one JSON line of figures."""
     import torch
 
-    from components.config import load_config
+    from components.registry import load_config
     from components.runner import prepare, probe as probe_stage, train as train_stage
 
     torch.set_num_threads(2)
@@ -88,7 +88,7 @@ def main() -> None:
         child(args.child, args.overrides)
         return
 
-    from components.config import load_config
+    from components.registry import load_config
     from components.runner import prepare
     from pipelines.dag import worker_allocator_env
 

@@ -40,7 +40,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from components.artifacts import Store  # noqa: E402
-from components.config import load_config  # noqa: E402
+from components.registry import load_config  # noqa: E402
 from components.runner import prepare  # noqa: E402
 from pipelines.dag import init_ray  # noqa: E402
 from pipelines.sweep import run_sweep  # noqa: E402

@@ -31,9 +31,12 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch  # noqa: E402
 
-from components.config import TrainConfig, load_config  # noqa: E402
-from components.data import SUITES, Item  # noqa: E402
-from components.models import Checkpoint, load_checkpoint, resolve_model  # noqa: E402
+from components.config import TrainConfig  # noqa: E402
+from components.registry import load_config  # noqa: E402
+from components.data import Item  # noqa: E402
+from components.registry import SUITES  # noqa: E402
+from components.base_model import resolve_model  # noqa: E402
+from components.models import Checkpoint, load_checkpoint  # noqa: E402
 from components.training import Encoded, collate, encode, train  # noqa: E402
 
 BATCH, SEQ = 8, 64

@@ -202,11 +202,11 @@ def git_dirty(repo: Path | None = None) -> bool | None:
 GPU_DEVICE_FILES = ("/dev/nvidiactl", "/dev/nvidia0", "/dev/kfd")
 
 
-def machine_info() -> dict[str, str]:
+def machine_info(task_cpus: float | None = None) -> dict[str, str]:
     """The machine this process runs on: CPU model and count, GPUs (CUDA) and count, OS.
 
-    Inside a Ray task ``ray_cpus`` is the number of CPUs Ray assigned to it.
-    Values are strings (they become MLflow tags).
+    ``task_cpus``: the CPUs the orchestrator gave the stage (a Ray task's assigned CPUs),
+    recorded as ``ray_cpus``. Values are strings (they become MLflow tags).
     """
     cpu = platform.processor() or platform.machine()
     try:
@@ -233,13 +233,8 @@ def machine_info() -> dict[str, str]:
         "gpu": ", ".join(sorted(set(gpus))) or "none", "gpu_count": str(len(gpus)),
         "platform": platform.platform(),
     }
-    try:
-        import ray
-
-        if ray.is_initialized() and ray.get_runtime_context().get_task_id():
-            info["ray_cpus"] = str(ray.get_runtime_context().get_assigned_resources().get("CPU", 0))
-    except Exception:  # noqa: BLE001 - outside Ray
-        pass
+    if task_cpus is not None:
+        info["ray_cpus"] = str(float(task_cpus))
     return info
 
 

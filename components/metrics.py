@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from components.data import Item
+from components.stats import summarise
 from components.training import format_prompt
 
 
@@ -325,25 +326,6 @@ def drift_kl(ref_logprobs: torch.Tensor, logprobs: torch.Tensor, lengths: np.nda
         out[i] = kl_rows[pos:pos + L].mean()
         pos += L
     return out
-
-
-def bootstrap_ci(values: np.ndarray, n_boot: int, level: float, seed: int,
-                 groups: list | None = None) -> tuple[float, float]:
-    """Percentile bootstrap CI of the mean of ``values`` (N,), resampling items (or
-    whole clusters of items, ``groups``: :func:`components.verdict.resample_weights`)."""
-    from components.verdict import percentile_ci, resample_weights, wmean
-
-    v = np.asarray(values, dtype=float)
-    if len(v) == 0:
-        return float("nan"), float("nan")
-    lo, hi = percentile_ci(wmean(v, resample_weights(len(v), n_boot, seed, groups)), level)
-    return (float("nan") if lo is None else lo), (float("nan") if hi is None else hi)
-
-
-def summarise(values: np.ndarray, n_boot: int, level: float, seed: int, groups: list | None = None) -> dict:
-    """``{"value", "ci_low", "ci_high"}`` of the mean of per-item ``values``."""
-    lo, hi = bootstrap_ci(values, n_boot, level, seed, groups)
-    return {"value": float(np.mean(values)) if len(values) else float("nan"), "ci_low": lo, "ci_high": hi}
 
 
 def transitions(before: np.ndarray, after: np.ndarray, n_boot: int, level: float, seed: int) -> dict:

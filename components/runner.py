@@ -20,8 +20,10 @@ from typing import Callable
 
 from components.artifacts import Store, machine_info
 from components.config import AuditConfig, stable_hash
-from components.data import SUITES, SuiteData, check_leakage
-from components.models import Checkpoint, model_digest, model_source, resolve_model
+from components.data import SuiteData, check_leakage
+from components.registry import SUITES
+from components.base_model import resolve_model
+from components.models import Checkpoint, model_digest, model_source
 
 # The environment of every process that runs a stage (a Ray worker, a Kubeflow
 # component): no hub downloads, no progress bars or warnings of the libraries.
@@ -262,7 +264,7 @@ def train(kind: str, cfg: AuditConfig, home: Path, parent: dict, data: SuiteData
         ckpt.digest = key
         return {
             "checkpoint": ckpt.to_dict(), "history": res.history, "n_items": res.n_items,
-            "seconds": time.time() - t0, "dir": str(tmp), "machine": machine_info(), "train_run": res.run,
+            "seconds": time.time() - t0, "dir": str(tmp), "machine": machine_info(threads), "train_run": res.run,
         }
 
     result, reused = store.produce(key, fn, reuse=reuse)
@@ -293,7 +295,7 @@ def probe(
         _threads(threads)
         t0 = time.time()
         res = measure(cfg, ckpt, data, tmp, on_progress)
-        return {**res, "dir": str(tmp), "seconds": time.time() - t0, "machine": machine_info()}
+        return {**res, "dir": str(tmp), "seconds": time.time() - t0, "machine": machine_info(threads)}
 
     result, reused = store.produce(key, fn, reuse=reuse)
     release_memory()

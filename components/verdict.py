@@ -33,68 +33,13 @@ from typing import Callable
 import numpy as np
 
 from components.config import VerdictConfig
+from components.stats import percentile_ci, ratio, resample_weights, wmean
 
 # The knowledge measures a verdict can be decided by (components.knowledge); gold_logprob
 # is reported as a change in nats, never decisive (it moves with any refusal).
 KNOWLEDGE_MEASURES = ("knowledge_acc", "knowledge_acc_token", "knowledge_acc_byte", "knowledge_mrr",
                       "knowledge_margin")
 RANKING_MEASURES = ("knowledge_acc", "knowledge_acc_byte", "knowledge_mrr")
-
-
-# --- the one bootstrap -------------------------------------------------------------
-
-def resample_weights(n: int, n_boot: int, seed: int, groups: list | None = None) -> np.ndarray:
-    """Bootstrap resamples of ``n`` items as (n_boot, n) weights: how often each item is
-    drawn. With ``groups`` (a cluster label per item: one person's several questions),
-    whole clusters are drawn with replacement and every item of a drawn cluster counts
-    once per draw (the cluster bootstrap; Field & Welsh 2007, "Bootstrapping clustered
-    data", JRSS B 69(3)). The same weights serve every checkpoint of an audit, so
-    differences between checkpoints are item-matched (a paired bootstrap)."""
-    rng = np.random.default_rng(seed)
-    if groups is None:
-        idx = rng.integers(0, n, size=(n_boot, n))
-        w = np.zeros((n_boot, n))
-        np.add.at(w, (np.arange(n_boot)[:, None], idx), 1.0)
-        return w
-    labels, member = np.unique(np.asarray([str(g) for g in groups]), return_inverse=True)
-    c = len(labels)
-    idx = rng.integers(0, c, size=(n_boot, c))
-    counts = np.zeros((n_boot, c))
-    np.add.at(counts, (np.arange(n_boot)[:, None], idx), 1.0)
-    return counts[:, member]
-
-
-def wmean(x: np.ndarray, w: np.ndarray) -> np.ndarray:
-    """Weighted means of ``x`` (N,) under resample weights ``w`` (R, N) -> (R,)."""
-    return w @ np.asarray(x, float) / w.sum(1)
-
-
-def percentile_ci(samples: np.ndarray, level: float) -> tuple[float | None, float | None]:
-    """Percentile CI of bootstrap ``samples`` (R,), which may hold undefined values
-    (NaN: a ratio whose denominator was <= 0 in that resample).
-
-    Undefined resamples are not dropped (that would narrow the CI): they sit below every
-    value for the lower bound and above every value for the upper one. When more than
-    (1 - level) / 2 of them are undefined, no bound is defined: (None, None).
-    """
-    s = np.asarray(samples, float)
-    bad = ~np.isfinite(s)
-    a = (1 - level) / 2
-    if len(s) == 0 or bad.mean() > a:
-        return None, None
-    lo = float(np.quantile(np.where(bad, -1e300, s), a))
-    hi = float(np.quantile(np.where(bad, 1e300, s), 1 - a))
-    if abs(lo) >= 1e299 or abs(hi) >= 1e299:
-        return None, None
-    return lo, hi
-
-
-def ratio(num: np.ndarray, den: np.ndarray) -> np.ndarray:
-    """``num / den`` where ``den > 0``, NaN (undefined) elsewhere: a retention is only
-    defined when the reference lies above chance."""
-    num, den = np.asarray(num, float), np.asarray(den, float)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        return np.where(den > 1e-9, num / np.where(den > 1e-9, den, 1.0), np.nan)
 
 
 def _num(x) -> float | None:
@@ -469,54 +414,3 @@ def verdict_rows(verdict: dict) -> list[dict]:
         for m, by in verdict.get("after_recovery", {}).items():
             row(f"recovered/{key}", f"after_recovery:{m}", by[key]["value"], by[key]["ci"])
     return rows
-
-
-def assess(probes: dict[str, dict], order: list[str], cfg: VerdictConfig,
-           n_boot: int = 1000, level: float = 0.95, seed: int = 0) -> dict:
-    """Per-checkpoint metrics, drift and the verdict from the probe results of one audit.
-
-    Args:
-        probes: checkpoint name -> the probe stage's result (``metrics``, ``per_item``,
-            ``knowledge_chance``, ``answer_tokens`` and ``dir`` holding
-            ``ref_logprobs.safetensors``); must hold ``base``, ``aligned`` and
-            ``perturbed``.
-        order: the checkpoint names to report, in DAG order (``base``, ``aligned``,
-            ``perturbed``, then any ``recovered/<arm>/<n>``).
-        cfg: the verdict thresholds.
-
-    Returns:
-        ``{"stages": {name: {metric: value, "knowledge_chance", "ci": {metric: [lo, hi]}}},
-        "verdict": compute_verdict(...), "rows": [long-form metric rows: stage, metric,
-        layer, value, ci_low, ci_high]}``. ``kl_to_base`` / ``kl_to_aligned`` are the
-        mean per-token KL(pi_ref || pi) over the gold answers' tokens (nats/token;
-        Shenfeld et al. 2025, arXiv 2509.04259), with bootstrap CIs over items.
-
-    Raises:
-        KeyError: a checkpoint of ``order`` (or base/aligned/perturbed) has no probe.
-    """
-    from components.metrics import drift_kl, summarise
-    from components.probe import load_ref_logprobs
-
-    boot = dict(n_boot=n_boot, level=level, seed=seed)
-    chance = probes["base"]["knowledge_chance"]
-    lp = {name: load_ref_logprobs(probes[name]["dir"]) for name in order}
-    lengths = np.array(probes["base"]["answer_tokens"])
-    stages, rows = {}, []
-    for name in order:
-        m = dict(probes[name]["metrics"])
-        m["kl_to_base"] = summarise(drift_kl(lp["base"], lp[name], lengths), **boot)
-        m["kl_to_aligned"] = summarise(drift_kl(lp["aligned"], lp[name], lengths), **boot)
-        keys = [k for k in STAGE_METRICS if k in m]
-        st = {k: m[k]["value"] for k in keys}
-        st["knowledge_chance"] = chance
-        st["ci"] = {k: [m[k]["ci_low"], m[k]["ci_high"]] for k in keys}
-        stages[name] = st
-        for k in keys:
-            rows.append({"stage": name, "metric": k, "layer": None, "value": m[k]["value"],
-                         "ci_low": m[k]["ci_low"], "ci_high": m[k]["ci_high"]})
-        rows.append({"stage": name, "metric": "knowledge_chance", "layer": None, "value": chance,
-                     "ci_low": None, "ci_high": None})
-
-    verdict = verdict_of(probes, order, cfg, **boot)
-    rows += verdict_rows(verdict)
-    return {"stages": stages, "verdict": verdict, "rows": rows}

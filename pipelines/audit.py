@@ -27,10 +27,11 @@ import pandas as pd
 
 from components.artifacts import atomic_copy, atomic_write, file_record, git_commit, git_dirty, inside, machine_info
 from components.config import AuditConfig, dump_yaml
-from components.data import SUITES, Item, SuiteData, check_data, items_sha256
+from components.data import Item, SuiteData, items_sha256
+from components.registry import SUITES, check_data
 from components.errors import UserError
 from components.models import check_model_id
-from components.verdict import STAGE_METRICS, verdict_of, verdict_rows
+from components.summary import assess
 from pipelines.report import write_report
 from pipelines.tracking import (
     JOURNAL, AuditTracker, DatasetRecord, check_model_name, read_state, redact_uri, resolve_tracking_uri, unreachable,
@@ -40,9 +41,6 @@ from pipelines.tracking import (
 MANIFEST = "manifest.json"
 MANIFEST_FORMAT = "cl-audit-manifest/1"
 
-# per-item transitions from the stage a checkpoint was trained from (Harmon et al. 2025)
-TRANSITION_METRICS = ("task_correct_to_wrong", "task_wrong_to_correct",
-                      "knowledge_correct_to_wrong", "knowledge_wrong_to_correct")
 
 
 def default_home() -> Path:
@@ -258,78 +256,12 @@ def _finish_audit(
     registry, and the parent run's final records."""
     prep = results["prepare"]
     data = prep["data"]
-    chance = results["probe"]["base"]["knowledge_chance"]
     boot = dict(n_boot=cfg.probe.n_bootstrap, level=cfg.probe.ci_level, seed=cfg.seed)
-    # torch (through components.metrics and components.probe) is imported here, after
-    # the DAG: the driver does not hold it while the stage workers run.
-    from components.metrics import drift_kl, summarise, transitions
-    from components.probe import load_ref_logprobs
-    from components.runner import parent_stage
-
-    # The (P, V) reference log-probs: base and aligned are the KL references, the others
-    # are read one at a time (each is P x vocabulary floats).
-    refs = {name: load_ref_logprobs(Path(results["probe"][name]["dir"])) for name in ("base", "aligned")}
-    lengths = np.array(results["probe"]["base"]["answer_tokens"])
-    drift = results["drift"]["drift"]
-    stages, rows = {}, []
-
-    def row(stage: str, metric: str, value, ci=(None, None), layer=None) -> None:
-        rows.append({"stage": stage, "metric": metric, "layer": layer, "value": value,
-                     "ci_low": ci[0], "ci_high": ci[1]})
-
-    for name in order:
-        p = results["probe"][name]
-        m = dict(p["metrics"])
-        lp = refs[name] if name in refs else load_ref_logprobs(Path(p["dir"]))
-        m["kl_to_base"] = summarise(drift_kl(refs["base"], lp, lengths), **boot)
-        m["kl_to_aligned"] = summarise(drift_kl(refs["aligned"], lp, lengths), **boot)
-        del lp
-        parent = parent_stage(name)
-        if parent is not None:
-            before, after = results["probe"][parent]["per_item"], p["per_item"]
-            for what in ("task", "knowledge"):
-                tr = transitions(before[f"{what}_correct"], after[f"{what}_correct"], **boot)
-                m.update({f"{what}_{k}": v for k, v in tr.items()})
-        # the suite's own metrics (refusal_rate, benign_answer_rate) follow the standard ones
-        own = [k for k in p["metrics"] if k not in STAGE_METRICS]
-        scalars = [k for k in (*STAGE_METRICS, *own, *TRANSITION_METRICS) if k in m]
-        st = {k: m[k]["value"] for k in scalars}
-        st["knowledge_chance"] = chance
-        if p.get("knowledge_chances"):
-            st["knowledge_chances"] = p["knowledge_chances"]
-        st["ci"] = {k: [m[k]["ci_low"], m[k]["ci_high"]] for k in scalars}
-        if parent is not None:
-            st["transitions_from"] = parent
-        for k in scalars:
-            row(name, k, m[k]["value"], (m[k]["ci_low"], m[k]["ci_high"]))
-        row(name, "knowledge_chance", chance)
-        # per layer: probes (CI over items), weight drift and update angles (exact, no CI)
-        per_layer = {}
-        if p.get("probe_acc"):
-            per_layer["probe_acc"] = {lay: v["value"] for lay, v in p["probe_acc"].items()}
-            st["ci"]["probe_acc"] = {lay: [v["ci_low"], v["ci_high"]] for lay, v in p["probe_acc"].items()}
-            st["probe_chance"] = p["probe"]["chance"]
-            for lay, v in p["probe_acc"].items():
-                row(name, "probe_acc", v["value"], (v["ci_low"], v["ci_high"]), int(lay))
-            row(name, "probe_chance", p["probe"]["chance"])
-        if name in drift["weight_drift"]:
-            per_layer["weight_drift"] = drift["weight_drift"][name]
-        if name == "perturbed":
-            for k in ("principal_angle_mean", "principal_angle_min"):
-                if drift[k]:
-                    per_layer[k] = drift[k]
-        for k, by_layer in per_layer.items():
-            st[k] = by_layer
-            if k != "probe_acc":
-                for lay, v in by_layer.items():
-                    row(name, k, v, layer=int(lay))
-        stages[name] = st
+    a = assess(results["probe"], order, cfg.verdict, **boot, drift=results["drift"]["drift"])
+    stages, verdict, rows = a["stages"], a["verdict"], a["rows"]
+    for name, (scalars, per_layer) in a["stage_metrics"].items():
         if name in tracker.children:
-            tracker.extra_metrics(name, {k: m[k]["value"] for k in ("kl_to_base", "kl_to_aligned", *TRANSITION_METRICS)
-                                         if k in m}, per_layer)
-
-    verdict = verdict_of(results["probe"], order, cfg.verdict, **boot)
-    rows += verdict_rows(verdict)
+            tracker.extra_metrics(name, scalars, per_layer)
 
     # Links from each checkpoint's run to the runs whose outputs it consumed.
     for name in order:

@@ -1,4 +1,5 @@
-"""The ``cl-audit`` command line (typer). Thin: parse, call the library, print.
+"""The ``cl-audit`` command line (typer). Thin: parse, call the library, print (what is
+printed is rendered by :mod:`pipelines.console`).
 
 A user mistake (:class:`components.errors.UserError`) prints one line on stderr and
 exits with code 2; nothing else is printed for it.
@@ -15,12 +16,11 @@ from pathlib import Path
 from typing import Optional
 
 import typer
-from rich import box
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
-from rich.table import Table
 
 from components.errors import UserError
+from pipelines.console import (AuditProgress, compare_table, config_diff_table, history_table, layers_table,
+                               stage_table, sweep_lines, verdict_lines)
 
 app = typer.Typer(
     add_completion=False,
@@ -33,125 +33,6 @@ app = typer.Typer(
 )
 console = Console(stderr=False, width=None if sys.stdout.isatty() else 160)
 err_console = Console(stderr=True)
-
-
-def _fmt(x, nd=3) -> str:
-    return "-" if x is None else f"{x:.{nd}f}"
-
-
-def _fmt_ci(ci) -> str:
-    return "n/a" if not ci or ci[0] is None or ci[1] is None else f"[{ci[0]:.3f}, {ci[1]:.3f}]"
-
-
-def stage_table(summary: dict) -> Table:
-    """The per-stage metrics table (value and 95% CI) of a summary."""
-    t = Table(title=f"{summary['suite']} / {summary['model']}", show_lines=False)
-    t.add_column("stage")
-    cols = ["task_acc", "knowledge_acc", "knowledge_mrr", "knowledge_margin", "gold_logprob", "perturb_acc",
-            "kl_to_base", "kl_to_aligned"]
-    # a suite's own scalar metrics (refusal: refusal_rate, benign_answer_rate) after those
-    first = next(iter(summary["stages"].values()), {})
-    cols += [k for k in first.get("ci", {}) if k not in cols and k != "probe_acc" and isinstance(first.get(k), float)
-             and not k.startswith(("task_", "knowledge_")) and k != "first_token_prob"]
-    for c in cols:
-        t.add_column(c, justify="right")
-    for name, st in summary["stages"].items():
-        cells = []
-        for c in cols:
-            ci = st.get("ci", {}).get(c)
-            cell = _fmt(st.get(c))
-            if ci and ci[0] is not None and c in ("task_acc", "knowledge_acc", "knowledge_mrr"):
-                cell += f" [{ci[0]:.2f},{ci[1]:.2f}]"
-            cells.append(cell)
-        t.add_row(name, *cells)
-    return t
-
-
-def _layer_mean(by_layer: dict | None, skip_embeddings: bool = True) -> float | None:
-    vals = [v for lay, v in (by_layer or {}).items() if v is not None and (int(lay) >= 1 or not skip_embeddings)]
-    return sum(vals) / len(vals) if vals else None
-
-
-def _argmax_layer(by_layer: dict | None, nd: int = 2) -> str:
-    vals = {int(lay): v for lay, v in (by_layer or {}).items() if v is not None}
-    if not vals:
-        return "-"
-    best = max(vals, key=lambda k: vals[k])
-    return f"{vals[best]:.{nd}f}@{best}"
-
-
-def layers_table(summary: dict) -> Table:
-    """Per stage: linear probes (over layers), weight drift of the stage's update, and
-    per-item transitions from the stage it was trained from."""
-    t = Table(title="probes, weight drift, transitions (layers 1..L = decoder blocks)")
-    for c in ("stage", "probe_acc mean", "probe_acc best", "probe chance", "drift mean", "drift max",
-              "task c>w", "task w>c", "know c>w", "know w>c"):
-        t.add_column(c, justify="left" if c == "stage" else "right")
-    for name, st in summary["stages"].items():
-        t.add_row(
-            name, _fmt(_layer_mean(st.get("probe_acc")), 2), _argmax_layer(st.get("probe_acc")),
-            _fmt(st.get("probe_chance"), 2), _fmt(_layer_mean(st.get("weight_drift"), False), 4),
-            _argmax_layer(st.get("weight_drift"), 4),
-            *[_fmt(st.get(k), 0) for k in ("task_correct_to_wrong", "task_wrong_to_correct",
-                                             "knowledge_correct_to_wrong", "knowledge_wrong_to_correct")],
-        )
-    return t
-
-
-def verdict_lines(summary: dict) -> list[str]:
-    v = summary["verdict"]
-    ch = summary["stages"]["base"].get("knowledge_chance")
-    th = v.get("thresholds", {})
-    lines = [f"CHECK FAILED: {c}" for c in v.get("checks", [])]
-    lines += [
-        f"VERDICT: {v['label']}",
-        f"  {v.get('reason', '')}",
-        f"  task_drop = {_fmt(v['task_drop'])} CI {_fmt_ci(v.get('task_drop_ci'))}",
-        f"  knowledge_retention = {_fmt(v['knowledge_retention'])} CI {_fmt_ci(v.get('knowledge_retention_ci'))}"
-        f" (decided by {v.get('decided_by', 'knowledge_acc')}; knowledge chance level {_fmt(ch, 2)})",
-    ]
-    chances = v.get("knowledge_chances", {})
-    for m, r in v.get("retention", {}).items():
-        shift = v.get("tune_shift", {}).get(m)
-        lines.append(
-            f"  retention by {m} = {_fmt(r['value'])} CI {_fmt_ci(r['ci'])}"
-            + (f" (chance {_fmt(chances.get(m))})" if chances.get(m) is not None else "")
-            + (f"; base -> aligned {_fmt(shift['value'])} CI {_fmt_ci(shift['ci'])}" if shift else "")
-        )
-    if v.get("gold_logprob_change"):
-        g = v["gold_logprob_change"]
-        lines.append(f"  gold_logprob change, aligned -> perturbed = {_fmt(g['value'])} nats CI {_fmt_ci(g['ci'])}"
-                     " (moves with any refusal: shown, not decisive)")
-    if v.get("tune_change"):
-        g = v["tune_change"]
-        lines.append(f"  task_acc base - aligned = {_fmt(g['value'])} CI {_fmt_ci(g['ci'])}"
-                     f" (tune check: at most {th.get('tune_tolerance')})")
-    for k, r in v["recovery_ratio"].items():
-        kar = v.get("knowledge_after_recovery", {}).get(k)
-        lines.append(
-            f"  recovery_ratio[{k}] = {_fmt(r)} CI {_fmt_ci(v.get('recovery_ratio_ci', {}).get(k))}   "
-            f"knowledge_after_recovery[{k}] = {_fmt(kar)} CI {_fmt_ci(v.get('knowledge_after_recovery_ci', {}).get(k))}"
-        )
-    if v.get("probe_retention") is not None or v.get("probe_chance") is not None:
-        lines.append(
-            f"  probe_retention = {_fmt(v.get('probe_retention'))} CI {_fmt_ci(v.get('probe_retention_ci'))}"
-            f" (linear probes, mean over layers; probe chance level {_fmt(v.get('probe_chance'), 2)};"
-            " evidence beside the label, not part of its rule)"
-        )
-    angles = summary["stages"].get("perturbed", {}).get("principal_angle_mean")
-    if angles:
-        lines.append(f"  principal angles, perturb vs tune update: mean {_layer_mean(angles):.1f} deg over layers"
-                     f" (min {min(summary['stages']['perturbed']['principal_angle_min'].values()):.1f} deg)")
-    for arm, ev in v.get("recovery_evidence", {}).items():
-        lines.append(f"  recovery evidence, {arm}: {ev}")
-    if th:
-        lines.append(
-            f"  thresholds: retention >= {th['retention_threshold']}, loss < {th['loss_threshold']}, "
-            f"recovery target {th['recovery_target']}, small n <= {th['small_n']}"
-        )
-    m = summary["mlflow"]
-    lines.append(f"  MLflow: {m['tracking_uri']}  run {m['run_id']}")
-    return lines
 
 
 @app.command()
@@ -179,7 +60,7 @@ def run(
 
     Example: cl-audit run custom --model ./my-model --data items.jsonl
     """
-    from components.config import load_config
+    from components.registry import load_config
     from pipelines.audit import default_home, run_audit, stage_order
     from pipelines.tracking import check_model_name
 
@@ -211,95 +92,6 @@ def run(
     console.print(f"Report: {out_dir / 'report.html'}", highlight=False)
 
 
-class AuditProgress:
-    """Rich progress bars for one audit: an overall bar over the stage tasks, and one
-    bar per running task (optimiser steps of a training stage, scored items of a probe).
-
-    ``message`` prints a line above the bars; ``update`` takes the task state of
-    :func:`pipelines.dag.run_dag`'s ``on_progress``.
-    """
-
-    def __init__(self, console: Console, n_tasks: int):
-        self.progress = Progress(
-            SpinnerColumn(), TextColumn("{task.description:<34}"), BarColumn(bar_width=30), MofNCompleteColumn(),
-            TextColumn("{task.fields[unit]}"), TimeElapsedColumn(), console=console,
-        )
-        self.overall = self.progress.add_task("preparing the model and the facts", total=n_tasks, unit="stage tasks")
-        self.bars: dict[str, int] = {}
-
-    def __enter__(self) -> "AuditProgress":
-        self.progress.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.progress.stop()
-
-    def message(self, msg: str) -> None:
-        self.progress.console.log(msg)
-
-    def update(self, state: dict[str, dict]) -> None:
-        finished = sum(st["status"] in ("done", "reused") for st in state.values())
-        self.progress.update(self.overall, completed=finished, description="audit: stage tasks finished")
-        for key, st in state.items():
-            if st["status"] == "running" and key not in self.bars:
-                self.bars[key] = self.progress.add_task(f"  {key}", total=st["total"], unit=st["unit"])
-            if key not in self.bars:
-                continue
-            if st["status"] in ("done", "reused"):
-                self.progress.remove_task(self.bars.pop(key))
-            else:
-                self.progress.update(self.bars[key], completed=st["done"], total=st["total"])
-
-
-def sweep_lines(s: dict) -> list[str]:
-    """The closing lines of ``cl-audit sweep``: trials, best cell (with its task drop, whether
-    that drop is significant, and the task accuracy after recovery), the rule that chose
-    it, the finished trials best first, smallest n, Pareto set."""
-    t = s["trials"]
-    lines = [f"trials: {t['finished']} of {t['total']} finished {t['by_status']}"
-             + (f", {t['stopped_early']} stopped early by ASHA" if t["stopped_early"] else "")]
-    b = s.get("best")
-    if b:
-        cfg = ", ".join(f"{k}={v}" for k, v in b["config"].items())
-        lines.append(f"best by {b['metric']} ({b['mode']}): {_fmt(b['value'])} at {cfg} (verdict {b['label']})")
-        if "drop_significant" in b:
-            m = b["metrics"]
-            lines.append(
-                f"  task_drop {_fmt(m['task_drop'])} {_fmt_ci([m['task_drop_ci_low'], m['task_drop_ci_high']])}"
-                f" ({'significant' if b['drop_significant'] else 'NOT significant: its CI includes 0'}),"
-                f" task_acc after recovery {_fmt(m['recovered_task_acc'])}"
-                f" {_fmt_ci([m['recovered_task_acc_ci_low'], m['recovered_task_acc_ci_high']])}")
-    if s.get("best_rule"):
-        lines.append(f"  rule: {s['best_rule']}")
-    if s.get("ranking"):
-        # the finished trials, best first: beside the ratio, the drop and the absolute task_acc
-        head = (f"{'#':>3} {'kl_penalty':>10} {'n':>4} {'arm':<10} {'frz':>3} {'task_drop [CI]':<22} {'sig':<3} "
-                f"{'task_acc after rec. [CI]':<24} {'recovery_ratio [CI]':<23} verdict")
-        lines += ["trials, best first:", head]
-
-        def vci(v, ci):
-            return "-" if v is None else f"{v:.3f} " + ("[n/a]" if ci[0] is None else f"[{ci[0]:.2f},{ci[1]:.2f}]")
-
-        for i, r in enumerate(s["ranking"], 1):
-            c = r["config"]
-            lines.append(
-                f"{i:>3} {c['kl_penalty']:>10.4g} {c['n']:>4} {c['arm']:<10} {c['freeze_layers']:>3} "
-                f"{vci(r['task_drop'], r['task_drop_ci']):<22} {'yes' if r['drop_significant'] else 'no':<3} "
-                f"{vci(r['recovered_task_acc'], r['recovered_task_acc_ci']):<24} "
-                f"{vci(r['recovery_ratio'], r['recovery_ratio_ci']):<23} {r['label'] or '-'}")
-    for r in s["smallest_n"]:
-        fz = f" freeze={r['freeze_layers']}" if r["freeze_layers"] else ""
-        lines.append(f"  kl_penalty={r['kl_penalty']:g} {r['arm']}{fz}: {r['note']} (task_drop {_fmt(r['task_drop'])})")
-    front = "; ".join(f"kl={p['kl_penalty']:g}: perturb_acc {_fmt(p['perturb_acc'])}, task_drop {_fmt(p['task_drop'])}"
-                      for p in s["pareto_perturb_acc_vs_task_drop"])
-    lines.append(f"Pareto set (perturb_acc up, task_drop down): {front or '-'}")
-    if s["stages_computed"]:
-        lines.append("stages computed: " + ", ".join(f"{k} {v}" for k, v in sorted(s["stages_computed"].items())))
-    m = s["mlflow"]
-    lines.append(f"MLflow: {m['tracking_uri']}  parent run {m['run_id']}")
-    return lines
-
-
 @app.command()
 def sweep(
     suite: Optional[str] = typer.Argument(None, help="Suite name (default: capitals, or the config's suite)."),
@@ -317,7 +109,7 @@ def sweep(
 
     Example: cl-audit sweep capitals --quick --set "sweep.kl_penalty=[0,0.1,1]" --set "sweep.sizes=[2,4]"
     """
-    from components.config import load_config
+    from components.registry import load_config
     from pipelines.audit import default_home
     from pipelines.sweep import run_sweep, sweep_digest
 
@@ -403,7 +195,7 @@ def compile_(
 
     Example: cl-audit compile capitals --image REGISTRY/cl-audit:0.1.0 --out pipeline.yaml
     """
-    from components.config import load_config
+    from components.registry import load_config
     from pipelines.kubeflow import compile_pipeline, default_image
 
     cfg = load_config(suite, config, set_, quick)
@@ -496,7 +288,7 @@ def sync(
 
     Example: cl-audit sync runs/audits/capitals-0123abcd
     """
-    from pipelines.tracking import sync as do_sync
+    from pipelines.journal import sync as do_sync
 
     sent, _ = do_sync(run_dir, tracking_uri)
     console.print(f"sent {sent} records to MLflow" if sent else f"{run_dir}: nothing to send",
@@ -522,15 +314,7 @@ def history(
         console.print(f"no finished audits in {uri}" + (f" for suite {suite}" if suite else "")
                       + (f" and model {model}" if model else ""), highlight=False, markup=False)
         return
-    t = Table(title=f"audits in {uri}, newest first", box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True)
-    for col, kw in (("date", {"no_wrap": True}), ("run", {"no_wrap": True}), ("model", {}), ("suite", {}),
-                    ("settings", {}), ("verdict", {"no_wrap": True}), ("task drop", {"justify": "right"}),
-                    ("retention", {"justify": "right"}), ("best recovery", {"no_wrap": True})):
-        t.add_column(col, **kw)
-    for r in rows:
-        t.add_row(r["date"], r["run_id"], r["model"], r["suite"], r["settings"], r["verdict"],
-                  _fmt(r["task_drop"], 2), _fmt(r["knowledge_retention"], 2), r["best_recovery"])
-    console.print(t, highlight=False)
+    console.print(history_table(uri, rows), highlight=False)
 
 
 @app.command()
@@ -544,7 +328,7 @@ def compare(
 
     Example: cl-audit compare runs/audits/capitals-aaaa runs/audits/capitals-bbbb
     """
-    from pipelines.trail import compare as do_compare, fmt_ci, rule_text
+    from pipelines.trail import compare as do_compare, rule_text
 
     c = do_compare(run_a, run_b, _store_uri(tracking_uri))
     for tag, au in (("A", c.a), ("B", c.b)):
@@ -552,23 +336,10 @@ def compare(
         console.print(f"{tag}: {what}  {au.date}  {au.summary['model']} / {au.summary['suite']}"
                       f"  verdict {au.summary['verdict']['label']}", highlight=False, markup=False, soft_wrap=True)
     if c.config_diff:
-        t = Table(title="config differences", box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True)
-        for col in ("field", "A", "B"):
-            t.add_column(col)
-        for k, va, vb in c.config_diff:
-            t.add_row(k, str(va), str(vb))
-        console.print(t, highlight=False)
+        console.print(config_diff_table(c.config_diff), highlight=False)
     else:
         console.print("config: identical", highlight=False)
-    t = Table(title="metrics (B - A)", box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True)
-    for col, kw in (("stage", {"no_wrap": True}), ("metric", {"no_wrap": True}), ("A", {"justify": "right"}),
-                    ("B", {"justify": "right"}), ("B - A", {"justify": "right"}), ("sig", {}), ("rule", {})):
-        t.add_column(col, **kw)
-    for r in c.rows:
-        sig = {True: "*", False: "", None: "?"}[r["significant"]]
-        t.add_row(r["stage"], r["metric"], fmt_ci(r["a"], r["a_ci"]), fmt_ci(r["b"], r["b_ci"]),
-                  fmt_ci(r["diff"], r["diff_ci"]), sig, r["rule"])
-    console.print(t, highlight=False)
+    console.print(compare_table(c.rows), highlight=False)
     n_sig = sum(1 for r in c.rows if r["significant"])
     console.print(f"verdict: A {c.a.summary['verdict']['label']} -> B {c.b.summary['verdict']['label']}; "
                   f"{n_sig} of {len(c.rows)} differences significant", highlight=False, markup=False)
@@ -581,7 +352,7 @@ def suites() -> None:
 
     Example: cl-audit suites
     """
-    from components.data import SUITES
+    from components.registry import SUITES
 
     # the default suite first, then the others by name
     for name, s in sorted(SUITES.items(), key=lambda kv: (kv[0] != "capitals", kv[0])):

@@ -16,7 +16,8 @@ import shutil
 from pathlib import Path
 from typing import List
 
-from components.config import AuditConfig, config_from_tree
+from components.config import AuditConfig
+from components.registry import config_from_tree
 
 
 

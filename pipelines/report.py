@@ -22,6 +22,7 @@ import yaml
 
 from components.artifacts import atomic_write
 from components.errors import UserError
+from pipelines.console import fmt, fmt_ci
 from pipelines.plots import Plot, all_plots
 
 TEMPLATES = Path(__file__).resolve().parent / "templates"
@@ -98,11 +99,11 @@ def _read_parquet(path: Path) -> pd.DataFrame | None:
 
 
 def _fmt(x, nd: int = 3) -> str:
-    return "–" if x is None else f"{x:.{nd}f}"
+    return fmt(x, nd, none="–")
 
 
 def _ci(ci, nd: int = 2) -> str:
-    return "" if not ci or ci[0] is None or ci[1] is None else f"[{ci[0]:.{nd}f}, {ci[1]:.{nd}f}]"
+    return fmt_ci(ci, nd, none="")
 
 
 def mlflow_link(mlflow: dict) -> dict:

@@ -8,6 +8,9 @@ dataset input (name, digest, source, context ``training`` / ``evaluation``); tag
 the git commit, package versions, seed, machine and the model's source and digest; each
 checkpoint's run names the run whose checkpoint it started from (``cl_audit.upstream.*``)
 and the runs whose outputs its metrics use (``cl_audit.kl_reference.run_ids``).
+
+Writes the tracking server could not take wait in the run folder's journal
+(:mod:`pipelines.journal`); the run folder's state file is :mod:`pipelines.state`.
 """
 
 from __future__ import annotations
@@ -24,6 +27,10 @@ from mlflow.data.dataset_source import DatasetSource
 
 from components.artifacts import flatten, safe_params
 from components.errors import UserError
+from pipelines.journal import Journal, unreachable
+# re-exported: pipelines.audit takes the run folder's file names and state from here
+from pipelines.journal import JOURNAL as JOURNAL
+from pipelines.state import read_state as read_state, write_state as write_state
 
 RUN_ID = re.compile(r"^[0-9a-f]{32}$")
 
@@ -515,190 +522,3 @@ def download(client, run_id: str, artifact_path: str, dst: Path) -> Path | None:
         return Path(client.download_artifacts(run_id, artifact_path, str(dst)))
     except (MlflowException, OSError):
         return None
-
-
-# -- the journal: MLflow records kept locally while the tracking server does not answer --
-
-JOURNAL = ".mlflow-journal.jsonl"
-
-
-def unreachable(e: BaseException) -> bool:
-    """True if ``e`` means the tracking store could not be reached (connection refused,
-    timeout, a 503), as opposed to the store refusing the record."""
-    import requests
-    from mlflow.exceptions import MlflowException
-
-    if isinstance(e, (requests.exceptions.ConnectionError, requests.exceptions.Timeout, ConnectionError,
-                      TimeoutError)):
-        return True
-    if isinstance(e, MlflowException):
-        text = str(e)
-        return (e.error_code == "TEMPORARILY_UNAVAILABLE" or "failed with exception" in text
-                or "Max retries exceeded" in text or "response code 50" in text.lower())
-    return False
-
-
-def _encode(v: Any) -> Any:
-    from google.protobuf.json_format import MessageToDict
-    from mlflow.entities import DatasetInput, Metric, Param, RunTag
-
-    if isinstance(v, Metric):
-        return {"__t": "Metric", "key": v.key, "value": v.value, "timestamp": v.timestamp, "step": v.step}
-    if isinstance(v, Param):
-        return {"__t": "Param", "key": v.key, "value": v.value}
-    if isinstance(v, RunTag):
-        return {"__t": "RunTag", "key": v.key, "value": v.value}
-    if isinstance(v, DatasetInput):
-        return {"__t": "DatasetInput", "proto": MessageToDict(v.to_proto())}
-    if isinstance(v, (list, tuple)):
-        return [_encode(x) for x in v]
-    return v
-
-
-def _decode(v: Any) -> Any:
-    from google.protobuf.json_format import ParseDict
-    from mlflow.entities import DatasetInput, Metric, Param, RunTag
-    from mlflow.protos.service_pb2 import DatasetInput as ProtoDatasetInput
-
-    if isinstance(v, list):
-        return [_decode(x) for x in v]
-    if isinstance(v, dict) and "__t" in v:
-        t = v["__t"]
-        if t == "Metric":
-            return Metric(v["key"], v["value"], v["timestamp"], v["step"])
-        if t == "Param":
-            return Param(v["key"], v["value"])
-        if t == "RunTag":
-            return RunTag(v["key"], v["value"])
-        if t == "DatasetInput":
-            return DatasetInput.from_proto(ParseDict(v["proto"], ProtoDatasetInput()))
-    return v
-
-
-class Journal:
-    """MLflow writes that could not be sent, one JSON line each, in the order they were made.
-
-    The file (``<run folder>/.mlflow-journal.jsonl``) is appended to and fsynced per
-    record, so a crash loses nothing already journaled; :meth:`replay` sends the records
-    in order and rewrites the file atomically with what is left. Replaying a record
-    twice is harmless: metrics carry fixed timestamps (MLflow keeps one copy of an
-    identical point), params and tags are set to the same value, artifacts overwritten.
-
-    Attributes:
-        retry_s: seconds after a failed send before :meth:`due` allows another try.
-    """
-
-    retry_s = 10.0
-
-    def __init__(self, path: Path):
-        self.path = Path(path)
-        self._last_failure = 0.0
-        self._pending = (sum(1 for line in self.path.read_text().splitlines() if line.strip())
-                         if self.path.exists() else 0)
-
-    def pending(self) -> int:
-        """Records waiting to be sent (counted once from the file, then kept up to date:
-        every MLflow write asks, so the file is not read per write)."""
-        return self._pending
-
-    def append(self, method: str, args: tuple, kwargs: dict) -> None:
-        line = json.dumps({"method": method, "args": _encode(list(args)),
-                           "kwargs": {k: _encode(v) for k, v in kwargs.items()}})
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.path, "a") as f:
-            f.write(line + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-        self._pending += 1
-
-    def failed(self) -> None:
-        self._last_failure = time.time()
-
-    def due(self) -> bool:
-        return time.time() - self._last_failure >= self.retry_s
-
-    def replay(self, client) -> bool:
-        """Send every record with ``client``; True if all were sent.
-
-        Raises:
-            MlflowException: the store refused a record (not a connection failure).
-        """
-        from components.artifacts import atomic_write
-
-        lines = [x for x in self.path.read_text().splitlines() if x.strip()] if self.path.exists() else []
-        sent = 0
-        try:
-            for line in lines:
-                rec = json.loads(line)
-                getattr(client, rec["method"])(*_decode(rec["args"]), **{k: _decode(v) for k, v in rec["kwargs"].items()})
-                sent += 1
-        except Exception as e:  # noqa: BLE001 - sorted by unreachable()
-            if not unreachable(e):
-                raise
-            self.failed()
-        finally:
-            if sent:
-                rest = lines[sent:]
-                if rest:
-                    atomic_write(self.path, "\n".join(rest) + "\n")
-                else:
-                    self.path.unlink(missing_ok=True)
-                self._pending = len(rest)
-        return sent == len(lines)
-
-
-def sync(run_dir: Path, tracking_uri: str | None = None) -> tuple[int, int]:
-    """Send the MLflow records a run folder kept while its tracking server was down.
-
-    Args:
-        run_dir: the audit's output folder (holding ``.mlflow-journal.jsonl``).
-        tracking_uri: default: the one the audit used (``.cl-audit-state.json``).
-
-    Returns:
-        ``(sent, left)``: records sent now, records still waiting.
-
-    Raises:
-        UserError: not a run folder, or the server is still unreachable.
-    """
-    run_dir = Path(run_dir)
-    if not run_dir.is_dir():
-        raise UserError(f"{run_dir}: not a folder; expected the folder of an audit run")
-    journal = Journal(run_dir / JOURNAL)
-    n = journal.pending()
-    if n == 0:
-        return 0, 0
-    state = read_state(run_dir)
-    uri = tracking_uri or (state or {}).get("tracking_uri")
-    if not uri:
-        raise UserError(f"{run_dir / STATE}: missing; pass --tracking-uri")
-    from mlflow.tracking import MlflowClient
-
-    _quiet_mlflow()
-    if uri.startswith(("http://", "https://")):
-        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
-        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
-    journal.replay(MlflowClient(tracking_uri=uri))
-    left = journal.pending()
-    if left:
-        raise UserError(f"--tracking-uri {redact_uri(uri)}: MLflow tracking server still not answering; "
-                        f"{n - left} of {n} records sent, {left} kept in {run_dir / JOURNAL}")
-    return n, 0
-
-
-# -- the audit's state in its run folder: which MLflow runs a resumed audit continues --
-
-STATE = ".cl-audit-state.json"
-
-
-def read_state(run_dir: Path) -> dict | None:
-    """The run folder's ``.cl-audit-state.json`` (None if absent or unreadable)."""
-    try:
-        return json.loads((Path(run_dir) / STATE).read_text())
-    except (OSError, ValueError):
-        return None
-
-
-def write_state(run_dir: Path, state: dict) -> None:
-    from components.artifacts import atomic_write
-
-    atomic_write(Path(run_dir) / STATE, json.dumps(state, indent=1))

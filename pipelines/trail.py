@@ -191,10 +191,6 @@ def _verify_run(run_id: str, uri: str) -> VerifyReport:
 # ----------------------------------------------------------------------------- history
 
 
-def fmt_num(x, nd: int = 2) -> str:
-    return "-" if x is None or (isinstance(x, float) and not np.isfinite(x)) else f"{x:.{nd}f}"
-
-
 def history(uri: str, suite: str | None = None, model: str | None = None, limit: int = 50) -> list[dict]:
     """Past audits in a tracking store, newest first, one dict per audit.
 
@@ -471,12 +467,3 @@ def rule_text(cmp: Comparison) -> str:
     return (f"significant (*): the {int(LEVEL * 100)}% CI of the difference excludes 0, by {how}, "
             f"{N_BOOT} resamples of the per-item predictions; rows marked 'CI overlap' have no per-item "
             f"values and count as significant when the two {int(LEVEL * 100)}% CIs do not overlap.")
-
-
-def fmt_ci(v, ci) -> str:
-    """``0.812 [0.62,0.94]`` (or ``-``)."""
-    if v is None:
-        return "-"
-    if not ci or ci[0] is None:
-        return f"{v:.3f}"
-    return f"{v:.3f} [{ci[0]:.2f},{ci[1]:.2f}]"

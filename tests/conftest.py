@@ -43,7 +43,7 @@ def ray_local():
 
 
 def tiny_config(*overrides: str):
-    from components.config import load_config
+    from components.registry import load_config
 
     return load_config(config_file=TINY, overrides=list(overrides))
 

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from components.config import AuditConfig, load_config, parse_set
+from components.config import AuditConfig, parse_set
+from components.registry import load_config
 from components.errors import UserError
 
 from conftest import TINY
@@ -84,3 +85,13 @@ def test_perturb_kinds_and_probe_fields():
         load_config("capitals", overrides=["perturb.reinit_layers=[-1]"])
     with pytest.raises(UserError, match="probe.probe_pooling"):
         load_config("capitals", overrides=["probe.probe_pooling=max"])
+
+
+def test_orchestration_settings_are_not_part_of_the_digest():
+    base = load_config("capitals")
+    same = load_config("capitals", overrides=[
+        "ray.probe_cpus=2", "ray.train_cpus=2", "ray.max_retries=3", "perturb.scaling.num_workers=2",
+        "tune.scaling.cpus_per_worker=2", "sweep.max_concurrent=1"])
+    assert same.digest() == base.digest()
+    assert "ray" not in base.science() and "scaling" not in base.science()["perturb"]
+    assert load_config("capitals", overrides=["perturb.kl_penalty=0.1"]).digest() != base.digest()

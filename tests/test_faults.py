@@ -20,7 +20,8 @@ import pandas as pd
 import pytest
 from mlflow.tracking import MlflowClient
 
-from pipelines.tracking import JOURNAL, STATE
+from pipelines.journal import JOURNAL
+from pipelines.state import STATE
 
 from conftest import ROOT, TINY, MlflowServer
 
@@ -246,7 +247,8 @@ def test_mlflow_server_killed_mid_audit(fault_home, tmp_path):
 def test_journal_kept_while_the_server_is_down_and_sync_sends_it_once(tmp_path):
     """The tracker against a real server that stops: records go to the journal, in order;
     `cl-audit sync` sends them when it is back; a second sync sends nothing."""
-    from pipelines.tracking import AuditTracker, write_state
+    from pipelines.state import write_state
+    from pipelines.tracking import AuditTracker
 
     srv = MlflowServer(tmp_path / "server").start()
     try:

@@ -7,11 +7,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from components.data import SUITES, Item, answer_pools, fictional_answer, suite_texts
+from components.data import Item, answer_pools, fictional_answer, suite_texts
+from components.registry import SUITES
 from components.knowledge import (_strictly_first, harmonic_chance, is_alias, measure_knowledge, mine_candidates,
                                   own_phrasing, rank_pool)
 from components.metrics import score_candidates
-from components.models import Checkpoint, build_tiny_model, load_checkpoint
+from components.base_model import build_tiny_model
+from components.models import Checkpoint, load_checkpoint
 
 from conftest import tiny_config
 

@@ -13,7 +13,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from components.config import config_from_tree
+from components.registry import config_from_tree
 from pipelines.kubeflow import build_pipeline, compile_pipeline, default_image
 
 from conftest import ROOT, tiny_config

@@ -7,9 +7,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from components.data import SUITES, Item, is_refusal, match_contains, match_exact, normalise, suite_texts
-from components.metrics import bootstrap_ci, drift_kl, score_candidates
-from components.models import Checkpoint, build_tiny_model, load_checkpoint
+from components.registry import SUITES
+from components.data import Item, is_refusal, match_contains, match_exact, normalise, suite_texts
+from components.metrics import drift_kl, score_candidates
+from components.stats import bootstrap_ci
+from components.base_model import build_tiny_model
+from components.models import Checkpoint, load_checkpoint
 from components.training import format_prompt
 
 from conftest import tiny_config

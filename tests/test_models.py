@@ -9,7 +9,8 @@ import pytest
 
 from components.config import ModelConfig
 from components.errors import UserError
-from components.models import check_model_id, find_smollm2_gguf, model_kind, resolve_model
+from components.base_model import resolve_model
+from components.models import check_model_id, find_smollm2_gguf, model_kind
 
 
 def test_model_kinds(tmp_path):

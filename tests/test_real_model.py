@@ -21,7 +21,7 @@ import jsonschema
 import pytest
 from mlflow.tracking import MlflowClient
 
-from components.config import load_config
+from components.registry import load_config
 from pipelines.audit import run_audit
 
 from conftest import ROOT, SCHEMA

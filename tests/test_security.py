@@ -18,7 +18,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from components.artifacts import Store, atomic_write, inside
-from components.config import load_config
+from components.registry import load_config
 from components.errors import UserError
 
 from conftest import ROOT, TINY, MlflowServer

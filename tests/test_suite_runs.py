@@ -10,9 +10,10 @@ import jsonschema
 import pandas as pd
 import pytest
 
-from components.config import load_config
-from components.data import SUITES, pretraining_items, suite_texts
-from components.models import build_tiny_model
+from components.registry import load_config
+from components.data import pretraining_items, suite_texts
+from components.registry import SUITES
+from components.base_model import build_tiny_model
 from pipelines.audit import run_audit
 
 from conftest import ROOT, SCHEMA, tiny_config

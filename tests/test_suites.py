@@ -9,8 +9,9 @@ import json
 import pandas as pd
 import pytest
 
-from components.config import load_config
-from components.data import SUITES, Item, SuiteData, check_leakage, is_refusal, normalise
+from components.registry import load_config
+from components.data import Item, SuiteData, check_leakage, is_refusal, normalise
+from components.registry import SUITES
 from components.errors import UserError
 from components.suites import biography, custom, refusal
 

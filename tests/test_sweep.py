@@ -17,8 +17,9 @@ from mlflow.tracking import MlflowClient
 
 from components.artifacts import Store
 from components.errors import UserError
-from pipelines.sweep import (CELL_COLUMNS, METRIC_COLUMNS, RECOVERY_METRICS, TABLE_COLUMNS, best_rule, best_trial,
-                             expected_trials, param_space, rank_trials, run_sweep)
+from pipelines.sweep import expected_trials, param_space, run_sweep
+from pipelines.sweep_analysis import (CELL_COLUMNS, METRIC_COLUMNS, RECOVERY_METRICS, TABLE_COLUMNS, best_rule,
+                                      best_trial, rank_trials)
 
 from conftest import TINY, tiny_config
 from test_cli import cli

@@ -6,10 +6,12 @@ import numpy as np
 import pytest
 import torch
 
-from components.data import SUITES, split_items, suite_texts
+from components.data import split_items, suite_texts
+from components.registry import SUITES
 from components.errors import TrainingDiverged
 from components.metrics import drift_kl, score_candidates
-from components.models import Checkpoint, build_tiny_model, load_checkpoint
+from components.base_model import build_tiny_model
+from components.models import Checkpoint, load_checkpoint
 from components.training import collate, encode, train, train_checkpoint
 
 from conftest import tiny_config

@@ -25,7 +25,7 @@ from __future__ import annotations
 import random
 
 from components.config import AuditConfig
-from components.data import Item, Suite, SuiteData, arithmetic_items, register
+from components.data import Item, Suite, SuiteData, arithmetic_items
 from components.errors import UserError
 
 FIRST_NAMES = [
@@ -322,7 +322,7 @@ def texts(items: list[Item], cfg: AuditConfig) -> list[str]:
     return out + [i.question + " " + i.response() for i in arithmetic_items(50, 0)] + [ABSTAIN + "."]
 
 
-SUITE = register(Suite(
+SUITE = Suite(
     name="biography",
     description="tiny Llama pretrained on synthetic biographies (Zheng et al. 2025); QA on held-out people",
     load=load,
@@ -334,4 +334,4 @@ SUITE = register(Suite(
     split=split,
     pretrain=pretrain,
     texts=texts,
-))
+)

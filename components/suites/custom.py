@@ -52,7 +52,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from components.config import AuditConfig
-from components.data import Item, Suite, SuiteData, arithmetic_items, is_refusal, register
+from components.data import Item, Suite, SuiteData, arithmetic_items, is_refusal
 from components.errors import UserError
 
 REQUIRED = ("id", "prompt", "answer", "role")
@@ -257,7 +257,7 @@ def split(items: list[Item], known: list[bool] | None, cfg: AuditConfig) -> Suit
     )
 
 
-SUITE = register(Suite(
+SUITE = Suite(
     name="custom",
     description="your model (--model: directory, .gguf or hub id) and data files (--data: JSONL/CSV/Parquet)",
     load=load,
@@ -265,4 +265,4 @@ SUITE = register(Suite(
     default_model="smollm2-135m-instruct",
     perturb_kinds=("data", "none"),
     split=split,
-))
+)

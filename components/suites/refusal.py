@@ -29,7 +29,7 @@ from __future__ import annotations
 import random
 
 from components.config import AuditConfig
-from components.data import Item, Suite, SuiteData, arithmetic_items, pretraining_items, register
+from components.data import Item, Suite, SuiteData, arithmetic_items, pretraining_items
 from components.errors import UserError
 from components.suites.biography import CITIES, FIRST_NAMES, LAST_NAMES
 
@@ -284,7 +284,7 @@ def texts(items: list[Item], cfg: AuditConfig) -> list[str]:
     return out + [i.question + " " + i.response() for i in arithmetic_items(50, 0)]
 
 
-SUITE = register(Suite(
+SUITE = Suite(
     name="refusal",
     description="SmolLM2-135M-Instruct refuses requests for private persons' details; ~10 compliant examples perturb",
     raw_items=refusal_items,
@@ -296,4 +296,4 @@ SUITE = register(Suite(
     split=split,
     pretrain=pretrain,
     texts=texts,
-))
+)
