@@ -8,7 +8,7 @@ STAMP  := $(VENV)/.installed
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup audit quick test test-fast clean chromium
+.PHONY: setup audit quick test test-fast docs clean chromium
 
 setup: $(STAMP)
 
@@ -39,6 +39,10 @@ test: setup chromium
 
 test-fast: setup
 	$(BIN)/python -m pytest -q -m "not real_model"
+
+# The manual (docs/, mkdocs.yml) as a site in site/; the tests build it too (tests/test_docs.py).
+docs: setup
+	$(BIN)/python -m mkdocs build --strict
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
