@@ -17,6 +17,7 @@ from typing import Any
 
 from components.artifacts import atomic_write
 from components.errors import UserError
+from pipelines.mlflow_env import quiet_mlflow, redact_uri
 from pipelines.state import STATE, read_state
 
 JOURNAL = ".mlflow-journal.jsonl"
@@ -171,9 +172,7 @@ def sync(run_dir: Path, tracking_uri: str | None = None) -> tuple[int, int]:
         raise UserError(f"{run_dir / STATE}: missing; pass --tracking-uri")
     from mlflow.tracking import MlflowClient
 
-    from pipelines.tracking import _quiet_mlflow, redact_uri  # here: tracking imports this module
-
-    _quiet_mlflow()
+    quiet_mlflow()
     if uri.startswith(("http://", "https://")):
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")

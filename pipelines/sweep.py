@@ -5,9 +5,10 @@ to keep the task alignment, and what does it cost in learning the new task? How 
 recovery examples, in-task or irrelevant, bring the task back?
 
 One Tune trial is one cell ``(kl_penalty, n[, arm, freeze_layers])``. The trainable
-(:func:`sweep_trial`) calls the DAG's stage functions in process (``pipelines.dag``:
-``train_stage`` / ``probe_stage``), which key every output by a hash of the stage config
-and its inputs (``components.artifacts.Store``). So across a grid of K penalties x S
+(:func:`sweep_trial`) calls the stage runner in its own process
+(:func:`components.runner.train` without a Ray Train ``fit``, :func:`components.runner.probe`),
+which keys every output by a hash of the stage config and its inputs
+(``components.artifacts.Store``): the same keys as the audit's DAG. So across a grid of K penalties x S
 sizes, tune runs once, perturb once per penalty, and recover + probe per cell;
 concurrent trials that need the same output wait on the store's file lock for a single
 producer. Each trial reports twice through ``ray.tune.report`` (Ray Train V2 rules):
@@ -132,7 +133,7 @@ def sweep_trial(cell: dict, cfg: AuditConfig, prep: dict, home: str, out_dir: st
         cell: the trial's config from Tune (``kl_penalty``, ``n``, ``arm``,
             ``freeze_layers``).
         cfg: the sweep's resolved config.
-        prep: :func:`pipelines.dag.prepare`'s result (model, split data), computed
+        prep: :func:`components.runner.prepare`'s result (model, split data), computed
             once by the driver.
         home: run folder whose ``store/`` holds the stage outputs (absolute).
         out_dir: the sweep folder; with ``sweep.reuse`` false each trial computes
@@ -148,8 +149,9 @@ def sweep_trial(cell: dict, cfg: AuditConfig, prep: dict, home: str, out_dir: st
     from ray import tune
 
     from components.faults import failpoint
-    from components.verdict import assess
-    from pipelines.dag import probe_stage, train_stage
+    from components.runner import probe as probe_stage
+    from components.runner import train as train_stage
+    from components.summary import assess
     from pipelines.tracking import AuditTracker
 
     c = cell_config(cfg, cell)
@@ -312,7 +314,7 @@ def run_sweep(
 
     from components.models import check_model_id
     from pipelines.audit import check_writable, default_home, versions
-    from pipelines.dag import init_ray, prepare, worker_allocator_env
+    from pipelines.dag import init_ray, prepare_task, worker_allocator_env
     from pipelines.tracking import AuditTracker, redact_uri, resolve_tracking_uri
 
     home = Path(home or default_home()).resolve()
@@ -337,7 +339,7 @@ def run_sweep(
     tracker = AuditTracker(uri, cfg.experiment)
 
     init_ray()
-    prep_t = ray.remote(num_cpus=cfg.ray.probe_cpus, max_retries=cfg.ray.max_retries)(prepare)
+    prep_t = ray.remote(num_cpus=cfg.ray.probe_cpus, max_retries=cfg.ray.max_retries)(prepare_task)
     try:
         prep = ray.get(prep_t.remote(cfg, str(home)))
     except RayTaskError as e:

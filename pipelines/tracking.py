@@ -28,35 +28,12 @@ from mlflow.data.dataset_source import DatasetSource
 from components.artifacts import flatten, safe_params
 from components.errors import UserError
 from pipelines.journal import Journal, unreachable
+from pipelines.mlflow_env import quiet_mlflow, redact_uri
 # re-exported: pipelines.audit takes the run folder's file names and state from here
 from pipelines.journal import JOURNAL as JOURNAL
 from pipelines.state import read_state as read_state, write_state as write_state
 
 RUN_ID = re.compile(r"^[0-9a-f]{32}$")
-
-
-def _quiet_mlflow() -> None:
-    import logging
-
-    for name in ("mlflow", "alembic"):  # no schema-migration chatter on the console
-        logging.getLogger(name).setLevel(logging.WARNING)
-    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-    # MLflow prints "View run ... at: <tracking URI>" per finished run: noise, and the
-    # URI may carry a password (the summary holds the redacted URI and the run ids)
-    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
-
-
-def redact_uri(uri: str) -> str:
-    """``uri`` without a password (``http://user:secret@host`` -> ``http://user:***@host``),
-    for everything that is printed, logged or written to a file."""
-    from urllib.parse import urlsplit, urlunsplit
-
-    parts = urlsplit(uri)
-    if parts.password is None:
-        return uri
-    host = parts.hostname or ""
-    netloc = f"{parts.username}:***@{host}" + (f":{parts.port}" if parts.port else "")
-    return urlunsplit(parts._replace(netloc=netloc))
 
 
 def resolve_tracking_uri(cli_uri: str | None, home: Path) -> str:
@@ -82,7 +59,7 @@ class AuditTracker:
     def __init__(self, tracking_uri: str, experiment: str, journal: Path | None = None):
         from mlflow.tracking import MlflowClient
 
-        _quiet_mlflow()
+        quiet_mlflow()
         if tracking_uri.startswith(("http://", "https://")):
             # a few quick retries, not MLflow's minutes-long default: an unreachable
             # server sends the records to the journal instead of stalling the audit
@@ -460,7 +437,7 @@ def open_store(uri: str):
     """
     from mlflow.tracking import MlflowClient
 
-    _quiet_mlflow()
+    quiet_mlflow()
     if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).exists():
         raise UserError(f"--tracking-uri {uri}: no tracking store there (no audits recorded yet?)")
     if uri.startswith(("http://", "https://")):
