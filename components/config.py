@@ -291,6 +291,10 @@ class ProbeConfig(_Strict):
             type down to this depth (beyond it the reciprocal rank counts as 0:
             MRR@depth); null: the exact rank among all of them (slower on a model
             whose probability mass sits elsewhere).
+        rank_budget: at most this many answers per item and phrasing are scored in full
+            for that rank, best bound first; where the budget runs out first (a model
+            whose mass sits elsewhere bounds every answer loosely) the rank is a lower
+            bound, and ``predictions.parquet``'s ``rank_exact`` says so.
         n_bootstrap: bootstrap resamples over items for the 95% CIs.
         ci_level: two-sided confidence level of the intervals.
         probe_pooling: how a prompt's hidden states at one layer become the linear
@@ -308,6 +312,7 @@ class ProbeConfig(_Strict):
     batch_size: int = Field(16, ge=1)
     max_new_tokens: int = Field(16, ge=1)
     rank_depth: int | None = Field(20, ge=1)
+    rank_budget: int = Field(64, ge=1)
     n_bootstrap: int = Field(1000, ge=10)
     ci_level: float = Field(0.95, gt=0, lt=1)
     probe_pooling: Literal["last", "mean"] = "last"

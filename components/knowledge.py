@@ -104,6 +104,8 @@ class KnowledgeScores:
         gold_logprobs: (P, V) teacher-forced log-softmax rows of the first phrasing's
             gold continuation (the KL reference set), and ``gold_lengths`` (N,).
         n_phrasings: (N,) phrasings per item.
+        rank_exact: (N,) share of the item's phrasings whose rank among all answers is
+            exact (1.0 unless the scoring budget ran out, ``measure_knowledge``).
     """
 
     per_item: dict[str, np.ndarray]
@@ -113,6 +115,7 @@ class KnowledgeScores:
     gold_logprobs: object
     gold_lengths: np.ndarray
     n_phrasings: np.ndarray
+    rank_exact: np.ndarray | None = None
 
 
 def _phrased(items: list[Item], candidates: list[list[str]] | None = None) -> tuple[list[Item], list[int], list[int]]:
@@ -154,7 +157,7 @@ def _strictly_first(scores: np.ndarray) -> np.ndarray:
 
 def measure_knowledge(
     model, tok, items: list[Item], pools: dict[str, list[str]], batch_size: int, precision: str = "fp32",
-    depth: int | None = 20,
+    depth: int | None = 20, budget: int = 64,
 ) -> KnowledgeScores:
     """Every knowledge measure of one checkpoint on ``items`` (module docstring).
 
@@ -165,6 +168,9 @@ def measure_knowledge(
         depth: ranks beyond ``depth`` give a reciprocal rank of 0 (MRR@depth, as
             retrieval evaluation cuts it, e.g. MS MARCO's MRR@10); the search stops
             there. None: the exact rank among all answers.
+        budget: at most this many answers per item and phrasing are scored in full,
+            in the order of their bounds; where it runs out first the rank is a lower
+            bound (``rank_exact`` says how often).
 
     Returns:
         :class:`KnowledgeScores`.
@@ -198,16 +204,24 @@ def measure_knowledge(
         rank[v] = 1.0
     cap = depth if depth else np.inf
     chunk = 16
+    spent = {v: 0 for v in todo}
     while True:
-        active = [v for v in todo if queue[v] and rank[v] <= cap]
+        active = [v for v in todo if queue[v] and rank[v] <= cap and spent[v] < budget]
         if not active:
             break
-        take = {v: queue[v][:chunk] for v in active}
+        take = {v: queue[v][:min(chunk, budget - spent[v])] for v in active}
         rows = _score_ragged(model, tok, [virt[v] for v in active],
                              [[virt[v].candidates[0], *[a for a, _ in take[v]]] for v in active], batch_size, precision)
         for v, row in zip(active, rows):
             rank[v] += float(np.sum(~(row[1:] < row[0])))  # ties and NaN count against the gold answer
-            queue[v] = queue[v][chunk:]
+            queue[v] = queue[v][len(take[v]):]
+            spent[v] += len(take[v])
+    # a rank is exact unless the budget ran out with answers left whose bound reaches the gold
+    # score (then it is a lower bound: a model whose mass sits elsewhere bounds loosely)
+    exact = np.ones(len(virt))
+    for v in todo:
+        if queue[v] and rank[v] <= cap:
+            exact[v] = 0.0
     rr = np.where(np.isfinite(S[:, 0]) & (rank <= cap), 1.0 / rank, 0.0)
 
     N = len(items)
@@ -235,6 +249,7 @@ def measure_knowledge(
         gold_logprobs=sc.gold_logprobs,
         gold_lengths=sc.gold_lengths[first],
         n_phrasings=counts,
+        rank_exact=per_item(exact),
     )
 
 

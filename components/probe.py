@@ -73,7 +73,7 @@ def probe(
     task_match = MATCHERS[data.task_matcher]
     task_correct = np.array([task_match(a, it.answer) for a, it in zip(answers, data.eval)], dtype=float)
     scores = measure_knowledge(model, tok, data.eval, data.answer_pools, pc.batch_size, cfg.model.precision,
-                               pc.rank_depth)
+                               pc.rank_depth, pc.rank_budget)
     tick(len(data.eval))
     failpoint(f"probe:{ckpt.name}")
     knowledge = scores.per_item
@@ -116,6 +116,7 @@ def probe(
         "knowledge_correct": knowledge_correct >= 0.5,
         **{m: knowledge[m] for m in MEASURES},
         "n_phrasings": scores.n_phrasings.astype(int),
+        "rank_exact": scores.rank_exact,
         "first_token_prob": scores.first_token_prob,
         "answer_tokens": scores.gold_lengths,
     })

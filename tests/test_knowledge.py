@@ -62,7 +62,7 @@ def test_pruned_rank_equals_the_rank_among_every_answer(tiny):
     model, tok, items = tiny
     pools, _ = answer_pools(items)
     sub = items[:6]
-    ks = measure_knowledge(model, tok, sub, pools, batch_size=16, depth=None)
+    ks = measure_knowledge(model, tok, sub, pools, batch_size=16, depth=None, budget=10**6)
     # brute force: every answer of the pool scored in full, in every phrasing
     for n, it in enumerate(sub):
         rr = []
@@ -74,6 +74,12 @@ def test_pruned_rank_equals_the_rank_among_every_answer(tiny):
         assert ks.per_item["knowledge_mrr"][n] == pytest.approx(np.mean(rr), abs=1e-6)
     assert ks.chance["knowledge_acc"] == pytest.approx(1 / 8)
     assert ks.n_phrasings.tolist() == [len(it.knowledge_phrasings()) for it in sub]
+    assert ks.rank_exact.tolist() == [1.0] * len(sub)
+    # a budget of one answer: ranks become lower bounds (reciprocal ranks at least as high), and say so
+    small = measure_knowledge(model, tok, sub, pools, batch_size=16, depth=None, budget=1)
+    assert (small.per_item["knowledge_mrr"] >= ks.per_item["knowledge_mrr"] - 1e-9).all()
+    exact = small.rank_exact == 1.0
+    assert np.allclose(small.per_item["knowledge_mrr"][exact], ks.per_item["knowledge_mrr"][exact])
 
 
 def test_hard_candidates_are_the_base_models_best_scored_answers(tiny):
