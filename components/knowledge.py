@@ -313,6 +313,8 @@ def mine_candidates(
             it.candidates = [it.gold(), *pick]
         return info
     sub = [items[i] for i in todo]
+    if not sub:
+        return info
     virt = [Item(id=it.id, question=it.knowledge_phrasings()[0][0], answer=it.gold(),
                  template=it.knowledge_phrasings()[0][1], candidates=[it.gold()]) for it in sub]
     pool_of = [rank_pool(it, pools)[1:] for it in sub]

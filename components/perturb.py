@@ -11,7 +11,7 @@ from components.config import AuditConfig
 from components.data import SuiteData
 from components.errors import UserError
 from components.models import Checkpoint, load_checkpoint
-from components.training import StageResult, TrainSpec, train_checkpoint
+from components.training import StageResult, TrainSpec
 
 
 def perturb_spec(cfg: AuditConfig, aligned: Checkpoint, data: SuiteData) -> TrainSpec | None:
@@ -26,23 +26,6 @@ def perturb_spec(cfg: AuditConfig, aligned: Checkpoint, data: SuiteData) -> Trai
 def unperturbed(aligned: Checkpoint) -> StageResult:
     """The result of ``perturb.kind == "none"``: the aligned checkpoint, renamed."""
     return StageResult(Checkpoint("perturbed", aligned.base_dir, list(aligned.adapters), aligned.full_dir), [], 0)
-
-
-def perturb(cfg: AuditConfig, aligned: Checkpoint, data: SuiteData, out_dir: Path, on_step=None) -> StageResult:
-    """Train ``aligned`` on the perturbation items (``data.perturb``) with ``cfg.perturb``.
-
-    ``perturb.kl_penalty`` pulls toward the aligned model (with LoRA: the merged aligned
-    weights with this stage's adapter disabled); ``perturb.freeze_layers`` keeps the
-    bottom k layers and the embeddings fixed (Zheng et al. 2025). With
-    ``perturb.kind == "none"`` nothing is trained and the checkpoint is the aligned one;
-    with ``"reinit"`` the blocks are re-initialised (:func:`reinit_blocks`).
-    """
-    if cfg.perturb.kind == "reinit":
-        return reinit_blocks(aligned, cfg.perturb.reinit_layers, cfg.seed + 1, out_dir, cfg.model.trust_remote_code)
-    s = perturb_spec(cfg, aligned, data)
-    if s is None:
-        return unperturbed(aligned)
-    return train_checkpoint(s.name, s.parent, s.items, s.cfg, s.seed, s.precision, out_dir, s.trust_remote_code, on_step)
 
 
 @torch.no_grad()

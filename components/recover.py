@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 from components.config import AuditConfig
@@ -11,7 +10,7 @@ from components.errors import UserError
 from components.models import Checkpoint
 
 if TYPE_CHECKING:  # torch is imported by the training stages, not by the audit's driver
-    from components.training import StageResult, TrainSpec
+    from components.training import TrainSpec
 
 
 def recovery_set(data: SuiteData, arm: str, n: int) -> list[Item]:
@@ -37,16 +36,3 @@ def recover_spec(cfg: AuditConfig, perturbed: Checkpoint, data: SuiteData, arm: 
 
     return TrainSpec(f"recovered/{arm}/{n}", perturbed, recovery_set(data, arm, n), cfg.recover, cfg.seed + 2,
                      cfg.model.precision, cfg.model.trust_remote_code)
-
-
-def recover(
-    cfg: AuditConfig, perturbed: Checkpoint, data: SuiteData, arm: str, n: int, out_dir: Path, on_step=None
-) -> StageResult:
-    """Train ``perturbed`` on ``n`` items of ``arm`` with ``cfg.recover``, in this process.
-
-    Output: the ``recovered/<arm>/<n>`` checkpoint.
-    """
-    from components.training import train_checkpoint
-
-    s = recover_spec(cfg, perturbed, data, arm, n)
-    return train_checkpoint(s.name, s.parent, s.items, s.cfg, s.seed, s.precision, out_dir, s.trust_remote_code, on_step)

@@ -38,7 +38,7 @@ def test_biography_quick_end_to_end(home, ray_local, tmp_path):
     # the biographies were stored: ranking the candidates inside a biography sentence
     # beats chance before any question was asked (the model here is too small and too
     # briefly pretrained for more; the README's table is the full-size run)
-    assert st["base"]["knowledge_acc"] > st["base"]["knowledge_chance"] == 0.25
+    assert st["base"]["knowledge_acc"] > st["base"]["knowledge_chance"] == 1 / 8
     assert st["perturbed"]["kl_to_aligned"] > 0
     # the new task (abstain) was learnt: "Unknown." for new people never trained on
     assert st["perturbed"]["perturb_acc"] > st["aligned"]["perturb_acc"]
@@ -107,7 +107,10 @@ def test_custom_model_and_data_through_the_cli(tiny_model_dir, home, tmp_path):
     counts = {k: v["n_items"] for k, v in manifest["pools"].items()}
     assert counts == {"eval": 16, "align": 12, "perturb": 6, "perturb_eval": 6, "recover": 4, "irrelevant": 54}
     preds = pd.read_parquet(out / "predictions" / "base.parquet")
-    assert len(preds) == 16 and all(len(c) == 4 for c in preds.candidates)
+    assert len(preds) == 16 and all(len(c) == 8 for c in preds.candidates)
+    # rows without candidates got hard ones mined among the eval answers; rows with them kept theirs
+    assert s["data"]["candidates"]["mined"] == 12 and s["data"]["candidates"]["kept"] == 4
+    assert [list(c) for c in preds.candidates[12:16]] == [list(it.candidates) for it in items[12:16]]
     assert list(preds.item_id) == [it.id for it in items[:16]]
 
     # the same eval row also in the alignment set: stopped, one line, before any model work
