@@ -254,7 +254,8 @@ def compute_verdict(
         reason = (f"{dtxt}; {rtxt} lies between the thresholds" if state == "between" else
                   f"{dtxt}; {rtxt} < {cfg.loss_threshold} but the task returns ({', '.join(task_back)})")
     else:
-        label, reason = "inconclusive", f"{dtxt}, but {rtxt} straddles a threshold ({state})"
+        label, reason = "inconclusive", (f"{dtxt}, but {rtxt} straddles a threshold" if state == "straddles"
+                                         else f"{dtxt}, but {rtxt} has no interval")
 
     # the other ranking measures: an interval that says the opposite makes the label mixed
     if label in ("spurious", "no_forgetting", "knowledge_loss"):
