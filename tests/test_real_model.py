@@ -72,24 +72,47 @@ def test_reinitialised_blocks_are_knowledge_loss_at_chance(smol):
     assert _retention(v)[2] < 0.5 and _retention(v, "knowledge_mrr")[2] < 0.5
 
 
+def _label_of_the_evidence(v: dict) -> str:
+    """The label the intervals give (components.verdict.compute_verdict, with a task drop
+    and no failed check): knowledge back after recovery on disjoint items, or where the
+    retention interval lies."""
+    th = v["thresholds"]
+    lo, hi = v["knowledge_retention_ci"]
+    back = [k for k, ci in v["knowledge_after_recovery_ci"].items() if ci[0] is not None and ci[0] >= th["retention_threshold"]]
+    if lo >= th["retention_threshold"] or back:
+        return "spurious"
+    if hi < th["loss_threshold"]:
+        return "knowledge_loss"
+    if lo >= th["loss_threshold"] and hi < th["retention_threshold"]:
+        return "mixed"
+    return "inconclusive"
+
+
 def test_overwritten_facts_fall_and_the_label_follows_the_recovery_evidence(smol):
+    # every evaluated fact trained onto an invented capital (in no candidate set)
     s = smol("perturb.kind=wrong_facts")
     st, v = s["stages"], s["verdict"]
     for m in ("knowledge_acc", "knowledge_mrr"):
         assert st["perturbed"]["ci"][m][1] < st["aligned"]["ci"][m][0], m
-    assert _retention(v)[2] < 0.5
-    lo = v["knowledge_after_recovery_ci"]["in_task/4"][0]
-    if lo is not None and lo >= 0.8:  # suppressed, not erased: the facts come back on disjoint items
-        assert v["label"] == "spurious", v["reason"]
-    else:
-        assert v["label"] in ("knowledge_loss", "mixed"), v["reason"]
+    assert _retention(v)[2] < v["thresholds"]["retention_threshold"]  # not retained
+    assert v["task_drop_ci"][0] > 0 and not v["checks"]
+    assert v["label"] == _label_of_the_evidence(v), v["reason"]
 
 
-def test_half_of_the_facts_overwritten_gives_retention_around_half(smol):
+def test_half_of_the_facts_overwritten_gives_retention_around_half(smol, tmp_path_factory):
+    import pandas as pd
+
     s = smol("perturb.kind=wrong_facts", "perturb.overwrite_fraction=0.5")
-    value, lo, hi = _retention(s["verdict"])
+    v = s["verdict"]
+    value, lo, hi = _retention(v)
     assert len(s["data"]["overwritten"]) == 8
-    assert 0.2 <= value <= 0.8 and lo < 0.8 and hi > 0.2, (value, lo, hi)
+    assert 0.2 <= value <= 0.8 and lo < 0.5 < hi, (value, lo, hi)
+    assert v["label"] == _label_of_the_evidence(v), v["reason"]
+    # the overwritten facts fall further than the facts left alone
+    root = next(tmp_path_factory.getbasetemp().glob("smol*/perturb_kind-wrong_facts_perturb_overwrite*"))
+    after = pd.read_parquet(root / "predictions" / "perturbed.parquet")
+    over = after.item_id.isin(set(s["data"]["overwritten"]))
+    assert after[over].knowledge_acc.mean() < after[~over].knowledge_acc.mean()
 
 
 def test_capitals_quick_end_to_end(smol, home, tmp_path):
