@@ -24,7 +24,13 @@ def test_summary_matches_the_contract(tiny_run):
     assert on_disk == json.loads(json.dumps(summary))
     jsonschema.validate(on_disk, json.loads(SCHEMA.read_text()))
     assert list(on_disk["stages"]) == STAGES == stage_order(cfg)
-    assert on_disk["verdict"]["label"] in {"spurious", "knowledge_loss", "mixed", "no_forgetting"}
+    # the default tiny run perturbs hard (lr 0.01 on a 2-layer model): the task is gone and
+    # the facts partly sag, so the retention interval reaches across the 0.8 threshold
+    v = on_disk["verdict"]
+    lo, hi = v["knowledge_retention_ci"]
+    assert v["label"] == "inconclusive" and "straddles" in v["reason"], v["reason"]
+    assert lo < v["thresholds"]["retention_threshold"] <= hi or lo < v["thresholds"]["loss_threshold"] <= hi
+    assert v["task_drop_ci"][0] > 0.5
     assert set(on_disk["verdict"]["recovery_ratio"]) == {"in_task/4", "irrelevant/4"}
 
 
@@ -34,7 +40,8 @@ def test_metric_values_make_sense(tiny_run):
     # the pretrained tiny model knows its evaluation facts: they were filtered to be known
     assert st["base"]["task_acc"] == 1.0
     assert st["base"]["knowledge_acc"] >= 0.75
-    assert st["base"]["knowledge_chance"] == 0.25
+    assert st["base"]["knowledge_chance"] == 1 / 8  # K = 8 candidates
+    assert st["base"]["knowledge_chances"]["knowledge_mrr"] < 1 / 8
     assert st["base"]["kl_to_base"] == 0.0 and st["aligned"]["kl_to_aligned"] == 0.0
     assert st["perturbed"]["kl_to_aligned"] > 0
     # the refusal perturbation is learned: held-out questions get refusals

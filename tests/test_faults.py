@@ -147,7 +147,7 @@ def test_kill_9_anywhere_then_the_same_command_finishes_identically(tiny_run, fa
     keys = (store / "executions.log").read_text().split()[1::2]
     assert len(keys) == len(set(keys))
     assert Counter(k.split("-")[0] for k in keys) == Counter(
-        {"filter": 1, "tune": 1, "perturb": 1, "recover": 2, "probe": 5, "drift": 1})
+        {"filter": 1, "candidates": 1, "tune": 1, "perturb": 1, "recover": 2, "probe": 5, "drift": 1})
 
     # MLflow: the interrupted parent run was continued, not duplicated
     client = MlflowClient(f"sqlite:///{fault_home / 'mlflow.db'}")

@@ -104,7 +104,7 @@ def test_local_pipeline_run_equals_cl_audit_run(tiny_run, home, tmp_path, monkey
     out = run / "verdict" / "audit"
     got = json.loads((out / "summary.json").read_text())
     computed = [line.split()[1].split("-")[0] for line in (kfp_home / "store" / "executions.log").read_text().splitlines()]
-    assert sorted(computed) == sorted(["drift", "filter", "tune", "perturb", "recover", "recover"] + ["probe"] * 5)
+    assert sorted(computed) == sorted(["drift", "filter", "candidates", "tune", "perturb", "recover", "recover"] + ["probe"] * 5)
     for k in ("config_digest", "model_digest", "data_digest", "seed"):
         assert got[k] == ref[k]
     # every metric and CI of every checkpoint is equal; the weight-drift values are equal up
