@@ -16,7 +16,7 @@ import pytest
 
 from conftest import ROOT, TINY
 
-CAPITALS = ROOT / "pipelines" / "configs" / "capitals.yaml"
+CAPITALS = ROOT / "components" / "suites" / "capitals.yaml"
 
 
 def _free_port() -> int:
