@@ -25,6 +25,7 @@ from pipelines.console import (AuditProgress, compare_table, config_diff_table, 
 app = typer.Typer(
     add_completion=False,
     no_args_is_help=True,
+    context_settings={"help_option_names": ["-h", "--help"]},
     help=(
         "Audit a fine-tuning run for spurious forgetting: lost task alignment vs lost knowledge.\n\n"
         "Example: cl-audit run capitals --quick, then open the report.html it names, or "
@@ -388,12 +389,11 @@ def main() -> None:
                           highlight=False, markup=False, soft_wrap=True)
         sys.exit(1)
     except Exception as e:  # click usage errors come through here with standalone_mode=False
-        import click
-
-        if isinstance(e, click.exceptions.ClickException):
+        # typer may bundle its own click: recognise a click exception by its class names
+        if any(c.__name__ in ("ClickException", "UsageError") for c in type(e).__mro__) and hasattr(e, "show"):
             e.show()
-            sys.exit(e.exit_code if e.exit_code else 2)
-        if isinstance(e, click.exceptions.Exit):
+            sys.exit(getattr(e, "exit_code", 0) or 2)
+        if type(e).__name__ == "Exit" and hasattr(e, "exit_code"):
             sys.exit(e.exit_code)
         raise
     if isinstance(rc, int) and rc:

@@ -66,3 +66,20 @@ def test_top_level_help_names_the_commands(tmp_path):
     for command in ("run", "show", "report", "suites"):
         assert re.search(rf"\b{command}\b", r.stdout)
     assert "Example: cl-audit run capitals --quick" in r.stdout
+
+
+@pytest.mark.parametrize("args, says", [
+    (["--no-such-flag"], "No such option: --no-such-flag"),
+    (["runn"], "No such command 'runn'"),
+    (["run", "--bogus"], "No such option: --bogus"),
+])
+def test_usage_mistake_is_a_short_message_and_exit_2(args, says, tmp_path):
+    r = cli(*args, home=tmp_path)
+    assert r.returncode == 2
+    assert "Traceback" not in r.stderr and says in r.stderr
+    assert len(r.stderr.strip().splitlines()) <= 5
+
+
+def test_short_help_flag(tmp_path):
+    r = cli("-h", home=tmp_path)
+    assert r.returncode == 0 and "Usage:" in r.stdout and "Commands" in r.stdout
