@@ -84,7 +84,13 @@ def test_table_has_a_row_per_trial_with_the_reported_metrics(sweep_2x2):
         assert r.task_drop == pytest.approx(r.aligned_task_acc - r.perturbed_task_acc)
         if r.task_drop > 0:
             assert r.recovery_ratio == pytest.approx((r.recovered_task_acc - r.perturbed_task_acc) / r.task_drop)
-        assert r.label in {"spurious", "knowledge_loss", "mixed", "no_forgetting", "inconclusive"}
+        # without a KL penalty the tiny model's facts sag under the refusal (the retention
+        # interval reaches across 0.8: inconclusive, as the default tiny audit); the penalty
+        # toward the aligned model keeps them (spurious)
+        if r.kl_penalty == 0.0:
+            assert r.label == "inconclusive" and r.knowledge_retention < 0.8
+        else:
+            assert r.label == "spurious" and r.knowledge_retention >= 0.8
     # trials of one penalty share one perturbed checkpoint; the penalty holds the drift down
     by_p = table.groupby("kl_penalty")
     for col in ("task_drop", "perturb_acc", "kl_to_aligned", "task_drop_ci_low", "drop_significant"):
