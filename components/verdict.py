@@ -80,16 +80,19 @@ def quantities(recovered: list[str], chances: dict[str, float | None], measures=
     return q
 
 
-def _state(ci, cfg: VerdictConfig) -> str:
-    """Where a retention interval lies: retained / lost / between / straddles / undefined."""
-    lo, hi = ci
-    if lo is None:
+def retention_state(ci, thresholds: dict) -> str:
+    """Where a retention interval ``[lo, hi]`` lies against the thresholds (a verdict's
+    ``thresholds``, or ``VerdictConfig.model_dump()``): ``retained`` (lo >= the retention
+    threshold), ``lost`` (hi < the loss threshold), ``between`` (wholly between them),
+    ``straddles``, or ``undefined`` (no interval)."""
+    if not ci or ci[0] is None or ci[1] is None or not thresholds:
         return "undefined"
-    if lo >= cfg.retention_threshold:
+    lo, hi = ci
+    if lo >= thresholds["retention_threshold"]:
         return "retained"
-    if hi < cfg.loss_threshold:
+    if hi < thresholds["loss_threshold"]:
         return "lost"
-    if lo >= cfg.loss_threshold and hi < cfg.retention_threshold:
+    if lo >= thresholds["loss_threshold"] and hi < thresholds["retention_threshold"]:
         return "between"
     return "straddles"
 
@@ -201,7 +204,8 @@ def compute_verdict(
 
     small = [k for k in rr if int(k.split("/")[1]) <= cfg.small_n]
     r_point, r_ci = ret[decide]
-    state = _state(r_ci, cfg)
+    th = cfg.model_dump()
+    state = retention_state(r_ci, th)
     returned = [k for k in small if (kar[decide][k][1][0] or -np.inf) >= cfg.retention_threshold]
     task_back = [k for k in small if (rr[k][1][0] or -np.inf) >= cfg.recovery_target]
     drop_sig = drop_ci[0] is not None and drop_ci[0] > 0
@@ -263,7 +267,7 @@ def compute_verdict(
         for m in RANKING_MEASURES:
             if m == decide or m not in ret:
                 continue
-            st_m = _state(ret[m][1], cfg)
+            st_m = retention_state(ret[m][1], th)
             if label == "knowledge_loss" and st_m == "retained" or label != "knowledge_loss" and st_m == "lost" and not returned:
                 against.append(f"{m} {_fmt(ret[m][0])} {_fmt_ci(ret[m][1])}")
         if against:

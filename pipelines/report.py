@@ -22,6 +22,7 @@ import yaml
 
 from components.artifacts import atomic_write
 from components.errors import UserError
+from components.verdict import retention_state
 from pipelines.console import fmt, fmt_ci
 from pipelines.plots import Plot, all_plots
 
@@ -158,22 +159,6 @@ def measure_retention(v: dict, m: str) -> dict | None:
     if m == deciding_measure(v) and "knowledge_retention" in v:
         return {"value": v.get("knowledge_retention"), "ci": v.get("knowledge_retention_ci")}
     return None
-
-
-def retention_state(ci, th: dict) -> str:
-    """Where a retention interval lies against the thresholds, as the verdict reads it:
-    retained (lower bound >= retention threshold), lost (upper bound < loss threshold),
-    between, straddles, or undefined."""
-    if not ci or ci[0] is None or ci[1] is None or not th:
-        return "undefined"
-    lo, hi = ci
-    if lo >= th["retention_threshold"]:
-        return "retained"
-    if hi < th["loss_threshold"]:
-        return "lost"
-    if lo >= th["loss_threshold"] and hi < th["retention_threshold"]:
-        return "between"
-    return "straddles"
 
 
 def verdict_sentence(summary: dict) -> str:

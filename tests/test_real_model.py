@@ -22,6 +22,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from components.registry import load_config
+from components.verdict import retention_state
 from pipelines.audit import run_audit
 
 from conftest import ROOT, SCHEMA
@@ -77,15 +78,11 @@ def _label_of_the_evidence(v: dict) -> str:
     and no failed check): knowledge back after recovery on disjoint items, or where the
     retention interval lies."""
     th = v["thresholds"]
-    lo, hi = v["knowledge_retention_ci"]
-    back = [k for k, ci in v["knowledge_after_recovery_ci"].items() if ci[0] is not None and ci[0] >= th["retention_threshold"]]
-    if lo >= th["retention_threshold"] or back:
+    state = retention_state(v["knowledge_retention_ci"], th)
+    back = [k for k, ci in v["knowledge_after_recovery_ci"].items() if retention_state(ci, th) == "retained"]
+    if state == "retained" or back:
         return "spurious"
-    if hi < th["loss_threshold"]:
-        return "knowledge_loss"
-    if lo >= th["loss_threshold"] and hi < th["retention_threshold"]:
-        return "mixed"
-    return "inconclusive"
+    return {"lost": "knowledge_loss", "between": "mixed"}.get(state, "inconclusive")
 
 
 def test_overwritten_facts_fall_and_the_label_follows_the_recovery_evidence(smol):
