@@ -184,7 +184,7 @@ def measure_knowledge(
     sc = score_candidates(model, tok, virt, batch_size, precision, pools=vpools,
                           gold_rows_for=[j == 0 for j in which])
     S = sc.logprob  # (V, K)
-    nbytes = np.array([[len(v.ranking_response(c).encode()) + 0 for c in v.candidates] for v in virt], dtype=float)
+    nbytes = np.array([[len(v.ranking_response(c).encode()) for c in v.candidates] for v in virt], dtype=float)
     with np.errstate(invalid="ignore", divide="ignore"):
         acc = _strictly_first(S)
         acc_tok = _strictly_first(S / np.maximum(sc.n_tokens, 1))
@@ -315,8 +315,9 @@ def mine_candidates(
     sub = [items[i] for i in todo]
     if not sub:
         return info
-    virt = [Item(id=it.id, question=it.knowledge_phrasings()[0][0], answer=it.gold(),
-                 template=it.knowledge_phrasings()[0][1], candidates=[it.gold()]) for it in sub]
+    first = [it.knowledge_phrasings()[0] for it in sub]
+    virt = [Item(id=it.id, question=q, answer=it.gold(), template=t, candidates=[it.gold()])
+            for it, (q, t) in zip(sub, first)]
     pool_of = [rank_pool(it, pools)[1:] for it in sub]
     sc = score_candidates(model, tok, virt, batch_size, precision, pools=pool_of, gold_rows_for=[False] * len(virt))
     m = PREFILTER * (k - 1)

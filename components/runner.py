@@ -14,6 +14,7 @@ torch threads a stage gets (``threads``).
 
 from __future__ import annotations
 
+import functools
 import time
 from pathlib import Path
 from typing import Callable
@@ -96,6 +97,8 @@ def prepare(cfg: AuditConfig, home: Path, threads: int | None = None) -> dict:
     )
     mdigest = model_digest(model_dir)
     base = Checkpoint("base", str(model_dir), [], None, f"base-{mdigest[:20]}")
+    # loaded once, and only when the filter or the candidate mining is not stored yet
+    load_base = functools.cache(lambda: load_checkpoint(base, cfg.model.trust_remote_code))
     known = None
     base_answers: dict[str, str] = {}
     if cfg.data.filter_known:
@@ -111,7 +114,7 @@ def prepare(cfg: AuditConfig, home: Path, threads: int | None = None) -> dict:
         )
 
         def fn(tmp: Path) -> dict:
-            model, tok = load_checkpoint(base, cfg.model.trust_remote_code)
+            model, tok = load_base()
             answers = generate_answers(
                 model, tok, sub, cfg.probe.batch_size, cfg.probe.max_new_tokens, cfg.model.precision
             )
@@ -124,7 +127,8 @@ def prepare(cfg: AuditConfig, home: Path, threads: int | None = None) -> dict:
             known[i] = k
             base_answers[items[i].id] = a
     data = suite.make_split(items, known, cfg)
-    data.notes["candidates"] = prepare_candidates(cfg, base, data, base_answers, Store(home / "store"))
+    data.notes["candidates"] = prepare_candidates(cfg, base, data, base_answers, Store(home / "store"), load_base)
+    load_base.cache_clear()
     leaks = check_leakage(data, cfg.data.allow_leakage)
     if leaks:  # allowed by the user: recorded in summary.json ("data") and the manifest
         data.notes["allowed_leaks"] = [f"{e.id} ({how} of {t.id})" for e, how, t in leaks]
@@ -137,12 +141,15 @@ def prepare(cfg: AuditConfig, home: Path, threads: int | None = None) -> dict:
 
 
 def prepare_candidates(cfg: AuditConfig, base: Checkpoint, data: SuiteData, base_answers: dict[str, str],
-                       store: Store) -> dict:
+                       store: Store, load_base: Callable[[], tuple] | None = None) -> dict:
     """Give every evaluation item its knowledge phrasings and its K candidates, once per
     audit (stored, keyed by the base model, the items and the mining settings): the base
     model's own answer becomes the first phrasing where it names the gold answer, and
     the candidates of items with an answer type are mined (``data.candidates``,
     :func:`components.knowledge.mine_candidates`). ``data.eval`` is replaced in place.
+
+    ``load_base()`` returns the loaded base model and tokenizer (prepare shares one load
+    with the known-fact filter); None: loaded here when the mining is not stored yet.
 
     Returns:
         Notes for ``summary.json``: the mode, K, items mined and kept, answers scored
@@ -175,7 +182,7 @@ def prepare_candidates(cfg: AuditConfig, base: Checkpoint, data: SuiteData, base
         from components.metrics import generate_answers
         from components.models import load_checkpoint
 
-        model, tok = load_checkpoint(base, cfg.model.trust_remote_code)
+        model, tok = load_base() if load_base is not None else load_checkpoint(base, cfg.model.trust_remote_code)
         items = [Item(**it.to_dict()) for it in data.eval]
         missing = [it for it in items if it.id not in base_answers]
         answers = dict(base_answers)
