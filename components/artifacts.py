@@ -87,6 +87,54 @@ def atomic_copy(src: Path, dst: Path) -> None:
     atomic_write(dst, Path(src).read_bytes())
 
 
+FILES = "files.json"  # in each published stage folder: relative path -> {sha256, size} of every file
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two paths in one atomic step (Linux ``renameat2(RENAME_EXCHANGE)``).
+
+    Returns:
+        False where the system or file system does not offer it (nothing is changed).
+    """
+    if sys.platform != "linux":
+        return False
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (22, 38, 95):  # EINVAL, ENOSYS, EOPNOTSUPP: not supported here
+        return False
+    raise OSError(err, os.strerror(err), str(b))
+
+
+def _publish_dir(tmp: Path, final: Path) -> None:
+    """Put the complete folder ``tmp`` at ``final``.
+
+    A new ``final`` appears by one rename. An existing one is replaced by an atomic swap
+    (readers see the old folder or the new one, never neither), then the old one, now at
+    ``tmp``, is removed. Where the swap is not available: the old folder is renamed aside,
+    the new one renamed in, the old one removed; between the two renames ``final`` is
+    absent (reads as "not computed"), never partial.
+    """
+    if not final.exists():
+        os.rename(tmp, final)
+        return
+    if _exchange(tmp, final):
+        shutil.rmtree(tmp, ignore_errors=True)
+        return
+    aside = final.with_name(f".{final.name}.old-{os.getpid()}")
+    os.rename(final, aside)
+    os.rename(tmp, final)
+    shutil.rmtree(aside, ignore_errors=True)
+
+
 class Store:
     """Content-addressed store of stage outputs under ``root``."""
 
@@ -120,21 +168,23 @@ class Store:
         """
         with FileLock(str(self.root / ".locks" / f"{key}.lock")):
             final = self.path(key)
+            for stale in self.root.glob(f".{key}.*"):  # left by a killed producer of this key (we hold its lock)
+                shutil.rmtree(stale, ignore_errors=True)
             if reuse and self.done(key):
                 return self.load(key), True
             tmp = Path(tempfile.mkdtemp(prefix=f".{key}.tmp-", dir=self.root))
             try:
                 result = fn(tmp)
                 text = json.dumps(result, default=str).replace(str(tmp), str(final))
-                atomic_write(tmp / "result.json", text)
                 for p in tmp.rglob("*"):
                     if p.is_file():
                         with open(p, "rb") as f:
                             os.fsync(f.fileno())
+                files = {str(p.relative_to(tmp)): file_record(p) for p in sorted(tmp.rglob("*")) if p.is_file()}
+                atomic_write(tmp / FILES, json.dumps(files, indent=1, sort_keys=True))
+                atomic_write(tmp / "result.json", text)  # last: its presence means complete
                 failpoint(f"store_publish:{key}")
-                if final.exists():
-                    shutil.rmtree(final)
-                os.rename(tmp, final)
+                _publish_dir(tmp, final)
                 _fsync_dir(self.root)
             except BaseException:
                 shutil.rmtree(tmp, ignore_errors=True)
@@ -142,6 +192,32 @@ class Store:
             with open(self.root / "executions.log", "a") as f:
                 f.write(f"{time.time():.3f} {key}\n")
             return json.loads(text), False
+
+    def check(self, key: str) -> list[str]:
+        """Problems with the published output ``key``: a file listed in its ``files.json``
+        that is missing or whose size or sha256 differs, a file not listed, or a
+        safetensors file that does not open. Empty when the output is complete.
+
+        Raises:
+            FileNotFoundError: ``key`` is not published (no ``result.json``).
+        """
+        folder = self.path(key)
+        json.loads((folder / "result.json").read_text())
+        listed = json.loads((folder / FILES).read_text())
+        problems = [f"{key}/{rel}: {err}" for rel, rec in listed.items() if (err := check_file(folder / rel, rec))]
+        present = {str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file()}
+        problems += [f"{key}/{rel}: not listed in {FILES}" for rel in sorted(present - set(listed) - {FILES, "result.json"})]
+        for rel in listed:
+            if rel.endswith(".safetensors") and (folder / rel).exists():
+                from safetensors import safe_open
+
+                try:
+                    with safe_open(str(folder / rel), framework="pt") as f:
+                        for name in f:
+                            f.get_slice(name)
+                except Exception as e:  # noqa: BLE001 - any failure to open is the finding
+                    problems.append(f"{key}/{rel}: does not open as safetensors ({e})")
+        return problems
 
     def executions(self) -> list[str]:
         """Keys computed (not reused) so far, in order."""

@@ -165,6 +165,135 @@ def test_kill_9_anywhere_then_the_same_command_finishes_identically(tiny_run, fa
     assert json.loads((out / STATE).read_text())["finished"] is True
 
 
+def _assert_store_complete(home: Path) -> int:
+    """Every published stage folder of the store matches its ``files.json`` (sizes,
+    sha256) and its safetensors open; nothing else is visible. Returns the count."""
+    from components.artifacts import Store
+
+    store = Store(home / "store")
+    keys = [d.name for d in store.root.iterdir() if d.is_dir() and not d.name.startswith(".")]
+    for key in keys:
+        assert store.done(key), f"incomplete stage output visible: {key}"
+        assert store.check(key) == [], key
+    return len(keys)
+
+
+def test_kill_9_at_ten_random_moments_then_the_same_command_finishes_identically(fault_home, tmp_path):
+    """kill -9 of the whole audit (driver, local Ray, its workers) at 10 moments drawn
+    (seed 23) uniformly over an uninterrupted audit's wall time; after each kill every
+    published store folder is complete (digests of every file, safetensors open) and no
+    output file is half-written; the same command is run again. An attempt that ends
+    before its kill moment is checked and the next one starts from an empty store and
+    run folder. Each finished audit has the uninterrupted audit's summary."""
+    import random
+
+    marks = tmp_path / "marks"
+    light = ["--set", "recover.arms=[in_task]", "--set", "probe.n_bootstrap=50", "--set", "tune.epochs=2",
+             "--set", "perturb.epochs=4", "--set", "recover.epochs=2"]  # fewer stages: a shorter audit to kill
+    ref_home, ref_out = tmp_path / "ref-home", tmp_path / "ref"
+    ref_home.mkdir()
+    (ref_home / "cache").symlink_to(fault_home / "cache", target_is_directory=True)
+    t0 = time.monotonic()
+    r = subprocess.run([sys.executable, "-m", "pipelines.cli", "run", "--config", str(TINY), "--out", str(ref_out),
+                        *light], cwd=ROOT, env=_env(ref_home, marks), capture_output=True, text=True, timeout=600)
+    wall = time.monotonic() - t0
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    ref = json.loads((ref_out / "summary.json").read_text())
+
+    rng = random.Random(23)
+    moments = [round(rng.uniform(0.0, wall), 1) for _ in range(10)]
+    attempt, fresh, kills, finished = 0, 0, [], 0
+
+    def home_out() -> tuple[Path, Path]:
+        h = tmp_path / f"home{fresh}"
+        if not h.exists():
+            h.mkdir()
+            (h / "cache").symlink_to(fault_home / "cache", target_is_directory=True)
+        return h, tmp_path / f"run{fresh}"
+
+    def finish(h: Path, out: Path) -> None:
+        got = json.loads((out / "summary.json").read_text())
+        for k in SAME:
+            assert got[k] == ref[k], k
+        keys = (h / "store" / "executions.log").read_text().split()[1::2]
+        assert len(keys) == len(set(keys))  # each stage published once over all attempts
+        _assert_store_complete(h)
+        client = MlflowClient(f"sqlite:///{h / 'mlflow.db'}")  # the interrupted parent run continued, not duplicated
+        parents = client.search_runs([client.get_experiment_by_name("cl-audit").experiment_id],
+                                     "tags.cl_audit.kind = 'audit'")
+        assert [(r.info.run_id, r.info.status) for r in parents] == [(got["mlflow"]["run_id"], "FINISHED")]
+
+    for moment in moments:
+        while True:
+            h, out = home_out()
+            args = ["run", "--config", str(TINY), "--out", str(out), *light]
+            log = tmp_path / f"attempt{attempt}.log"
+            attempt += 1
+            p = _start(args, _env(h, marks), log)
+            try:
+                p.wait(timeout=moment)
+            except subprocess.TimeoutExpired:
+                _kill(p)
+                kills.append(moment)
+                _assert_nothing_partial(h, out)
+                _assert_store_complete(h)
+                break
+            assert p.returncode == 0, log.read_text()[-3000:]  # ended before its kill moment
+            finish(h, out)
+            finished += 1
+            fresh += 1
+    h, out = home_out()
+    r = subprocess.run([sys.executable, "-m", "pipelines.cli", "run", "--config", str(TINY), "--out", str(out),
+                        *light], cwd=ROOT, env=_env(h, marks), capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    finish(h, out)
+    assert kills == moments
+    print(f"uninterrupted {wall:.1f} s; kill moments {moments}; {attempt + 1} attempts, {finished + 1} finished audits")
+
+
+def test_replacing_a_stage_output_is_atomic(tmp_path):
+    """``Store.produce(reuse=False)`` over a published key: a reader polling the key
+    always sees a complete output, the old one or the new one, never none."""
+    import threading
+
+    from components.artifacts import Store
+
+    store = Store(tmp_path / "store")
+
+    def fn(version: int):
+        def write(tmp: Path) -> dict:
+            (tmp / "w.bin").write_bytes(bytes([version]) * 4096)
+            return {"version": version}
+        return write
+
+    store.produce("stage-1", fn(0))
+    seen, gaps, stop = set(), [], threading.Event()
+
+    def reader():
+        while not stop.is_set():
+            if not store.done("stage-1"):
+                gaps.append("absent")
+                continue
+            try:
+                seen.add(store.load("stage-1")["version"])
+            except (FileNotFoundError, json.JSONDecodeError) as e:
+                gaps.append(repr(e))
+
+    t = threading.Thread(target=reader)
+    t.start()
+    try:
+        for v in range(1, 40):
+            result, reused = store.produce("stage-1", fn(v), reuse=False)
+            assert result == {"version": v} and not reused
+    finally:
+        stop.set()
+        t.join()
+    assert gaps == []
+    assert store.load("stage-1") == {"version": 39} and store.check("stage-1") == []
+    assert len(seen) > 1
+    assert [p.name for p in store.root.iterdir() if p.name.startswith(".stage-1")] == []  # old copies removed
+
+
 def test_failing_sweep_trial_is_retried_then_reported_while_the_others_finish(fault_home, tmp_path):
     """A trial that raises every time is retried `sweep.max_failures` times, ends as
     ERROR in the table; the other trial finishes."""
