@@ -213,7 +213,7 @@ class Store:
 
                 try:
                     with safe_open(str(folder / rel), framework="pt") as f:
-                        for name in f:
+                        for name in f.keys():  # noqa: SIM118 - safe_open is not iterable
                             f.get_slice(name)
                 except Exception as e:  # noqa: BLE001 - any failure to open is the finding
                     problems.append(f"{key}/{rel}: does not open as safetensors ({e})")
