@@ -294,6 +294,41 @@ def test_replacing_a_stage_output_is_atomic(tmp_path):
     assert [p.name for p in store.root.iterdir() if p.name.startswith(".stage-1")] == []  # old copies removed
 
 
+def test_killed_at_the_store_publish_failpoint_then_published_whole(tmp_path):
+    """A producer killed at ``store_publish`` (every file written and fsynced, the
+    folder not yet renamed), first over a new key, then while replacing a published
+    one: the key reads as not computed, resp. keeps its old output; the next producer
+    removes the dead one's temporary folder and publishes a complete output."""
+    from components.artifacts import Store
+
+    store = Store(tmp_path / "store")
+    script = f"""
+import sys
+from pathlib import Path
+sys.path.insert(0, {str(ROOT)!r})
+from components.artifacts import Store
+s = Store(Path({str(store.root)!r}))
+s.produce(sys.argv[1], lambda tmp: (tmp / "w.bin").write_bytes(b"new") and {{"v": "new"}}, reuse=False)
+"""
+    env = {**_env(tmp_path, tmp_path / "marks", "store_publish:*=kill")}
+    for key, before in (("fresh-1", None), ("old-1", {"v": "old"})):
+        if before:
+            store.produce(key, lambda tmp: (tmp / "w.bin").write_bytes(b"old") and {"v": "old"})
+        r = subprocess.run([sys.executable, "-c", script, key], env=env, capture_output=True, text=True, timeout=120)
+        assert r.returncode == -signal.SIGKILL, r.stderr
+        assert (tmp_path / "marks" / f"store_publish:{key}").exists()
+        assert [p.name for p in store.root.glob(f".{key}.tmp-*")] != []  # the dead producer's folder, hidden
+        if before is None:
+            assert not store.done(key) and not store.path(key).exists()
+        else:
+            assert store.load(key) == before and store.check(key) == []
+        result, reused = store.produce(key, lambda tmp: (tmp / "w.bin").write_bytes(b"new") and {"v": "new"},
+                                       reuse=False)
+        assert result == {"v": "new"} and not reused
+        assert store.check(key) == [] and (store.path(key) / "w.bin").read_bytes() == b"new"
+        assert list(store.root.glob(f".{key}.*")) == []  # the stale temporary folder is gone
+
+
 def test_failing_sweep_trial_is_retried_then_reported_while_the_others_finish(fault_home, tmp_path):
     """A trial that raises every time is retried `sweep.max_failures` times, ends as
     ERROR in the table; the other trial finishes."""
