@@ -368,7 +368,9 @@ def train(
 
     Args:
         model: a merged ``PreTrainedModel`` (fp32, on CPU); LoRA is attached here when
-            ``cfg.method == "lora"``.
+            ``cfg.method == "lora"``. With ``full`` every weight trains, whatever its
+            ``requires_grad`` was, but those ``cfg.freeze_layers`` freezes
+            (:func:`freeze_bottom`).
         items: the stage's training items (prompt + gold answer); every rank gets all
             of them and keeps its share of each global batch.
         cfg: the stage's :class:`TrainConfig` (``cfg.batch_size`` is the global batch).
@@ -401,6 +403,10 @@ def train(
         model = attach_lora(model, cfg)
         ref_model = None
     else:
+        # every weight of the checkpoint trains (a merged LoRA checkpoint comes with
+        # requires_grad off: peft freezes the base weights it merges into), less the
+        # frozen bottom
+        model.requires_grad_(True)
         ref_model = copy.deepcopy(model).eval() if cfg.kl_penalty > 0 else None
         freeze_bottom(model, cfg.freeze_layers)
     history: list[dict] = []

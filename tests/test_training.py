@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -119,3 +121,60 @@ def test_prepared_data_round_trips_through_json(setup):
     back = SuiteData.from_dict(json.loads(json.dumps(data.to_dict())))
     assert back == data
     assert back.probe_attribute == "continent" and back.digest() == data.digest()
+
+
+def _weights(ckpt: Checkpoint) -> dict[str, torch.Tensor]:
+    """Every parameter of a checkpoint's merged model, by name (tied ones once)."""
+    m, _ = load_checkpoint(ckpt)
+    return {n: p.detach().clone() for n, p in m.named_parameters()}
+
+
+def test_every_method_combination_across_tune_perturb_recover(setup, home):
+    """tune, perturb and recover each ``lora`` or ``full``: all 8 combinations train
+    through the runner's stages (issue 23, item 6: a full stage after a LoRA one had an
+    empty parameter list). Each stage changes what it should of the merged checkpoint
+    it starts from, and each checkpoint stacks on its parent's."""
+    from components import runner
+
+    cfg, data, base = setup
+    small = {"epochs": 1, "batch_size": 4}
+    parent = {"checkpoint": base.to_dict()}
+    seen: dict[tuple, dict] = {}
+    weights: dict[str, dict[str, torch.Tensor]] = {"base-test": _weights(base)}
+
+    def stage(kind: str, methods: tuple, par: dict) -> dict:
+        if methods in seen:  # a prefix shared by two combinations is trained once
+            return seen[methods]
+        c = cfg.model_copy(update={
+            "tune": cfg.tune.model_copy(update={"method": methods[0], **small}),
+            "perturb": cfg.perturb.model_copy(update={"method": methods[min(1, len(methods) - 1)], **small}),
+            "recover": cfg.recover.model_copy(update={"method": methods[-1], **small}),
+        })
+        arm = {"arm": "in_task", "n": 4} if kind == "recover" else {}
+        res = runner.train(kind, c, home, par, data, **arm)
+        assert not res["reused"] and res["history"], (kind, methods)
+        pc, ck = Checkpoint(**par["checkpoint"]), Checkpoint(**res["checkpoint"])
+        w = Path(res["dir"]) / ("adapter" if methods[-1] == "lora" else "model")
+        if methods[-1] == "lora":  # the adapter stacks on the parent's chain
+            assert (ck.adapters, ck.full_dir) == ([*pc.adapters, str(w)], pc.full_dir), (kind, methods)
+        else:  # all weights, replacing the parent's chain
+            assert (ck.adapters, ck.full_dir) == ([], str(w)), (kind, methods)
+        assert (w / "config.json" if methods[-1] == "full" else w / "adapter_config.json").exists()
+        before, after = weights[pc.digest], _weights(ck)
+        assert before.keys() == after.keys()
+        changed = {n for n in before if not torch.equal(before[n], after[n])}
+        if methods[-1] == "full":  # every weight of the merged parent trained
+            assert changed == set(before), (kind, methods, set(before) - changed)
+        else:  # the linear layers of the blocks changed, nothing else
+            assert changed and all(".layers." in n and n.endswith("proj.weight") for n in changed), (kind, methods)
+            assert "model.embed_tokens.weight" not in changed
+        weights[ck.digest] = after
+        seen[methods] = res
+        return res
+
+    combos = [(t, p, r) for t in ("lora", "full") for p in ("lora", "full") for r in ("lora", "full")]
+    for t, p, r in combos:
+        tuned = stage("tune", (t,), parent)
+        perturbed = stage("perturb", (t, p), tuned)
+        stage("recover", (t, p, r), perturbed)
+    assert len(seen) == 2 + 4 + 8
