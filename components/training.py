@@ -150,10 +150,40 @@ def attach_lora(model, cfg: TrainConfig):
     return get_peft_model(model, lcfg)
 
 
+def untie_output_head(model) -> bool:
+    """Give a model whose output head shares the input embedding matrix (tied
+    embeddings, as SmolLM2 and ``tiny-llama``) a head of its own: a copy of that
+    matrix, (vocabulary, hidden). ``config.tie_word_embeddings`` becomes False, so
+    ``save_pretrained`` writes both matrices and a reload keeps them apart.
+
+    Returns:
+        True when the head was tied (and now is not); False when it already had its
+        own weights (nothing changes).
+    """
+    head, emb = model.get_output_embeddings(), model.get_input_embeddings()
+    if head is None or head.weight is not emb.weight:
+        return False
+    head.weight = torch.nn.Parameter(emb.weight.detach().clone(), requires_grad=emb.weight.requires_grad)
+    model.config.tie_word_embeddings = False
+    text_cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    text_cfg.tie_word_embeddings = False
+    if hasattr(model, "get_expanded_tied_weights_keys"):  # transformers 5 keeps the tying map on the model
+        model.all_tied_weights_keys = model.get_expanded_tied_weights_keys(all_submodels=True)
+    return True
+
+
 def freeze_bottom(model, k: int) -> None:
-    """Full fine-tuning: stop gradients to the embeddings and the bottom ``k`` decoder layers."""
+    """Full fine-tuning: stop gradients to the input embeddings and the bottom ``k``
+    decoder layers.
+
+    The output head is always trained: when it is tied to the input embedding (SmolLM2,
+    ``tiny-llama``), it is untied first (:func:`untie_output_head`) and the stage's
+    weights are saved untied. ``k <= 0`` changes nothing (a tied head stays tied and is
+    trained together with the embedding).
+    """
     if k <= 0:
         return
+    untie_output_head(model)
     for p in model.get_input_embeddings().parameters():
         p.requires_grad_(False)
     for layer in model.model.layers[:k]:
@@ -370,7 +400,7 @@ def train(
         model: a merged ``PreTrainedModel`` (fp32, on CPU); LoRA is attached here when
             ``cfg.method == "lora"``. With ``full`` every weight trains, whatever its
             ``requires_grad`` was, but those ``cfg.freeze_layers`` freezes
-            (:func:`freeze_bottom`).
+            (:func:`freeze_bottom`, which unties a tied output head).
         items: the stage's training items (prompt + gold answer); every rank gets all
             of them and keeps its share of each global batch.
         cfg: the stage's :class:`TrainConfig` (``cfg.batch_size`` is the global batch).

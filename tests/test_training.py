@@ -129,6 +129,30 @@ def _weights(ckpt: Checkpoint) -> dict[str, torch.Tensor]:
     return {n: p.detach().clone() for n, p in m.named_parameters()}
 
 
+def test_full_fine_tuning_with_frozen_bottom_trains_the_untied_head(setup, tmp_path):
+    """The tiny model ties its output head to the input embedding, as SmolLM2 does.
+    Full fine-tuning with ``freeze_layers`` keeps the embedding fixed and trains the
+    head, untied for the stage and saved so (issue 23, item 4)."""
+    from safetensors import safe_open
+
+    cfg, data, base = setup
+    m0, _ = load_checkpoint(base)
+    assert m0.config.tie_word_embeddings and m0.lm_head.weight is m0.model.embed_tokens.weight
+    emb0 = m0.model.embed_tokens.weight.detach().clone()
+    tcfg = cfg.tune.model_copy(update={"method": "full", "freeze_layers": 1, "epochs": 2})
+    res = train_checkpoint("aligned", base, data.align, tcfg, 0, "fp32", tmp_path)
+    m1, _ = load_checkpoint(res.checkpoint)
+    assert m1.config.tie_word_embeddings is False
+    with safe_open(str(tmp_path / "model" / "model.safetensors"), "pt") as h:
+        assert {"lm_head.weight", "model.embed_tokens.weight"} <= set(h.keys())
+    assert m1.lm_head.weight is not m1.model.embed_tokens.weight
+    assert torch.equal(m1.model.embed_tokens.weight, emb0)  # the input embedding is frozen
+    assert not torch.equal(m1.lm_head.weight, emb0)  # the head trained
+    # the base model itself is untouched: still tied, same weights
+    m0b, _ = load_checkpoint(base)
+    assert m0b.lm_head.weight is m0b.model.embed_tokens.weight and torch.equal(m0b.lm_head.weight, emb0)
+
+
 def test_every_method_combination_across_tune_perturb_recover(setup, home):
     """tune, perturb and recover each ``lora`` or ``full``: all 8 combinations train
     through the runner's stages (issue 23, item 6: a full stage after a LoRA one had an
