@@ -32,6 +32,7 @@ import json
 import logging
 import math
 import random
+from collections.abc import Iterable
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -189,6 +190,63 @@ def freeze_bottom(model, k: int) -> None:
     for layer in model.model.layers[:k]:
         for p in layer.parameters():
             p.requires_grad_(False)
+
+
+def nonfinite_weight(named: Iterable[tuple[str, torch.Tensor]]) -> tuple[str, str] | None:
+    """The first tensor holding a NaN or an infinity.
+
+    Args:
+        named: ``(name, tensor)`` pairs, e.g. ``model.named_parameters()`` or the
+            tensors of a safetensors file.
+
+    Returns:
+        ``(what, name)`` with ``what`` ``"nan"`` or ``"inf"``; None when every value
+        is finite.
+    """
+    for name, t in named:
+        t = t.detach()
+        if not t.is_floating_point() or bool(torch.isfinite(t).all()):
+            continue
+        return ("nan" if bool(torch.isnan(t).any()) else "inf"), name
+    return None
+
+
+def check_finite_weights(named: Iterable[tuple[str, torch.Tensor]], stage: str, step: int, lr: float) -> None:
+    """Stop a stage whose weights are not all finite, before anything of it is saved
+    or published.
+
+    Args:
+        named: ``(name, tensor)`` pairs of the stage's trained weights.
+        stage: the stage (checkpoint) name, for the message.
+        step: the last optimiser step done (0-based), for the message.
+        lr: the stage's learning rate, for the message.
+
+    Raises:
+        TrainingDiverged: one line, e.g. ``perturbed: weights became non-finite after
+            step 7 (inf in model.layers.0.mlp.up_proj.weight, lr=0.01); stage stopped,
+            earlier artifacts kept``.
+    """
+    bad = nonfinite_weight(named)
+    if bad is not None:
+        raise TrainingDiverged(
+            f"{stage}: weights became non-finite after step {step} ({bad[0]} in {bad[1]}, lr={lr}); "
+            "stage stopped, earlier artifacts kept"
+        )
+
+
+def check_saved_weights(folder: Path, stage: str, step: int, lr: float) -> None:
+    """:func:`check_finite_weights` on every safetensors file under ``folder`` (a stage's
+    output folder: ``adapter/`` or ``model/``), read tensor by tensor.
+
+    Raises:
+        TrainingDiverged: a saved tensor holds a NaN or an infinity.
+    """
+    from safetensors import safe_open
+
+    for f in sorted(Path(folder).rglob("*.safetensors")):
+        with safe_open(str(f), framework="pt") as h:
+            names = h.keys()  # a safetensors handle is no mapping: keys() it is
+            check_finite_weights(((k, h.get_tensor(k)) for k in names), stage, step, lr)
 
 
 @dataclass
@@ -423,8 +481,9 @@ def train(
         (nats/token, over the global batch), ``tokens`` (of the global batch).
 
     Raises:
-        TrainingDiverged: the loss became NaN or infinite (on every rank at once; nothing
-            is saved).
+        TrainingDiverged: the loss became NaN or infinite, or a trained weight did after
+            an epoch's last update (on every rank at once; nothing of that epoch is
+            saved).
     """
     world = world or World()
     device = torch.device(world.device)
@@ -532,6 +591,9 @@ def train(
             if on_step is not None:
                 on_step({**rec, "total_steps": total})
             step += 1
+        # a finite loss says nothing of the last update: check the weights before this
+        # epoch's checkpoint (and, after the last epoch, the stage's output) is saved
+        check_finite_weights(((n, p) for n, p in core.named_parameters() if p.requires_grad), stage, step - 1, cfg.lr)
         if on_epoch_end is not None:
             final = epoch == cfg.epochs - 1
             ep, st, hist = epoch, step, list(history)

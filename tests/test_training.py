@@ -153,6 +153,56 @@ def test_full_fine_tuning_with_frozen_bottom_trains_the_untied_head(setup, tmp_p
     assert m0b.lm_head.weight is m0b.model.embed_tokens.weight and torch.equal(m0b.lm_head.weight, emb0)
 
 
+def test_weights_that_end_non_finite_stop_the_stage(setup, tmp_path):
+    """One optimiser step whose update overflows: its loss (computed before the update)
+    is finite, the weights after it are not (AdamW's decay factor ``1 - lr *
+    weight_decay``, -3.4e38, takes the norm weights, about 1, beyond float32's range).
+    The stage stops, nothing is saved (issue 23, item 8)."""
+    cfg, data, base = setup
+    tcfg = cfg.tune.model_copy(update={
+        "method": "full", "lr": 3.4e37, "weight_decay": 10.0, "epochs": 1, "batch_size": len(data.align)})
+    with pytest.raises(TrainingDiverged) as e:
+        train_checkpoint("aligned", base, data.align, tcfg, 0, "fp32", tmp_path)
+    assert str(e.value).startswith("aligned: weights became non-finite after step 0 (inf in ")
+    assert str(e.value).endswith(", lr=3.4e+37); stage stopped, earlier artifacts kept")
+    assert not (tmp_path / "model").exists()
+
+
+def test_a_stage_whose_saved_weights_are_not_finite_is_not_published(setup, home):
+    """Whatever trained the stage (``fit``: Ray Train, or anything else), the runner
+    checks the saved weights before the store publishes them."""
+    from safetensors.torch import load_file, save_file
+
+    from components import runner
+    from components.artifacts import Store
+    from components.training import train_checkpoint as fit_in_process
+
+    cfg, data, base = setup
+    cfg = cfg.model_copy(update={"tune": cfg.tune.model_copy(update={"epochs": 1, "lr": 0.0123})})
+
+    last_step = []
+
+    def fit(spec, out_dir, key, on_step):
+        res = fit_in_process(spec.name, spec.parent, spec.items, spec.cfg, spec.seed, spec.precision, out_dir)
+        last_step.append(res.history[-1]["step"])
+        f = spec.weights_dir(out_dir) / "adapter_model.safetensors"
+        t = load_file(str(f))
+        name = min(t)
+        t[name][0, 0] = float("inf")
+        save_file(t, str(f))
+        return res
+
+    store = Store(home / "store")
+    before = set(store.executions())
+    with pytest.raises(TrainingDiverged) as e:
+        runner.train("tune", cfg, home, {"checkpoint": base.to_dict()}, data, fit=fit)
+    assert last_step == [1]  # 16 items, 8 a step
+    assert str(e.value).startswith("aligned: weights became non-finite after step 1 (")
+    assert "inf in " in str(e.value) and str(e.value).endswith(", lr=0.0123); stage stopped, earlier artifacts kept")
+    assert set(store.executions()) == before
+    assert not [p for p in store.root.iterdir() if p.name.startswith("tune-")]  # nothing published, no temp left
+
+
 def test_every_method_combination_across_tune_perturb_recover(setup, home):
     """tune, perturb and recover each ``lora`` or ``full``: all 8 combinations train
     through the runner's stages (issue 23, item 6: a full stage after a LoRA one had an
