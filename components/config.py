@@ -180,7 +180,9 @@ class TrainConfig(_Strict):
         kl_penalty: weight of the mean per-token KL(pi_ref || pi) over answer tokens,
             added to the cross-entropy; 0 turns it off.
         freeze_layers: the bottom k decoder layers (and the embeddings) are not
-            updated (Zheng et al. 2025, freezing the bottom layers).
+            updated (Zheng et al. 2025, freezing the bottom layers). With ``full`` the
+            output head still trains: a head tied to the input embedding is untied for
+            the stage and saved so (``components.training.freeze_bottom``).
         lora_r, lora_alpha, lora_dropout: LoRA rank, scale numerator and dropout.
         weight_decay: AdamW weight decay.
         max_grad_norm: gradient clipping norm (L2).

@@ -227,7 +227,8 @@ def train(kind: str, cfg: AuditConfig, home: Path, parent: dict, data: SuiteData
         ``dir``, ``machine``, ``train_run``) plus ``key`` and ``reused``.
 
     Raises:
-        TrainingDiverged: a non-finite loss; nothing of the stage is stored.
+        TrainingDiverged: a non-finite loss, or non-finite weights in what the stage
+            saved (checked before the store publishes it); nothing of the stage is stored.
     """
     from components.perturb import perturb_spec, reinit_blocks, unperturbed
     from components.recover import recover_spec, recovery_set
@@ -267,6 +268,10 @@ def train(kind: str, cfg: AuditConfig, home: Path, parent: dict, data: SuiteData
 
             res = train_checkpoint(spec.name, spec.parent, spec.items, spec.cfg, spec.seed, spec.precision, tmp,
                                    spec.trust_remote_code, on_step)
+        if spec is not None and res.history:  # trained, by whichever fit: its saved weights must be finite
+            from components.training import check_saved_weights
+
+            check_saved_weights(spec.weights_dir(tmp), spec.name, res.history[-1]["step"], spec.cfg.lr)
         ckpt = res.checkpoint
         ckpt.digest = key
         return {

@@ -32,6 +32,7 @@ import json
 import logging
 import math
 import random
+from collections.abc import Iterable
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -150,15 +151,102 @@ def attach_lora(model, cfg: TrainConfig):
     return get_peft_model(model, lcfg)
 
 
+def untie_output_head(model) -> bool:
+    """Give a model whose output head shares the input embedding matrix (tied
+    embeddings, as SmolLM2 and ``tiny-llama``) a head of its own: a copy of that
+    matrix, (vocabulary, hidden). ``config.tie_word_embeddings`` becomes False, so
+    ``save_pretrained`` writes both matrices and a reload keeps them apart.
+
+    Returns:
+        True when the head was tied (and now is not); False when it already had its
+        own weights (nothing changes).
+    """
+    head, emb = model.get_output_embeddings(), model.get_input_embeddings()
+    if head is None or head.weight is not emb.weight:
+        return False
+    head.weight = torch.nn.Parameter(emb.weight.detach().clone(), requires_grad=emb.weight.requires_grad)
+    model.config.tie_word_embeddings = False
+    text_cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    text_cfg.tie_word_embeddings = False
+    if hasattr(model, "get_expanded_tied_weights_keys"):  # transformers 5 keeps the tying map on the model
+        model.all_tied_weights_keys = model.get_expanded_tied_weights_keys(all_submodels=True)
+    return True
+
+
 def freeze_bottom(model, k: int) -> None:
-    """Full fine-tuning: stop gradients to the embeddings and the bottom ``k`` decoder layers."""
+    """Full fine-tuning: stop gradients to the input embeddings and the bottom ``k``
+    decoder layers.
+
+    The output head is always trained: when it is tied to the input embedding (SmolLM2,
+    ``tiny-llama``), it is untied first (:func:`untie_output_head`) and the stage's
+    weights are saved untied. ``k <= 0`` changes nothing (a tied head stays tied and is
+    trained together with the embedding).
+    """
     if k <= 0:
         return
+    untie_output_head(model)
     for p in model.get_input_embeddings().parameters():
         p.requires_grad_(False)
     for layer in model.model.layers[:k]:
         for p in layer.parameters():
             p.requires_grad_(False)
+
+
+def nonfinite_weight(named: Iterable[tuple[str, torch.Tensor]]) -> tuple[str, str] | None:
+    """The first tensor holding a NaN or an infinity.
+
+    Args:
+        named: ``(name, tensor)`` pairs, e.g. ``model.named_parameters()`` or the
+            tensors of a safetensors file.
+
+    Returns:
+        ``(what, name)`` with ``what`` ``"nan"`` or ``"inf"``; None when every value
+        is finite.
+    """
+    for name, t in named:
+        t = t.detach()
+        if not t.is_floating_point() or bool(torch.isfinite(t).all()):
+            continue
+        return ("nan" if bool(torch.isnan(t).any()) else "inf"), name
+    return None
+
+
+def check_finite_weights(named: Iterable[tuple[str, torch.Tensor]], stage: str, step: int, lr: float) -> None:
+    """Stop a stage whose weights are not all finite, before anything of it is saved
+    or published.
+
+    Args:
+        named: ``(name, tensor)`` pairs of the stage's trained weights.
+        stage: the stage (checkpoint) name, for the message.
+        step: the last optimiser step done (0-based), for the message.
+        lr: the stage's learning rate, for the message.
+
+    Raises:
+        TrainingDiverged: one line, e.g. ``perturbed: weights became non-finite after
+            step 7 (inf in model.layers.0.mlp.up_proj.weight, lr=0.01); stage stopped,
+            earlier artifacts kept``.
+    """
+    bad = nonfinite_weight(named)
+    if bad is not None:
+        raise TrainingDiverged(
+            f"{stage}: weights became non-finite after step {step} ({bad[0]} in {bad[1]}, lr={lr}); "
+            "stage stopped, earlier artifacts kept"
+        )
+
+
+def check_saved_weights(folder: Path, stage: str, step: int, lr: float) -> None:
+    """:func:`check_finite_weights` on every safetensors file under ``folder`` (a stage's
+    output folder: ``adapter/`` or ``model/``), read tensor by tensor.
+
+    Raises:
+        TrainingDiverged: a saved tensor holds a NaN or an infinity.
+    """
+    from safetensors import safe_open
+
+    for f in sorted(Path(folder).rglob("*.safetensors")):
+        with safe_open(str(f), framework="pt") as h:
+            names = h.keys()  # a safetensors handle is no mapping: keys() it is
+            check_finite_weights(((k, h.get_tensor(k)) for k in names), stage, step, lr)
 
 
 @dataclass
@@ -368,7 +456,9 @@ def train(
 
     Args:
         model: a merged ``PreTrainedModel`` (fp32, on CPU); LoRA is attached here when
-            ``cfg.method == "lora"``.
+            ``cfg.method == "lora"``. With ``full`` every weight trains, whatever its
+            ``requires_grad`` was, but those ``cfg.freeze_layers`` freezes
+            (:func:`freeze_bottom`, which unties a tied output head).
         items: the stage's training items (prompt + gold answer); every rank gets all
             of them and keeps its share of each global batch.
         cfg: the stage's :class:`TrainConfig` (``cfg.batch_size`` is the global batch).
@@ -391,8 +481,9 @@ def train(
         (nats/token, over the global batch), ``tokens`` (of the global batch).
 
     Raises:
-        TrainingDiverged: the loss became NaN or infinite (on every rank at once; nothing
-            is saved).
+        TrainingDiverged: the loss became NaN or infinite, or a trained weight did after
+            an epoch's last update (on every rank at once; nothing of that epoch is
+            saved).
     """
     world = world or World()
     device = torch.device(world.device)
@@ -401,6 +492,10 @@ def train(
         model = attach_lora(model, cfg)
         ref_model = None
     else:
+        # every weight of the checkpoint trains (a merged LoRA checkpoint comes with
+        # requires_grad off: peft freezes the base weights it merges into), less the
+        # frozen bottom
+        model.requires_grad_(True)
         ref_model = copy.deepcopy(model).eval() if cfg.kl_penalty > 0 else None
         freeze_bottom(model, cfg.freeze_layers)
     history: list[dict] = []
@@ -496,6 +591,9 @@ def train(
             if on_step is not None:
                 on_step({**rec, "total_steps": total})
             step += 1
+        # a finite loss says nothing of the last update: check the weights before this
+        # epoch's checkpoint (and, after the last epoch, the stage's output) is saved
+        check_finite_weights(((n, p) for n, p in core.named_parameters() if p.requires_grad), stage, step - 1, cfg.lr)
         if on_epoch_end is not None:
             final = epoch == cfg.epochs - 1
             ep, st, hist = epoch, step, list(history)

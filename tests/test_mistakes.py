@@ -186,3 +186,32 @@ def test_diverged_training_stops_the_stage_and_keeps_the_earlier_artifacts(home,
     kinds = sorted(p.name.split("-")[0] for p in (h / "store").iterdir() if p.is_dir() and not p.name.startswith("."))
     assert "tune" in kinds and "perturb" not in kinds
     assert not (out / "summary.json").exists()
+
+
+def test_non_finite_weights_stop_the_stage_and_keep_the_earlier_artifacts(home, tmp_path):
+    """The perturb stage's one optimiser step overflows (AdamW's decay factor ``1 - lr *
+    weight_decay`` takes the norm weights beyond float32's range): its loss (before the
+    update) is finite, the weights after it are not (issue 23, item 8). One line naming
+    the stage and the step, exit 2; the stage publishes nothing and is never probed, the
+    tune stage stays in the store, no summary is written."""
+    h, out = tmp_path / "home", tmp_path / "out"
+    h.mkdir()
+    (home / "cache").mkdir(exist_ok=True)
+    (h / "cache").symlink_to(home / "cache", target_is_directory=True)
+    env = {**os.environ, "CL_AUDIT_HOME": str(h), "HF_HUB_OFFLINE": "1"}
+    for k in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI", "CL_AUDIT_FAILPOINTS"):
+        env.pop(k, None)
+    r = subprocess.run([sys.executable, "-m", "pipelines.cli", "run", "--config", str(TINY), "--out", str(out),
+                        "--set", "tune.method=full", "--set", "perturb.method=full", "--set", "perturb.lr=3.4e37",
+                        "--set", "perturb.weight_decay=10", "--set", "perturb.epochs=1",
+                        "--set", "perturb.batch_size=64"],
+                       check=False, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 2, r.stdout[-2000:] + r.stderr[-2000:]
+    lines = [x for x in r.stderr.splitlines() if x.strip()]
+    assert len(lines) == 1 and "Traceback" not in r.stderr + r.stdout, r.stderr
+    assert lines[0].startswith("error: perturbed: weights became non-finite after step 0 ("), lines[0]
+    assert lines[0].endswith(", lr=3.4e+37); stage stopped, earlier artifacts kept"), lines[0]
+    kinds = sorted(p.name.split("-")[0] for p in (h / "store").iterdir() if p.is_dir() and not p.name.startswith("."))
+    assert "tune" in kinds and "perturb" not in kinds and "recover" not in kinds
+    assert not [p for p in (h / "store").iterdir() if p.name.startswith(".perturb-")]  # no temporary folder left
+    assert not (out / "summary.json").exists()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -119,3 +121,134 @@ def test_prepared_data_round_trips_through_json(setup):
     back = SuiteData.from_dict(json.loads(json.dumps(data.to_dict())))
     assert back == data
     assert back.probe_attribute == "continent" and back.digest() == data.digest()
+
+
+def _weights(ckpt: Checkpoint) -> dict[str, torch.Tensor]:
+    """Every parameter of a checkpoint's merged model, by name (tied ones once)."""
+    m, _ = load_checkpoint(ckpt)
+    return {n: p.detach().clone() for n, p in m.named_parameters()}
+
+
+def test_full_fine_tuning_with_frozen_bottom_trains_the_untied_head(setup, tmp_path):
+    """The tiny model ties its output head to the input embedding, as SmolLM2 does.
+    Full fine-tuning with ``freeze_layers`` keeps the embedding fixed and trains the
+    head, untied for the stage and saved so (issue 23, item 4)."""
+    from safetensors import safe_open
+
+    cfg, data, base = setup
+    m0, _ = load_checkpoint(base)
+    assert m0.config.tie_word_embeddings and m0.lm_head.weight is m0.model.embed_tokens.weight
+    emb0 = m0.model.embed_tokens.weight.detach().clone()
+    tcfg = cfg.tune.model_copy(update={"method": "full", "freeze_layers": 1, "epochs": 2})
+    res = train_checkpoint("aligned", base, data.align, tcfg, 0, "fp32", tmp_path)
+    m1, _ = load_checkpoint(res.checkpoint)
+    assert m1.config.tie_word_embeddings is False
+    with safe_open(str(tmp_path / "model" / "model.safetensors"), "pt") as h:
+        assert {"lm_head.weight", "model.embed_tokens.weight"} <= set(h.keys())
+    assert m1.lm_head.weight is not m1.model.embed_tokens.weight
+    assert torch.equal(m1.model.embed_tokens.weight, emb0)  # the input embedding is frozen
+    assert not torch.equal(m1.lm_head.weight, emb0)  # the head trained
+    # the base model itself is untouched: still tied, same weights
+    m0b, _ = load_checkpoint(base)
+    assert m0b.lm_head.weight is m0b.model.embed_tokens.weight and torch.equal(m0b.lm_head.weight, emb0)
+
+
+def test_weights_that_end_non_finite_stop_the_stage(setup, tmp_path):
+    """One optimiser step whose update overflows: its loss (computed before the update)
+    is finite, the weights after it are not (AdamW's decay factor ``1 - lr *
+    weight_decay``, -3.4e38, takes the norm weights, about 1, beyond float32's range).
+    The stage stops, nothing is saved (issue 23, item 8)."""
+    cfg, data, base = setup
+    tcfg = cfg.tune.model_copy(update={
+        "method": "full", "lr": 3.4e37, "weight_decay": 10.0, "epochs": 1, "batch_size": len(data.align)})
+    with pytest.raises(TrainingDiverged) as e:
+        train_checkpoint("aligned", base, data.align, tcfg, 0, "fp32", tmp_path)
+    assert str(e.value).startswith("aligned: weights became non-finite after step 0 (inf in ")
+    assert str(e.value).endswith(", lr=3.4e+37); stage stopped, earlier artifacts kept")
+    assert not (tmp_path / "model").exists()
+
+
+def test_a_stage_whose_saved_weights_are_not_finite_is_not_published(setup, home):
+    """Whatever trained the stage (``fit``: Ray Train, or anything else), the runner
+    checks the saved weights before the store publishes them."""
+    from safetensors.torch import load_file, save_file
+
+    from components import runner
+    from components.artifacts import Store
+    from components.training import train_checkpoint as fit_in_process
+
+    cfg, data, base = setup
+    cfg = cfg.model_copy(update={"tune": cfg.tune.model_copy(update={"epochs": 1, "lr": 0.0123})})
+
+    last_step = []
+
+    def fit(spec, out_dir, key, on_step):
+        res = fit_in_process(spec.name, spec.parent, spec.items, spec.cfg, spec.seed, spec.precision, out_dir)
+        last_step.append(res.history[-1]["step"])
+        f = spec.weights_dir(out_dir) / "adapter_model.safetensors"
+        t = load_file(str(f))
+        name = min(t)
+        t[name][0, 0] = float("inf")
+        save_file(t, str(f))
+        return res
+
+    store = Store(home / "store")
+    before = set(store.executions())
+    with pytest.raises(TrainingDiverged) as e:
+        runner.train("tune", cfg, home, {"checkpoint": base.to_dict()}, data, fit=fit)
+    assert last_step == [1]  # 16 items, 8 a step
+    assert str(e.value).startswith("aligned: weights became non-finite after step 1 (")
+    assert "inf in " in str(e.value) and str(e.value).endswith(", lr=0.0123); stage stopped, earlier artifacts kept")
+    assert set(store.executions()) == before
+    assert not [p for p in store.root.iterdir() if p.name.startswith("tune-")]  # nothing published, no temp left
+
+
+def test_every_method_combination_across_tune_perturb_recover(setup, home):
+    """tune, perturb and recover each ``lora`` or ``full``: all 8 combinations train
+    through the runner's stages (issue 23, item 6: a full stage after a LoRA one had an
+    empty parameter list). Each stage changes what it should of the merged checkpoint
+    it starts from, and each checkpoint stacks on its parent's."""
+    from components import runner
+
+    cfg, data, base = setup
+    small = {"epochs": 1, "batch_size": 4}
+    parent = {"checkpoint": base.to_dict()}
+    seen: dict[tuple, dict] = {}
+    weights: dict[str, dict[str, torch.Tensor]] = {"base-test": _weights(base)}
+
+    def stage(kind: str, methods: tuple, par: dict) -> dict:
+        if methods in seen:  # a prefix shared by two combinations is trained once
+            return seen[methods]
+        c = cfg.model_copy(update={
+            "tune": cfg.tune.model_copy(update={"method": methods[0], **small}),
+            "perturb": cfg.perturb.model_copy(update={"method": methods[min(1, len(methods) - 1)], **small}),
+            "recover": cfg.recover.model_copy(update={"method": methods[-1], **small}),
+        })
+        arm = {"arm": "in_task", "n": 4} if kind == "recover" else {}
+        res = runner.train(kind, c, home, par, data, **arm)
+        assert not res["reused"] and res["history"], (kind, methods)
+        pc, ck = Checkpoint(**par["checkpoint"]), Checkpoint(**res["checkpoint"])
+        w = Path(res["dir"]) / ("adapter" if methods[-1] == "lora" else "model")
+        if methods[-1] == "lora":  # the adapter stacks on the parent's chain
+            assert (ck.adapters, ck.full_dir) == ([*pc.adapters, str(w)], pc.full_dir), (kind, methods)
+        else:  # all weights, replacing the parent's chain
+            assert (ck.adapters, ck.full_dir) == ([], str(w)), (kind, methods)
+        assert (w / "config.json" if methods[-1] == "full" else w / "adapter_config.json").exists()
+        before, after = weights[pc.digest], _weights(ck)
+        assert before.keys() == after.keys()
+        changed = {n for n in before if not torch.equal(before[n], after[n])}
+        if methods[-1] == "full":  # every weight of the merged parent trained
+            assert changed == set(before), (kind, methods, set(before) - changed)
+        else:  # the linear layers of the blocks changed, nothing else
+            assert changed and all(".layers." in n and n.endswith("proj.weight") for n in changed), (kind, methods)
+            assert "model.embed_tokens.weight" not in changed
+        weights[ck.digest] = after
+        seen[methods] = res
+        return res
+
+    combos = [(t, p, r) for t in ("lora", "full") for p in ("lora", "full") for r in ("lora", "full")]
+    for t, p, r in combos:
+        tuned = stage("tune", (t,), parent)
+        perturbed = stage("perturb", (t, p), tuned)
+        stage("recover", (t, p, r), perturbed)
+    assert len(seen) == 2 + 4 + 8
