@@ -35,7 +35,7 @@ chromium:
 	  { echo "make test needs chromium (Debian: apt-get install chromium)"; exit 1; }
 
 test: setup chromium
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=25
 
 test-fast: setup
 	$(BIN)/python -m pytest -q -m "not real_model"
