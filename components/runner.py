@@ -24,7 +24,7 @@ from components.config import AuditConfig, stable_hash
 from components.data import SuiteData, check_leakage
 from components.registry import SUITES
 from components.base_model import resolve_model
-from components.models import Checkpoint, model_digest, model_source
+from components.models import Checkpoint, model_digest, model_source, tokenizer_rebuild
 
 # The environment of every process that runs a stage (a Ray worker, a Kubeflow
 # component): no hub downloads, no progress bars or warnings of the libraries.
@@ -96,7 +96,10 @@ def prepare(cfg: AuditConfig, home: Path, threads: int | None = None) -> dict:
         cfg.model, home / "cache", suite.tokenizer_texts(items, cfg), cfg.seed, suite.pretraining_items(items, cfg)
     )
     mdigest = model_digest(model_dir)
-    base = Checkpoint("base", str(model_dir), [], None, f"base-{mdigest[:20]}")
+    # a tokenizer that cl-audit rebuilt (a GGUF's pre-tokenizer) is part of what the stages compute
+    rebuilt = tokenizer_rebuild(model_dir)
+    bdigest = mdigest[:20] if rebuilt is None else stable_hash([mdigest, rebuilt], 20)
+    base = Checkpoint("base", str(model_dir), [], None, f"base-{bdigest}")
     # loaded once, and only when the filter or the candidate mining is not stored yet
     load_base = functools.cache(lambda: load_checkpoint(base, cfg.model.trust_remote_code))
     known = None
