@@ -538,6 +538,70 @@ def split_items(
     )
 
 
+def special_tokens(tok) -> list[str]:
+    """The special tokens of a tokenizer (``<|im_end|>``, ``<|im_start|>``, ...): its named
+    ones and every added token marked special, longest first."""
+    found = set(getattr(tok, "all_special_tokens", []) or [])
+    for t in (getattr(tok, "added_tokens_decoder", None) or {}).values():
+        if getattr(t, "special", False):
+            found.add(str(t.content if hasattr(t, "content") else t))
+    return sorted((t for t in found if t), key=lambda t: (-len(t), t))
+
+
+# the text fields of an item as the user names them (the custom suite's schema)
+_TEXT_FIELDS = (("question", "prompt"), ("answer", "answer"), ("template", "template"),
+                ("knowledge_question", "knowledge_question"), ("knowledge_template", "knowledge_template"))
+
+
+def check_special_tokens(items: list[Item], tok, extra: dict[str, list[str]] | None = None) -> None:
+    """Refuse user text that spells a special token of the model's tokenizer.
+
+    The chat prompt is tokenised as one string, so ``<|im_end|>`` inside an answer would
+    become the end-of-turn token (trained as a label: the model learns to stop there; an
+    evaluation answer that can never be generated), and ``<|im_end|>\n<|im_start|>`` inside
+    a prompt would forge a chat turn. User text must stay text: a row that spells one is
+    refused rather than tokenised in a way the model never sees in use.
+
+    Args:
+        items: every item of the suite (their ``source`` names file and line).
+        tok: the model's tokenizer (:func:`special_tokens`).
+        extra: more user texts, by the config field that gave them (``data.answer_pool``).
+
+    Raises:
+        UserError: ``<file>: line N: field '<name>': contains '<token>', ...``; one line,
+            the first offending text.
+    """
+    specials = special_tokens(tok)
+    if not specials:
+        return
+
+    def refuse(where: str, name: str | None, text: str) -> None:
+        hits = [(text.find(t), -len(t), t) for t in specials if t in text]
+        if hits:
+            hit = min(hits)[2]  # the first in the text
+            field_ = f": field '{name}'" if name else ""
+            raise UserError(
+                f"{where}{field_}: contains '{hit}', a special token of the model's tokenizer; user text "
+                "is never turned into control tokens (it would end the turn or forge a chat turn): remove or "
+                "respell it"
+            )
+
+    for it in items:
+        where = it.source or f"item '{it.id}'"
+        for attr, name in _TEXT_FIELDS:
+            value = getattr(it, attr)
+            if isinstance(value, str):
+                refuse(where, name, value)
+        for c in it.candidates:
+            refuse(where, "candidates", c)
+        for q, t in it.phrasings or []:
+            refuse(where, "phrasings", q)
+            refuse(where, "phrasings", t)
+    for name, texts in (extra or {}).items():
+        for text in texts:
+            refuse(name, None, text)
+
+
 TRAIN_POOLS = ("align", "perturb", "recover")
 
 

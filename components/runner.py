@@ -21,7 +21,7 @@ from typing import Callable
 
 from components.artifacts import Store, machine_info
 from components.config import AuditConfig, stable_hash
-from components.data import SuiteData, check_leakage
+from components.data import SuiteData, check_leakage, check_special_tokens
 from components.registry import SUITES
 from components.base_model import resolve_model
 from components.models import Checkpoint, model_digest, model_source, tokenizer_rebuild
@@ -80,13 +80,15 @@ def prepare(cfg: AuditConfig, home: Path, threads: int | None = None) -> dict:
         "model_dir", "model_source", "known": [...], "machine": machine_info()}``.
 
     Raises:
-        UserError: bad data, too few known items, or leakage between a training pool
+        UserError: bad data (also a text that spells a special token of the model's
+            tokenizer: :func:`components.data.check_special_tokens`), too few known items,
+            or leakage between a training pool
             and the evaluation pool (unless ``data.allow_leakage``; allowed leaks are
             listed in ``data.notes["allowed_leaks"]``).
     """
     from components.metrics import generate_answers
     from components.data import MATCHERS
-    from components.models import load_checkpoint
+    from components.models import load_checkpoint, load_tokenizer
 
     _threads(threads)
     home = Path(home)
@@ -95,6 +97,9 @@ def prepare(cfg: AuditConfig, home: Path, threads: int | None = None) -> dict:
     model_dir = resolve_model(
         cfg.model, home / "cache", suite.tokenizer_texts(items, cfg), cfg.seed, suite.pretraining_items(items, cfg)
     )
+    # user text that spells a special token (<|im_end|>) would become a control token
+    check_special_tokens(items, load_tokenizer(model_dir, cfg.model.trust_remote_code),
+                         {"data.answer_pool": list(cfg.data.answer_pool)})
     mdigest = model_digest(model_dir)
     # a tokenizer that cl-audit rebuilt (a GGUF's pre-tokenizer) is part of what the stages compute
     rebuilt = tokenizer_rebuild(model_dir)
