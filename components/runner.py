@@ -137,7 +137,8 @@ def prepare(cfg: AuditConfig, home: Path, threads: int | None = None) -> dict:
     data = suite.make_split(items, known, cfg)
     data.notes["candidates"] = prepare_candidates(cfg, base, data, base_answers, Store(home / "store"), load_base)
     load_base.cache_clear()
-    leaks = check_leakage(data, cfg.data.allow_leakage)
+    leaks = check_leakage(data, cfg.data.allow_leakage, suite.fact_subject,
+                          cfg.data.leakage_similarity if suite.near_duplicates else None)
     if leaks:  # allowed by the user: recorded in summary.json ("data") and the manifest
         data.notes["allowed_leaks"] = [f"{e.id} ({how} of {t.id})" for e, how, t in leaks]
     release_memory()
