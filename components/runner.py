@@ -64,7 +64,10 @@ def release_memory() -> None:
 
 
 def _items_digest(items) -> str:
-    return stable_hash([i.to_dict() for i in items], 20)
+    """The store key's digest of a list of items: their content only. ``source`` (file
+    and line, for messages) is left out, so the same rows in a renamed file, or on other
+    lines, reuse every stage."""
+    return stable_hash([{k: v for k, v in i.to_dict().items() if k != "source"} for i in items], 20)
 
 
 def prepare(cfg: AuditConfig, home: Path, threads: int | None = None) -> dict:
