@@ -157,7 +157,7 @@ def check_gguf_pre_tokenizer(gguf: Path) -> str | None:
     if pre not in supported:
         raise UserError(
             f"model.id: {gguf}: its tokenizer's pre-tokenizer (tokenizer.ggml.pre) is "
-            f"{repr(pre) if pre else 'not stated'}, which cl-audit cannot rebuild (token ids would differ from the "
+            f"{repr(pre) if pre else 'not stated'}, which cannot be rebuilt here (token ids would differ from the "
             f"model's own tokenizer); supported: {', '.join(sorted(supported))}; convert the model to a "
             "transformers directory with its tokenizer.json and give that directory"
         )

@@ -112,7 +112,7 @@ def test_gguf_with_an_unsupported_pre_tokenizer_is_refused_in_one_line(tmp_path,
     msg = str(e.value)
     assert "\n" not in msg
     assert msg.startswith(f"model.id: {f}: its tokenizer's pre-tokenizer (tokenizer.ggml.pre) is "
-                          f"{repr(pre) if pre else 'not stated'}, which cl-audit cannot rebuild")
+                          f"{repr(pre) if pre else 'not stated'}, which cannot be rebuilt here")
     assert "supported: " in msg and "smollm" in msg
 
 
