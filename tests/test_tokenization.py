@@ -55,6 +55,15 @@ def test_gguf_tokenizer_gives_the_published_ids_for_the_issue_strings(smol_tok):
     assert got == ISSUE
 
 
+def test_gguf_tokenizer_is_saved_and_loaded_with_its_pre_tokenizer(smol_tok, tmp_path):
+    """What the conversion writes (``save_pretrained``) is what every stage loads."""
+    from components.models import load_tokenizer
+
+    smol_tok.save_pretrained(tmp_path)
+    tok = load_tokenizer(tmp_path)
+    assert {s: tok(s, add_special_tokens=False).input_ids for s in ISSUE} == ISSUE
+
+
 @pytest.mark.parametrize("text", DIGITS + WHITESPACE + ACCENTS + list(ISSUE))
 def test_gguf_tokenizer_follows_the_declared_smollm_rules(smol_tok, text):
     ids = smol_tok(text, add_special_tokens=False).input_ids
