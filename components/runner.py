@@ -100,10 +100,10 @@ def prepare(cfg: AuditConfig, home: Path, threads: int | None = None) -> dict:
     model_dir = resolve_model(
         cfg.model, home / "cache", suite.tokenizer_texts(items, cfg), cfg.seed, suite.pretraining_items(items, cfg)
     )
+    mdigest = model_digest(model_dir)  # first: it refuses a folder without safetensors weights
     # user text that spells a special token (<|im_end|>) would become a control token
     check_special_tokens(items, load_tokenizer(model_dir, cfg.model.trust_remote_code),
                          {"data.answer_pool": list(cfg.data.answer_pool)})
-    mdigest = model_digest(model_dir)
     # a tokenizer that cl-audit rebuilt (a GGUF's pre-tokenizer) is part of what the stages compute
     rebuilt = tokenizer_rebuild(model_dir)
     bdigest = mdigest[:20] if rebuilt is None else stable_hash([mdigest, rebuilt], 20)
