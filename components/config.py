@@ -120,6 +120,12 @@ class DataConfig(_Strict):
         allow_leakage: run even when an evaluation item's id or normalised prompt also
             occurs in a training set (align, perturb, recover); off by default, the
             audit stops (``--allow-leakage`` sets it).
+        leakage_similarity: two prompts are near-duplicates (an evaluation item leaks
+            into a training item) when their normalised word sets overlap at least this
+            much (Jaccard: shared words over all words); used for items whose fact the
+            suite does not know (the custom suite's rows); 1.0: only the same word set.
+            It decides whether the audit runs, not what it computes, so it is not part
+            of the config digest.
     """
 
     filter_known: bool = True
@@ -134,6 +140,7 @@ class DataConfig(_Strict):
     answer_pool: list[str] = []
     files: list[str] = []
     allow_leakage: bool = False
+    leakage_similarity: float = Field(0.8, gt=0, le=1)
 
 
 class ScalingSection(_Strict):
@@ -540,10 +547,12 @@ class AuditConfig(_Strict):
     def science(self) -> dict:
         """This config without its orchestration settings: the ``sweep`` and ``ray``
         sections and each training stage's ``scaling`` (how many workers, CPUs and GPUs
-        run a stage changes its speed, not what it computes)."""
+        run a stage changes its speed, not what it computes), and without
+        ``data.leakage_similarity`` (it decides whether an audit runs, not what it computes)."""
         return self.model_dump(mode="json", exclude={
             "sweep": True, "ray": True,
             "tune": {"scaling"}, "perturb": {"scaling"}, "recover": {"scaling"},
+            "data": {"leakage_similarity"},  # whether the audit runs, not what it computes
         })
 
     def digest(self) -> str:

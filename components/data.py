@@ -323,6 +323,13 @@ class Suite:
             on; default :func:`pretraining_items`.
         texts: ``(items, cfg) -> texts`` its tokenizer is trained on; default
             :func:`suite_texts`.
+        fact_subject: the item attributes that name what a fact is about (capitals:
+            ``country``); with the gold answer they are the fact the leakage check
+            matches (:func:`check_leakage`); empty: the suite does not know its facts, and
+            near-duplicate prompts are matched instead.
+        near_duplicates: whether the leakage check matches near-duplicate prompts of
+            items whose fact it does not know (False: a suite whose prompts are
+            generated from a few templates, where shared words are the design).
     """
 
     name: str
@@ -339,6 +346,8 @@ class Suite:
     split: Callable[[list[Item], list[bool] | None, AuditConfig], SuiteData] | None = None
     pretrain: Callable[[list[Item], AuditConfig], list[Item]] | None = None
     texts: Callable[[list[Item], AuditConfig], list[str]] | None = None
+    fact_subject: tuple[str, ...] = ()
+    near_duplicates: bool = True
 
     def items(self, cfg: AuditConfig) -> list[Item]:
         """The suite's raw items for ``cfg`` (capped at ``data.max_items`` for suites
@@ -538,46 +547,165 @@ def split_items(
     )
 
 
+def special_tokens(tok) -> list[str]:
+    """The special tokens of a tokenizer (``<|im_end|>``, ``<|im_start|>``, ...): its named
+    ones and every added token marked special, longest first."""
+    found = set(getattr(tok, "all_special_tokens", []) or [])
+    for t in (getattr(tok, "added_tokens_decoder", None) or {}).values():
+        if getattr(t, "special", False):
+            found.add(str(t.content if hasattr(t, "content") else t))
+    return sorted((t for t in found if t), key=lambda t: (-len(t), t))
+
+
+# the text fields of an item as the user names them (the custom suite's schema)
+_TEXT_FIELDS = (("question", "prompt"), ("answer", "answer"), ("template", "template"),
+                ("knowledge_question", "knowledge_question"), ("knowledge_template", "knowledge_template"))
+
+
+def check_special_tokens(items: list[Item], tok, extra: dict[str, list[str]] | None = None) -> None:
+    """Refuse user text that spells a special token of the model's tokenizer.
+
+    The chat prompt is tokenised as one string, so ``<|im_end|>`` inside an answer would
+    become the end-of-turn token (trained as a label: the model learns to stop there; an
+    evaluation answer that can never be generated), and ``<|im_end|>\n<|im_start|>`` inside
+    a prompt would forge a chat turn. User text must stay text: a row that spells one is
+    refused rather than tokenised in a way the model never sees in use.
+
+    Args:
+        items: every item of the suite (their ``source`` names file and line).
+        tok: the model's tokenizer (:func:`special_tokens`).
+        extra: more user texts, by the config field that gave them (``data.answer_pool``).
+
+    Raises:
+        UserError: ``<file>: line N: field '<name>': contains '<token>', ...``; one line,
+            the first offending text.
+    """
+    specials = special_tokens(tok)
+    if not specials:
+        return
+
+    def refuse(where: str, name: str | None, text: str) -> None:
+        hits = [(text.find(t), -len(t), t) for t in specials if t in text]
+        if hits:
+            hit = min(hits)[2]  # the first in the text
+            field_ = f": field '{name}'" if name else ""
+            raise UserError(
+                f"{where}{field_}: contains '{hit}', a special token of the model's tokenizer; user text "
+                "is never turned into control tokens (it would end the turn or forge a chat turn): remove or "
+                "respell it"
+            )
+
+    for it in items:
+        where = it.source or f"item '{it.id}'"
+        for attr, name in _TEXT_FIELDS:
+            value = getattr(it, attr)
+            if isinstance(value, str):
+                refuse(where, name, value)
+        for c in it.candidates:
+            refuse(where, "candidates", c)
+        for q, t in it.phrasings or []:
+            refuse(where, "phrasings", q)
+            refuse(where, "phrasings", t)
+    for name, texts in (extra or {}).items():
+        for text in texts:
+            refuse(name, None, text)
+
+
 TRAIN_POOLS = ("align", "perturb", "recover")
 
 
-def check_leakage(data: SuiteData, allow: bool = False) -> list[tuple[Item, str, Item]]:
+def prompt_words(text: str) -> frozenset[str]:
+    """The set of words of a prompt after :func:`normalise` (what near-duplicates share)."""
+    return frozenset(normalise(text).split())
+
+
+def word_overlap(a: frozenset[str], b: frozenset[str]) -> float:
+    """Jaccard similarity of two word sets: shared words over all words (1.0: the same set)."""
+    return len(a & b) / len(a | b) if a or b else 1.0
+
+
+def fact_key(item: Item, subject: tuple[str, ...]) -> tuple[str, ...] | None:
+    """The fact an item asks for: the values of its ``subject`` attributes (capitals:
+    the country; biography: the person and the attribute) and its gold answer, normalised
+    (:meth:`Item.gold`: a perturbation item that refuses a fact keeps the fact in its
+    candidates). None when the item lacks one of them (the suite does not know its fact)."""
+    if not subject or not all(item.attributes.get(k) for k in subject):
+        return None
+    gold = normalise(item.gold())
+    return (*(normalise(item.attributes[k]) for k in subject), gold) if gold else None
+
+
+def check_leakage(data: SuiteData, allow: bool = False, subject: tuple[str, ...] = (),
+                  similarity: float | None = None) -> list[tuple[Item, str, Item]]:
     """Find evaluation items that also occur in a training set (align, perturb, recover).
 
-    An evaluation item leaks when its id, or its prompt after :func:`normalise`, equals
-    that of a training item: its score then measures memorised training data, not the
-    fate of a stored fact. Overlap that a suite builds on purpose (``notes
-    ["overlap_by_design"]``, e.g. ``perturb.kind=wrong_facts``) is not leakage.
+    An evaluation item leaks into a training item (its score then measures memorised
+    training data, not the fate of a stored fact) when they share
+
+    * ``id``: the id;
+    * ``prompt``: the prompt after :func:`normalise`;
+    * ``fact``: the fact, where the suite knows it (``subject``: the item attributes that
+      name what a fact is about; with the gold answer, :func:`fact_key`) — the same fact
+      asked in another phrasing;
+    * ``similar``: otherwise (an item whose fact is not known), a near-duplicate prompt:
+      :func:`word_overlap` of the normalised word sets at least ``similarity``
+      (the audit passes ``data.leakage_similarity``, default 0.8, unless the suite
+      turns near-duplicates off; None: not matched).
+
+    The one overlap a suite builds on purpose is not leakage: ``perturb.kind=wrong_facts``
+    trains the evaluated facts onto wrong answers (``notes["overwritten"]``: an evaluation
+    item and the perturbation item of the same id); every other pair still leaks.
 
     Returns:
-        ``(eval item, "id" | "prompt", training item)`` per leak (empty when clean).
+        ``(eval item, "id" | "prompt" | "fact" | "similar", training item)`` per leaking
+        evaluation item (the first match; empty when clean).
 
     Raises:
         UserError: leaks found and ``allow`` is false; one line naming up to three
-            leaking items (id, role, file and line where known) and how to allow them.
+            leaking pairs (id, role, file and line where known, both rows) and how to
+            allow them.
     """
-    if data.notes.get("overlap_by_design"):
-        return []
-    by_id: dict[str, Item] = {}
-    by_prompt: dict[str, Item] = {}
-    for pool in TRAIN_POOLS:
-        for it in getattr(data, pool):
-            by_id.setdefault(it.id, it)
-            by_prompt.setdefault(normalise(it.question), it)
-    leaks = []
+    by_design = set(data.notes.get("overwritten") or {}) if data.notes.get("overlap_by_design") else set()
+    train = [it for pool in TRAIN_POOLS for it in getattr(data, pool)]
+    prepared = [(t, normalise(t.question), fact_key(t, subject), prompt_words(t.question)) for t in train]
+    leaks: list[tuple[Item, str, Item]] = []
+    scores: dict[tuple[str, str], float] = {}
     for it in data.eval:
-        if it.id in by_id:
-            leaks.append((it, "id", by_id[it.id]))
-        elif normalise(it.question) in by_prompt:
-            leaks.append((it, "prompt", by_prompt[normalise(it.question)]))
+        norm, fact, words = normalise(it.question), fact_key(it, subject), prompt_words(it.question)
+        found: dict[str, Item] = {}
+        for t, t_norm, t_fact, t_words in prepared:
+            if it.id in by_design and t.role == "perturb" and t.id == it.id:
+                continue  # wrong_facts: this evaluated fact is overwritten on purpose
+            if t.id == it.id:
+                found.setdefault("id", t)
+            elif t_norm == norm:
+                found.setdefault("prompt", t)
+            elif fact is not None and t_fact is not None:
+                if t_fact == fact:
+                    found.setdefault("fact", t)
+            elif similarity is not None and (fact is None or t_fact is None):
+                score = word_overlap(words, t_words)
+                if score >= similarity and "similar" not in found:
+                    found["similar"] = t
+                    scores[(it.id, t.id)] = score
+        for how in ("id", "prompt", "fact", "similar"):
+            if how in found:
+                leaks.append((it, how, found[how]))
+                break
     if leaks and not allow:
         def where(i: Item) -> str:
             return f"'{i.id}' ({i.role}{', ' + i.source if i.source else ''})"
 
-        shown = "; ".join(
-            f"{where(e)} has the same {'id' if how == 'id' else 'normalised prompt'} as {where(t)}"
-            for e, how, t in leaks[:3]
-        )
+        def what(e: Item, how: str, t: Item) -> str:
+            if how == "fact":
+                subj = ", ".join(f"{k}={e.attributes[k]}" for k in subject)
+                return f"asks the same fact ({subj}, answer {e.gold()}) as"
+            if how == "similar":
+                return (f"has a near-duplicate prompt (word overlap {scores[(e.id, t.id)]:.2f} >= "
+                        f"data.leakage_similarity {similarity:g}) as")
+            return f"has the same {'id' if how == 'id' else 'normalised prompt'} as"
+
+        shown = "; ".join(f"{where(e)} {what(e, how, t)} {where(t)}" for e, how, t in leaks[:3])
         more = f" and {len(leaks) - 3} more" if len(leaks) > 3 else ""
         raise UserError(
             f"data: leakage: {len(leaks)} evaluation item(s) also in a training set (align, perturb, recover): "

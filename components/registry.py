@@ -107,7 +107,8 @@ def check_data(cfg: AuditConfig) -> SuiteData:
     """
     suite = SUITES[cfg.suite]
     data = suite.make_split(suite.items(cfg), None, cfg)
-    check_leakage(data, cfg.data.allow_leakage)
+    check_leakage(data, cfg.data.allow_leakage, suite.fact_subject,
+                  cfg.data.leakage_similarity if suite.near_duplicates else None)
     return data
 
 

@@ -21,10 +21,10 @@ from typing import Callable
 
 from components.artifacts import Store, machine_info
 from components.config import AuditConfig, stable_hash
-from components.data import SuiteData, check_leakage
+from components.data import SuiteData, check_leakage, check_special_tokens
 from components.registry import SUITES
 from components.base_model import resolve_model
-from components.models import Checkpoint, model_digest, model_source
+from components.models import Checkpoint, model_digest, model_source, tokenizer_rebuild
 
 # The environment of every process that runs a stage (a Ray worker, a Kubeflow
 # component): no hub downloads, no progress bars or warnings of the libraries.
@@ -64,7 +64,10 @@ def release_memory() -> None:
 
 
 def _items_digest(items) -> str:
-    return stable_hash([i.to_dict() for i in items], 20)
+    """The store key's digest of a list of items: their content only. ``source`` (file
+    and line, for messages) is left out, so the same rows in a renamed file, or on other
+    lines, reuse every stage."""
+    return stable_hash([{k: v for k, v in i.to_dict().items() if k != "source"} for i in items], 20)
 
 
 def prepare(cfg: AuditConfig, home: Path, threads: int | None = None) -> dict:
@@ -80,13 +83,15 @@ def prepare(cfg: AuditConfig, home: Path, threads: int | None = None) -> dict:
         "model_dir", "model_source", "known": [...], "machine": machine_info()}``.
 
     Raises:
-        UserError: bad data, too few known items, or leakage between a training pool
+        UserError: bad data (also a text that spells a special token of the model's
+            tokenizer: :func:`components.data.check_special_tokens`), too few known items,
+            or leakage between a training pool
             and the evaluation pool (unless ``data.allow_leakage``; allowed leaks are
             listed in ``data.notes["allowed_leaks"]``).
     """
     from components.metrics import generate_answers
     from components.data import MATCHERS
-    from components.models import load_checkpoint
+    from components.models import load_checkpoint, load_tokenizer
 
     _threads(threads)
     home = Path(home)
@@ -95,8 +100,14 @@ def prepare(cfg: AuditConfig, home: Path, threads: int | None = None) -> dict:
     model_dir = resolve_model(
         cfg.model, home / "cache", suite.tokenizer_texts(items, cfg), cfg.seed, suite.pretraining_items(items, cfg)
     )
-    mdigest = model_digest(model_dir)
-    base = Checkpoint("base", str(model_dir), [], None, f"base-{mdigest[:20]}")
+    mdigest = model_digest(model_dir)  # first: it refuses a folder without safetensors weights
+    # user text that spells a special token (<|im_end|>) would become a control token
+    check_special_tokens(items, load_tokenizer(model_dir, cfg.model.trust_remote_code),
+                         {"data.answer_pool": list(cfg.data.answer_pool)})
+    # a tokenizer that cl-audit rebuilt (a GGUF's pre-tokenizer) is part of what the stages compute
+    rebuilt = tokenizer_rebuild(model_dir)
+    bdigest = mdigest[:20] if rebuilt is None else stable_hash([mdigest, rebuilt], 20)
+    base = Checkpoint("base", str(model_dir), [], None, f"base-{bdigest}")
     # loaded once, and only when the filter or the candidate mining is not stored yet
     load_base = functools.cache(lambda: load_checkpoint(base, cfg.model.trust_remote_code))
     known = None
@@ -129,7 +140,8 @@ def prepare(cfg: AuditConfig, home: Path, threads: int | None = None) -> dict:
     data = suite.make_split(items, known, cfg)
     data.notes["candidates"] = prepare_candidates(cfg, base, data, base_answers, Store(home / "store"), load_base)
     load_base.cache_clear()
-    leaks = check_leakage(data, cfg.data.allow_leakage)
+    leaks = check_leakage(data, cfg.data.allow_leakage, suite.fact_subject,
+                          cfg.data.leakage_similarity if suite.near_duplicates else None)
     if leaks:  # allowed by the user: recorded in summary.json ("data") and the manifest
         data.notes["allowed_leaks"] = [f"{e.id} ({how} of {t.id})" for e, how, t in leaks]
     release_memory()

@@ -334,4 +334,5 @@ SUITE = Suite(
     split=split,
     pretrain=pretrain,
     texts=texts,
+    fact_subject=("person", "attribute"),
 )

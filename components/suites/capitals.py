@@ -62,4 +62,5 @@ SUITE = Suite(
     probe_attribute="continent",  # GeoNames continent code of the country (AF, AS, EU, NA, OC, SA)
     candidate_group="continent",
     perturb_kinds=("refusal", "abstain", "format", "wrong_facts", "reinit", "none"),
+    fact_subject=("country",),
 )

@@ -38,9 +38,11 @@ field                 required  meaning
 Every file needs at least the four required fields (columns); extra fields are an
 error, so a typo cannot be silently ignored. A mistake stops the audit with one line
 naming the file, the line (JSONL, CSV) or row (Parquet), the field and what was
-expected. The pools must not share an id or a normalised prompt between a training
-role (align, perturb, recover) and ``eval`` (:func:`components.data.check_leakage`)
-unless ``data.allow_leakage`` is set.
+expected. The pools must not share an id, a normalised prompt or a near-duplicate
+prompt (``data.leakage_similarity``) between a training role (align, perturb, recover)
+and ``eval`` (:func:`components.data.check_leakage`) unless ``data.allow_leakage`` is
+set. A text that spells a special token of the model's tokenizer (``<|im_end|>``) is
+refused once the model is known (:func:`components.data.check_special_tokens`).
 """
 
 from __future__ import annotations
