@@ -263,19 +263,25 @@ URI_HELP = "MLflow tracking URI (default: MLFLOW_TRACKING_URI, else sqlite in ru
 def verify(
     target: str = typer.Argument(..., metavar="RUN_DIR_OR_MLFLOW_RUN_ID", help="A run folder or an audit's MLflow run id."),
     tracking_uri: Optional[str] = typer.Option(None, "--tracking-uri", help=URI_HELP),
+    allow_unanchored: bool = typer.Option(
+        False, "--allow-unanchored",
+        help="Accept a manifest whose sha256 cannot be checked on the audit's MLflow run (a note, not a failure)."),
 ) -> None:
     """Check every artifact of an audit against its manifest (sha256 and size).
 
-    A run folder is read from disk (stage artifacts from the stage store); a run id is
-    downloaded from the tracking store. Exits 1 and prints one line per mismatching
-    file when anything differs.
+    A run folder is read from disk (stage artifacts from the stage store of
+    CL_AUDIT_HOME; nothing outside the folder and the store is read); a run id is
+    downloaded from the tracking store. The manifest itself must match the sha256
+    recorded on the audit's MLflow run: when that cannot be checked (store unreachable,
+    no digest) the check fails unless --allow-unanchored. Exits 1 and prints one line
+    per mismatching file when anything differs.
 
     Example: cl-audit verify runs/audits/capitals-0123abcd
     """
     from pipelines.trail import classify, verify as do_verify
 
     uri = absolute_uri(tracking_uri) if classify(target) == "folder" else _store_uri(tracking_uri)
-    report = do_verify(target, uri)
+    report = do_verify(target, uri, allow_unanchored)
     for path, why in report.mismatches:
         console.print(f"MISMATCH {path}: {why}", highlight=False, markup=False, soft_wrap=True)
     for note in report.notes:
