@@ -68,7 +68,9 @@ def run(
 
     if register is not None:
         check_model_name(register)
-    config, out, tracking_uri = _abs(config), _abs(out), absolute_uri(tracking_uri)
+    # --config is read here, once, before anything changes folder: it keeps the user's
+    # spelling, which the one-line messages about it name
+    out, tracking_uri = _abs(out), absolute_uri(tracking_uri)
     extra = []
     if model is not None:
         extra.append(f"model.id={json.dumps(str(model))}")
@@ -120,7 +122,9 @@ def sweep(
         if max_concurrent < 1:
             raise UserError(f"--max-concurrent {max_concurrent}: expected an integer >= 1")
         set_ = [*set_, f"sweep.max_concurrent={max_concurrent}"]
-    config, out, tracking_uri = _abs(config), _abs(out), absolute_uri(tracking_uri)
+    # --config is read here, once, before anything changes folder: it keeps the user's
+    # spelling, which the one-line messages about it name
+    out, tracking_uri = _abs(out), absolute_uri(tracking_uri)
     cfg = absolute_paths(load_config(suite, config, set_, quick))
     home = default_home()
     out_dir = out or home / "sweeps" / f"{cfg.suite}-{sweep_digest(cfg)[:12]}"
@@ -204,7 +208,7 @@ def compile_(
     from components.registry import load_config
     from pipelines.kubeflow import compile_pipeline, default_image
 
-    cfg = load_config(suite, _abs(config), set_, quick)  # paths inside the config name files on the cluster
+    cfg = load_config(suite, config, set_, quick)  # paths inside the config name files on the cluster
     path = compile_pipeline(cfg, _abs(out), image, tracking_uri)
     console.print(
         f"Wrote {path}: pipeline cl-audit ({cfg.suite}, config {cfg.digest()[:12]}), image {image or default_image()}",
@@ -248,7 +252,7 @@ def _store_uri(tracking_uri: Optional[str]) -> str:
     return resolve_tracking_uri(absolute_uri(tracking_uri), default_home())
 
 
-def _abs(path: Optional[Path]) -> Optional[Path]:
+def _abs(path: Path | None) -> Path | None:
     """A path the user gave, absolute against the current folder (None stays None):
     every process and working folder that uses it then means the same file."""
     from components.registry import absolute

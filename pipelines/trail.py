@@ -111,8 +111,8 @@ def _unanchored(report: VerifyReport, why: str | None, allow: bool) -> None:
     if allow:
         report.notes.append(f"manifest.json not anchored ({why}); checked against itself only (--allow-unanchored)")
     else:
-        report.mismatches.insert(0, (MANIFEST, f"not anchored ({why}); the files cannot be trusted to be the "
-                                               "audit's; --allow-unanchored checks them against this manifest alone"))
+        report.mismatches.insert(0, (MANIFEST, (f"not anchored ({why}); the files cannot be trusted to be the "
+                                                "audit's; --allow-unanchored checks them against this manifest alone")))
 
 
 def verify(target: str, tracking_uri: str | None = None, allow_unanchored: bool = False,

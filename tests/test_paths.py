@@ -14,7 +14,6 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-
 from conftest import ROOT, TINY
 
 SWEEP = ("sweep.kl_penalty=[0.0]", "sweep.sizes=[2,4]", "sweep.arms=[in_task]")
@@ -28,7 +27,7 @@ def cli_in(cwd: Path, *args: str, env: dict[str, str], timeout: int = 900) -> su
         full.pop(k)
     full["PYTHONPATH"] = os.pathsep.join([str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])
     return subprocess.run([sys.executable, "-m", "pipelines.cli", *args], cwd=cwd, env=full, capture_output=True,
-                          text=True, timeout=timeout)
+                          text=True, timeout=timeout, check=False)
 
 
 def _runs(db: Path) -> dict[str, dict[str, str]]:
