@@ -112,3 +112,38 @@ def check_data(cfg: AuditConfig) -> SuiteData:
     return data
 
 
+
+
+def absolute(path: str | Path, cwd: Path | None = None) -> Path:
+    """``path`` as an absolute path against ``cwd`` (default: the current folder), ``~``
+    expanded, ``.`` and ``..`` folded; symbolic links are kept (an absolute path is
+    returned as given), so a message names the file as the user spelled it."""
+    import os
+
+    p = Path(path).expanduser()
+    if p.is_absolute():
+        return p
+    return Path(os.path.normpath((Path(cwd) if cwd is not None else Path.cwd()) / p))
+
+
+def absolute_paths(cfg: AuditConfig, cwd: Path | None = None) -> AuditConfig:
+    """``cfg`` with every local path it names made absolute against ``cwd`` (default:
+    the current folder): ``data.files`` and a ``model.id`` that is a local model folder
+    or ``.gguf`` file. Stage tasks and Tune trials run in other working folders; an
+    absolute path means the same file there. A hub id, the built-in model ids and a
+    path that does not exist (refused later, as given) are left alone.
+
+    Called where a user's config enters (``cl-audit run``, ``cl-audit sweep``); not by
+    ``cl-audit compile``, whose paths name files on the cluster.
+    """
+    from components.models import SMOLLM2_ID, TINY_ID
+
+    tree = cfg.model_dump(mode="json")
+    tree["data"]["files"] = [str(absolute(f, cwd)) for f in cfg.data.files]
+    model = absolute(cfg.model.id, cwd)
+    if cfg.model.id not in (SMOLLM2_ID, TINY_ID) and (
+            model.is_dir() or (model.is_file() and model.suffix.lower() == ".gguf")):
+        tree["model"]["id"] = str(model)
+    if tree == cfg.model_dump(mode="json"):
+        return cfg
+    return AuditConfig.model_validate(tree)

@@ -21,6 +21,7 @@ from rich.console import Console
 from components.errors import UserError
 from pipelines.console import (AuditProgress, compare_table, config_diff_table, history_table, layers_table,
                                stage_table, sweep_lines, verdict_lines)
+from pipelines.mlflow_env import absolute_env, absolute_uri
 
 app = typer.Typer(
     add_completion=False,
@@ -61,12 +62,15 @@ def run(
 
     Example: cl-audit run custom --model ./my-model --data items.jsonl
     """
-    from components.registry import load_config
+    from components.registry import absolute_paths, load_config
     from pipelines.audit import default_home, run_audit, stage_order
     from pipelines.tracking import check_model_name
 
     if register is not None:
         check_model_name(register)
+    # --config is read here, once, before anything changes folder: it keeps the user's
+    # spelling, which the one-line messages about it name
+    out, tracking_uri = _abs(out), absolute_uri(tracking_uri)
     extra = []
     if model is not None:
         extra.append(f"model.id={json.dumps(str(model))}")
@@ -74,7 +78,7 @@ def run(
         extra.append(f"data.files={json.dumps([str(p) for p in data])}")
     if allow_leakage:
         extra.append("data.allow_leakage=true")
-    cfg = load_config(suite or ("custom" if data else None), config, [*extra, *set_], quick)
+    cfg = absolute_paths(load_config(suite or ("custom" if data else None), config, [*extra, *set_], quick))
     home = default_home()
     out_dir = out or home / "audits" / f"{cfg.suite}-{cfg.digest()[:12]}"
     t0 = time.time()
@@ -110,7 +114,7 @@ def sweep(
 
     Example: cl-audit sweep capitals --quick --set "sweep.kl_penalty=[0,0.1,1]" --set "sweep.sizes=[2,4]"
     """
-    from components.registry import load_config
+    from components.registry import absolute_paths, load_config
     from pipelines.audit import default_home
     from pipelines.sweep import run_sweep, sweep_digest
 
@@ -118,7 +122,10 @@ def sweep(
         if max_concurrent < 1:
             raise UserError(f"--max-concurrent {max_concurrent}: expected an integer >= 1")
         set_ = [*set_, f"sweep.max_concurrent={max_concurrent}"]
-    cfg = load_config(suite, config, set_, quick)
+    # --config is read here, once, before anything changes folder: it keeps the user's
+    # spelling, which the one-line messages about it name
+    out, tracking_uri = _abs(out), absolute_uri(tracking_uri)
+    cfg = absolute_paths(load_config(suite, config, set_, quick))
     home = default_home()
     out_dir = out or home / "sweeps" / f"{cfg.suite}-{sweep_digest(cfg)[:12]}"
     t0 = time.time()
@@ -145,6 +152,7 @@ def show(run_dir: Path = typer.Argument(..., help="A run folder with summary.jso
 
     Example: cl-audit show runs/audits/capitals-0123abcd
     """
+    run_dir = _abs(run_dir)
     path = run_dir / "summary.json"
     if not path.exists():
         raise UserError(f"{path}: not found; expected the folder of a finished run")
@@ -172,6 +180,7 @@ def report(run_dir: Path = typer.Argument(..., help="A run folder with summary.j
     """
     from pipelines.report import write_report
 
+    run_dir = _abs(run_dir)
     path = write_report(run_dir)
     plots = sorted(p.name for p in (run_dir / "plots").glob("*.png"))
     console.print(f"Wrote {path} ({len(plots)} figures: {', '.join(plots)})", highlight=False)
@@ -199,8 +208,8 @@ def compile_(
     from components.registry import load_config
     from pipelines.kubeflow import compile_pipeline, default_image
 
-    cfg = load_config(suite, config, set_, quick)
-    path = compile_pipeline(cfg, out, image, tracking_uri)
+    cfg = load_config(suite, config, set_, quick)  # paths inside the config name files on the cluster
+    path = compile_pipeline(cfg, _abs(out), image, tracking_uri)
     console.print(
         f"Wrote {path}: pipeline cl-audit ({cfg.suite}, config {cfg.digest()[:12]}), image {image or default_image()}",
         highlight=False,
@@ -240,7 +249,15 @@ def _store_uri(tracking_uri: Optional[str]) -> str:
     from pipelines.audit import default_home
     from pipelines.tracking import resolve_tracking_uri
 
-    return resolve_tracking_uri(tracking_uri, default_home())
+    return resolve_tracking_uri(absolute_uri(tracking_uri), default_home())
+
+
+def _abs(path: Path | None) -> Path | None:
+    """A path the user gave, absolute against the current folder (None stays None):
+    every process and working folder that uses it then means the same file."""
+    from components.registry import absolute
+
+    return None if path is None else absolute(path)
 
 
 URI_HELP = "MLflow tracking URI (default: MLFLOW_TRACKING_URI, else sqlite in runs/)."
@@ -250,19 +267,25 @@ URI_HELP = "MLflow tracking URI (default: MLFLOW_TRACKING_URI, else sqlite in ru
 def verify(
     target: str = typer.Argument(..., metavar="RUN_DIR_OR_MLFLOW_RUN_ID", help="A run folder or an audit's MLflow run id."),
     tracking_uri: Optional[str] = typer.Option(None, "--tracking-uri", help=URI_HELP),
+    allow_unanchored: bool = typer.Option(
+        False, "--allow-unanchored",
+        help="Accept a manifest whose sha256 cannot be checked on the audit's MLflow run (a note, not a failure)."),
 ) -> None:
     """Check every artifact of an audit against its manifest (sha256 and size).
 
-    A run folder is read from disk (stage artifacts from the stage store); a run id is
-    downloaded from the tracking store. Exits 1 and prints one line per mismatching
-    file when anything differs.
+    A run folder is read from disk (stage artifacts from the stage store of
+    CL_AUDIT_HOME; nothing outside the folder and the store is read); a run id is
+    downloaded from the tracking store. The manifest itself must match the sha256
+    recorded on the audit's MLflow run: when that cannot be checked (store unreachable,
+    no digest) the check fails unless --allow-unanchored. Exits 1 and prints one line
+    per mismatching file when anything differs.
 
     Example: cl-audit verify runs/audits/capitals-0123abcd
     """
     from pipelines.trail import classify, verify as do_verify
 
-    uri = tracking_uri if classify(target) == "folder" else _store_uri(tracking_uri)
-    report = do_verify(target, uri)
+    uri = absolute_uri(tracking_uri) if classify(target) == "folder" else _store_uri(tracking_uri)
+    report = do_verify(target, uri, allow_unanchored)
     for path, why in report.mismatches:
         console.print(f"MISMATCH {path}: {why}", highlight=False, markup=False, soft_wrap=True)
     for note in report.notes:
@@ -291,7 +314,8 @@ def sync(
     """
     from pipelines.journal import sync as do_sync
 
-    sent, _ = do_sync(run_dir, tracking_uri)
+    run_dir = _abs(run_dir)
+    sent, _ = do_sync(run_dir, absolute_uri(tracking_uri))
     console.print(f"sent {sent} records to MLflow" if sent else f"{run_dir}: nothing to send",
                   highlight=False, markup=False, soft_wrap=True)
 
@@ -375,6 +399,9 @@ def main() -> None:
 
     for name in ("mlflow", "alembic"):
         logging.getLogger(name).setLevel(logging.WARNING)
+    # MLFLOW_TRACKING_URI and CL_AUDIT_HOME as absolute paths: Ray workers and Tune trials
+    # (each in its own working folder) inherit this environment
+    absolute_env()
     try:
         rc = app(standalone_mode=False)  # a command's typer.Exit(code) comes back as its return value
     except UserError as e:

@@ -17,7 +17,7 @@ from typing import Any
 
 from components.artifacts import atomic_write
 from components.errors import UserError
-from pipelines.mlflow_env import quiet_mlflow, redact_uri
+from pipelines.mlflow_env import absolute_uri, quiet_mlflow, redact_uri, store_client
 from pipelines.state import STATE, read_state
 
 JOURNAL = ".mlflow-journal.jsonl"
@@ -151,7 +151,8 @@ def sync(run_dir: Path, tracking_uri: str | None = None) -> tuple[int, int]:
 
     Args:
         run_dir: the audit's output folder (holding ``.mlflow-journal.jsonl``).
-        tracking_uri: default: the one the audit used (``.cl-audit-state.json``).
+        tracking_uri: default: the one the audit used (``.cl-audit-state.json``); a
+            relative local path in it is made absolute.
 
     Returns:
         ``(sent, left)``: records sent now, records still waiting.
@@ -170,13 +171,12 @@ def sync(run_dir: Path, tracking_uri: str | None = None) -> tuple[int, int]:
     uri = tracking_uri or (state or {}).get("tracking_uri")
     if not uri:
         raise UserError(f"{run_dir / STATE}: missing; pass --tracking-uri")
-    from mlflow.tracking import MlflowClient
-
     quiet_mlflow()
+    uri = absolute_uri(uri)
     if uri.startswith(("http://", "https://")):
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
-    journal.replay(MlflowClient(tracking_uri=uri))
+    journal.replay(store_client(uri))
     left = journal.pending()
     if left:
         raise UserError(f"--tracking-uri {redact_uri(uri)}: MLflow tracking server still not answering; "

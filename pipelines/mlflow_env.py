@@ -1,9 +1,18 @@
 """How cl-audit talks to MLflow, shared by the tracker (:mod:`pipelines.tracking`) and
-the journal (:mod:`pipelines.journal`): a quiet client, and a tracking URI fit to print."""
+the journal (:mod:`pipelines.journal`): a quiet client, a tracking URI that means one
+place in every process and working folder (:func:`absolute_uri`), a client built under
+the store's lock (:func:`store_client`), and a tracking URI fit to print."""
 
 from __future__ import annotations
 
+import contextlib
 import os
+from pathlib import Path
+
+# How long a process waits for another one that creates or migrates the same sqlite
+# store (a fresh store's schema migration takes a few seconds; a killed holder's lock is
+# released by the kernel at once).
+STORE_LOCK_TIMEOUT_S = 600
 
 
 def quiet_mlflow() -> None:
@@ -28,3 +37,90 @@ def redact_uri(uri: str) -> str:
     host = parts.hostname or ""
     netloc = f"{parts.username}:***@{host}" + (f":{parts.port}" if parts.port else "")
     return urlunsplit(parts._replace(netloc=netloc))
+
+
+def absolute_uri(uri: str | None, cwd: Path | None = None) -> str | None:
+    """``uri`` with a relative local path made absolute against ``cwd`` (default: the
+    current folder), so that every process and working folder (a Ray worker, a Tune
+    trial's own folder) means the same store.
+
+    ``sqlite:///rel.db`` -> ``sqlite:////abs/rel.db`` (a ``?query`` is kept),
+    ``file:rel`` / ``file:./rel`` -> ``file:///abs/rel``, a bare path ``./mlruns`` or
+    ``~/mlruns`` -> ``/abs/mlruns``; absolute ones, in-memory sqlite, ``databricks`` and
+    every network URI (``http://``, ``postgresql://`` ...) are returned unchanged.
+    None or ``""`` is returned as given.
+    """
+    from urllib.parse import urlsplit
+
+    if not uri:
+        return uri
+    base = Path(cwd) if cwd is not None else Path.cwd()
+
+    def local(p: str) -> Path:
+        q = Path(p).expanduser()
+        return q if q.is_absolute() else (base / q).resolve()
+
+    if uri.startswith("sqlite:///"):
+        path, sep, query = uri.removeprefix("sqlite:///").partition("?")
+        if not path or path == ":memory:" or path.startswith("/"):
+            return uri
+        return f"sqlite:///{local(path)}{sep}{query}"
+    parts = urlsplit(uri)
+    if parts.scheme == "file":
+        if parts.netloc or parts.path.startswith("/"):
+            return uri
+        return local(parts.path).as_uri()
+    if uri == "databricks" or parts.scheme or "://" in uri:
+        return uri
+    return str(local(uri))
+
+
+def absolute_env(cwd: Path | None = None) -> None:
+    """Make the paths the environment gives (``MLFLOW_TRACKING_URI``, ``CL_AUDIT_HOME``)
+    absolute in ``os.environ``, so that child processes (Ray workers, Tune trials in
+    their own working folders, MLflow's own calls) mean the same place as this one."""
+    uri = os.environ.get("MLFLOW_TRACKING_URI")
+    if uri:
+        os.environ["MLFLOW_TRACKING_URI"] = absolute_uri(uri, cwd)
+    home = os.environ.get("CL_AUDIT_HOME")
+    if home:
+        base = Path(cwd) if cwd is not None else Path.cwd()
+        os.environ["CL_AUDIT_HOME"] = str((base / Path(home).expanduser()).resolve())
+
+
+def sqlite_path(uri: str) -> Path | None:
+    """The database file of a ``sqlite:///`` URI (None for any other URI or in-memory)."""
+    if not uri.startswith("sqlite:///"):
+        return None
+    path = uri.removeprefix("sqlite:///").partition("?")[0]
+    return None if not path or path == ":memory:" else Path(path)
+
+
+def store_lock(uri: str):
+    """A context manager held while a process creates, migrates or sets up the tracking
+    store of ``uri``: an exclusive file lock ``<db>.lock`` beside a sqlite database (two
+    processes running MLflow's schema migration on one fresh file at once break it for
+    good); nothing for other stores (a server serialises its own migrations).
+
+    Raises:
+        filelock.Timeout: another process held it for :data:`STORE_LOCK_TIMEOUT_S`.
+    """
+    db = sqlite_path(uri)
+    if db is None:
+        return contextlib.nullcontext()
+    from filelock import FileLock
+
+    return FileLock(str(db) + ".lock", timeout=STORE_LOCK_TIMEOUT_S)
+
+
+def store_client(uri: str):
+    """An ``MlflowClient`` on ``uri``, built under :func:`store_lock` (building it opens
+    the store, which creates or migrates a sqlite database).
+
+    Raises:
+        whatever MLflow raises for an unusable store, or ``filelock.Timeout``.
+    """
+    from mlflow.tracking import MlflowClient
+
+    with store_lock(uri):
+        return MlflowClient(tracking_uri=uri)

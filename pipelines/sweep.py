@@ -315,8 +315,13 @@ def run_sweep(
     from components.models import check_model_id
     from pipelines.audit import check_writable, default_home, versions
     from pipelines.dag import init_ray, prepare_task, worker_allocator_env
+    from pipelines.mlflow_env import absolute_env
     from pipelines.tracking import AuditTracker, redact_uri, resolve_tracking_uri
 
+    # Every trial runs in its own working folder: the paths it is given (home, out_dir,
+    # the tracking URI, the config's files) and the environment it inherits
+    # (MLFLOW_TRACKING_URI, CL_AUDIT_HOME) are absolute, so they mean the same place there.
+    absolute_env()
     home = Path(home or default_home()).resolve()
     out_dir = Path(out_dir).resolve()
     check_writable(out_dir)

@@ -28,7 +28,7 @@ from mlflow.data.dataset_source import DatasetSource
 from components.artifacts import flatten, safe_params
 from components.errors import UserError
 from pipelines.journal import Journal, unreachable
-from pipelines.mlflow_env import quiet_mlflow, redact_uri
+from pipelines.mlflow_env import absolute_uri, quiet_mlflow, redact_uri, sqlite_path, store_client, store_lock
 # re-exported: pipelines.audit takes the run folder's file names and state from here
 from pipelines.journal import JOURNAL as JOURNAL
 from pipelines.state import read_state as read_state, write_state as write_state
@@ -37,10 +37,15 @@ RUN_ID = re.compile(r"^[0-9a-f]{32}$")
 
 
 def resolve_tracking_uri(cli_uri: str | None, home: Path) -> str:
-    """``--tracking-uri`` > ``MLFLOW_TRACKING_URI`` > ``sqlite:///<home>/mlflow.db`` (absolute)."""
+    """``--tracking-uri`` > ``MLFLOW_TRACKING_URI`` > ``sqlite:///<home>/mlflow.db``.
+
+    A relative local path in the URI (``sqlite:///rel.db``, ``file:mlruns``, ``./mlruns``)
+    is made absolute against the current folder (:func:`absolute_uri`): the store it
+    names is the same in every process and working folder (a Tune trial runs in its own).
+    """
     uri = cli_uri or os.environ.get("MLFLOW_TRACKING_URI")
     if uri:
-        return uri
+        return absolute_uri(uri)
     return f"sqlite:///{(Path(home).resolve() / 'mlflow.db')}"
 
 
@@ -48,12 +53,16 @@ class AuditTracker:
     """One audit's MLflow records.
 
     Args:
-        tracking_uri: any MLflow tracking URI (``sqlite:///...``, ``http://...``).
+        tracking_uri: any MLflow tracking URI (``sqlite:///...``, ``http://...``); a
+            relative local path in it is made absolute (:func:`absolute_uri`).
         experiment: experiment name (created when missing; for a sqlite store its
             artifacts live in ``mlartifacts/`` beside the database).
 
+    Processes that open one sqlite store at the same moment take turns (a file lock
+    ``<db>.lock`` beside it) to create or migrate it and to create the experiment.
+
     Raises:
-        UserError: the tracking store cannot be reached.
+        UserError: the tracking store cannot be reached (one line).
     """
 
     def __init__(self, tracking_uri: str, experiment: str, journal: Path | None = None):
@@ -66,19 +75,15 @@ class AuditTracker:
             os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
             os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
             os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
+        tracking_uri = absolute_uri(tracking_uri)
         self.uri = tracking_uri
         self.journal = Journal(journal) if journal is not None else None
-        self.client = MlflowClient(tracking_uri=tracking_uri)
         try:
-            exp = self.client.get_experiment_by_name(experiment)
-            if exp is None:
-                loc = None
-                if tracking_uri.startswith("sqlite:///"):
-                    db = Path(tracking_uri.removeprefix("sqlite:///"))
-                    loc = (db.parent / "mlartifacts").resolve().as_uri()
-                self.experiment_id = self.client.create_experiment(experiment, artifact_location=loc)
-            else:
-                self.experiment_id = exp.experiment_id
+            # One process at a time creates (migrates) a sqlite store and its experiment:
+            # processes started together on a fresh store would break its schema for good.
+            with store_lock(tracking_uri):
+                self.client = MlflowClient(tracking_uri=tracking_uri)
+                self.experiment_id = self._experiment(experiment)
         except Exception as e:  # noqa: BLE001 - any failure here means "store unreachable"
             msg = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
             raise UserError(f"--tracking-uri {redact_uri(tracking_uri)}: MLflow tracking store not reachable ({msg})"
@@ -87,6 +92,26 @@ class AuditTracker:
         self.children: dict[str, str] = {}
         self._done: set[str] = set()
         self._start: dict[str, int] = {}  # run id -> start time (ms): the timestamp of its metrics
+
+    def _experiment(self, name: str) -> str:
+        """The id of experiment ``name``, created when missing (for a sqlite store with
+        its artifacts in ``mlartifacts/`` beside the database). Another process (on a
+        server) that creates it first wins; its experiment is used."""
+        from mlflow.exceptions import MlflowException
+
+        exp = self.client.get_experiment_by_name(name)
+        if exp is not None:
+            return exp.experiment_id
+        loc = None
+        db = sqlite_path(self.uri)
+        if db is not None:
+            loc = (db.parent / "mlartifacts").resolve().as_uri()
+        try:
+            return self.client.create_experiment(name, artifact_location=loc)
+        except MlflowException as e:
+            if e.error_code != "RESOURCE_ALREADY_EXISTS":
+                raise
+            return self.client.get_experiment_by_name(name).experiment_id
 
     # -- writes: straight to the store, or to the journal while the store is unreachable --
 
@@ -430,21 +455,22 @@ def open_store(uri: str):
     """An ``MlflowClient`` on an existing tracking store, for reading.
 
     A sqlite store must already exist (it is never created here); an ``http://`` server
-    gets a few quick retries instead of MLflow's minutes-long default.
+    gets a few quick retries instead of MLflow's minutes-long default. A relative local
+    path in ``uri`` is made absolute (:func:`absolute_uri`).
 
     Raises:
         UserError: no such store, or it cannot be reached.
     """
-    from mlflow.tracking import MlflowClient
-
     quiet_mlflow()
-    if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).exists():
+    uri = absolute_uri(uri)
+    db = sqlite_path(uri)
+    if db is not None and not db.exists():
         raise UserError(f"--tracking-uri {uri}: no tracking store there (no audits recorded yet?)")
     if uri.startswith(("http://", "https://")):
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "20")
-    client = MlflowClient(tracking_uri=uri)
     try:
+        client = store_client(uri)  # an old sqlite schema is migrated here, one process at a time
         client.search_experiments(max_results=1)
     except Exception as e:  # noqa: BLE001 - any failure here means "store unreachable"
         msg = str(e).splitlines()[0][:200] if str(e) else type(e).__name__

@@ -65,11 +65,13 @@ class VerifyReport:
     Attributes:
         where: the audit, in words (run folder or MLflow run and store).
         checked: files checked against the manifest.
-        mismatches: ``(path, why)`` for every file whose size or sha256 differs, or that
-            is missing; ``manifest.json`` itself when it differs from the digest recorded
-            on the audit's MLflow run.
+        mismatches: ``(path, why)`` for every file whose size or sha256 differs, that
+            is missing, or that lies outside the run folder and the stage store (not
+            read); ``manifest.json`` itself when it differs from the digest recorded on
+            the audit's MLflow run, or when that digest cannot be checked (unless
+            unanchored manifests are allowed).
         notes: remarks that do not fail the check (files added after the audit, the
-            manifest's anchor not checked).
+            anchor checked, an unanchored manifest that was allowed).
     """
 
     where: str
@@ -82,21 +84,49 @@ class VerifyReport:
         return not self.mismatches
 
 
-def _anchor(report: VerifyReport, client, run, manifest_bytes: bytes) -> None:
-    """Check manifest.json against the sha256 recorded on the audit's MLflow run."""
+def _anchor(report: VerifyReport, run, manifest_bytes: bytes) -> str | None:
+    """Check manifest.json against the sha256 recorded on the audit's MLflow run.
+
+    Returns:
+        None when the digest was checked (a mismatch is added when it differs), else why
+        it could not be (no digest recorded on the run).
+    """
     want = run.data.tags.get("cl_audit.manifest_sha256")
     got = hashlib.sha256(manifest_bytes).hexdigest()
     if want is None:
-        report.notes.append(f"manifest.json: no digest recorded on MLflow run {run.info.run_id}; not anchored")
-    elif got != want:
+        return f"no digest recorded on MLflow run {run.info.run_id}"
+    if got != want:
         report.mismatches.append(
             (MANIFEST, f"sha256 {got[:16]}... != {want[:16]}... recorded on MLflow run {run.info.run_id}"))
     else:
         report.notes.append(f"manifest.json matches the sha256 recorded on MLflow run {run.info.run_id}")
+    return None
 
 
-def verify(target: str, tracking_uri: str | None = None) -> VerifyReport:
+def _unanchored(report: VerifyReport, why: str | None, allow: bool) -> None:
+    """An anchor that could not be checked (``why``) fails the check unless ``allow``:
+    a manifest rewritten together with the files it lists would otherwise pass."""
+    if why is None:
+        return
+    if allow:
+        report.notes.append(f"manifest.json not anchored ({why}); checked against itself only (--allow-unanchored)")
+    else:
+        report.mismatches.insert(0, (MANIFEST, (f"not anchored ({why}); the files cannot be trusted to be the "
+                                                "audit's; --allow-unanchored checks them against this manifest alone")))
+
+
+def verify(target: str, tracking_uri: str | None = None, allow_unanchored: bool = False,
+           store: Path | None = None) -> VerifyReport:
     """Check every artifact of an audit against its manifest (sha256 and size).
+
+    The manifest itself is checked against the sha256 recorded on the audit's MLflow
+    run (its anchor): a manifest rewritten together with the files it lists differs
+    from it. When that digest cannot be checked (the store unreachable, no run named,
+    no digest recorded) the check fails, unless ``allow_unanchored``.
+
+    No file outside the run folder and the stage store is read: a manifest entry whose
+    ``local`` path lies outside ``store``, or a run-folder entry that leads out of the
+    folder (a symbolic link), is a mismatch.
 
     Args:
         target: a run folder (its files are read; stage artifacts from the stage store
@@ -104,15 +134,23 @@ def verify(target: str, tracking_uri: str | None = None) -> VerifyReport:
             downloaded from the tracking store).
         tracking_uri: the store of a run id; for a folder, the store that anchors its
             manifest (default: the one the manifest names).
+        allow_unanchored: accept a manifest whose digest cannot be checked (a note).
+        store: the stage store of a run folder's stage artifacts (default: ``store/``
+            of ``CL_AUDIT_HOME``, as for ``cl-audit run``).
 
     Raises:
-        UserError: no manifest, an unreadable one, an unknown run or store.
+        UserError: no manifest, an unreadable one, an entry that escapes the run folder,
+            an unknown run or store.
     """
     if classify(target) == "folder":
-        return _verify_folder(Path(target).resolve(), tracking_uri)
+        if store is None:
+            from pipelines.audit import default_home
+
+            store = default_home() / "store"
+        return _verify_folder(Path(target).resolve(), tracking_uri, allow_unanchored, Path(store).resolve())
     if tracking_uri is None:
         raise UserError(f"{target}: an MLflow run id needs --tracking-uri (or MLFLOW_TRACKING_URI)")
-    return _verify_run(target, tracking_uri)
+    return _verify_run(target, tracking_uri, allow_unanchored)
 
 
 def _entries(manifest: dict, where: str) -> list[dict]:
@@ -129,14 +167,29 @@ def _entries(manifest: dict, where: str) -> list[dict]:
     return files
 
 
-def _verify_folder(folder: Path, tracking_uri: str | None) -> VerifyReport:
+def _confined(e: dict, folder: Path, store: Path) -> tuple[Path | None, str | None]:
+    """The file a manifest entry of a run folder names, and None; or None and why it is
+    not read (it lies outside the run folder and the stage store)."""
+    if e.get("local"):
+        local = Path(e["local"])
+        real = local.resolve() if local.is_absolute() else None
+        if real is None or not any(real.is_relative_to(root) for root in (store, folder)):
+            return None, f"{local} is outside the run folder and the stage store {store}; not read"
+        return real, None
+    path = folder / e["path"]
+    if not path.resolve().is_relative_to(folder):
+        return None, f"{path} leads outside the run folder {folder}; not read"
+    return path, None
+
+
+def _verify_folder(folder: Path, tracking_uri: str | None, allow_unanchored: bool, store: Path) -> VerifyReport:
     mpath = folder / MANIFEST
     manifest = _read_json(mpath, "manifest.json")
     report = VerifyReport(f"run folder {folder}")
     entries = _entries(manifest, str(mpath))
     for e in entries:
-        local = Path(e["local"]) if e.get("local") else folder / e["path"]
-        why = check_file(local, e)
+        path, why = _confined(e, folder, store)
+        why = why or check_file(path, e)
         if why:
             report.mismatches.append((e["path"], why))
     report.checked = len(entries)
@@ -151,16 +204,21 @@ def _verify_folder(folder: Path, tracking_uri: str | None) -> VerifyReport:
         report.notes.append(f"{len(extra)} file(s) not in the manifest (added after the audit): {', '.join(extra)}")
     uri = tracking_uri or manifest.get("tracking_uri")
     run_id = manifest.get("audit_run_id")
-    try:
-        client = open_store(uri) if uri else None
-        if client is not None and run_id:
-            _anchor(report, client, client.get_run(run_id), mpath.read_bytes())
-    except Exception as e:  # noqa: BLE001 - the anchor is a bonus when the store is reachable
-        report.notes.append(f"manifest.json not anchored: {str(e).splitlines()[0][:160] if str(e) else type(e).__name__}")
+    if not uri:
+        why = "it names no tracking store; pass --tracking-uri"
+    elif not isinstance(run_id, str) or not RUN_ID.match(run_id):
+        why = "it names no MLflow run"
+    else:
+        try:
+            client = open_store(uri)
+            why = _anchor(report, get_audit_run(client, run_id), mpath.read_bytes())
+        except Exception as e:  # noqa: BLE001 - any failure to check the anchor: one line
+            why = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
+    _unanchored(report, why, allow_unanchored)
     return report
 
 
-def _verify_run(run_id: str, uri: str) -> VerifyReport:
+def _verify_run(run_id: str, uri: str, allow_unanchored: bool) -> VerifyReport:
     client = open_store(uri)
     run = get_audit_run(client, run_id)
     report = VerifyReport(f"MLflow run {run_id} ({uri})")
@@ -173,7 +231,7 @@ def _verify_run(run_id: str, uri: str) -> VerifyReport:
             manifest = json.loads(raw)
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise UserError(f"run {run_id}: {MANIFEST} is not valid JSON ({e})") from None
-        _anchor(report, client, run, raw)
+        unanchored = _anchor(report, run, raw)
         entries = _entries(manifest, f"run {run_id}")
         roots: dict[str, Path | None] = {}
         for e in entries:
@@ -185,6 +243,7 @@ def _verify_run(run_id: str, uri: str) -> VerifyReport:
             if why:
                 report.mismatches.append((e["path"], why))
         report.checked = len(entries)
+    _unanchored(report, unanchored, allow_unanchored)
     return report
 
 
