@@ -635,6 +635,9 @@ def fact_key(item: Item, subject: tuple[str, ...]) -> tuple[str, ...] | None:
     return (*(normalise(item.attributes[k]) for k in subject), gold) if gold else None
 
 
+SAME_ANSWER_SIMILARITY = 0.6  # word overlap at which two prompts with the same answer ask the same fact
+
+
 def check_leakage(data: SuiteData, allow: bool = False, subject: tuple[str, ...] = (),
                   similarity: float | None = None) -> list[tuple[Item, str, Item]]:
     """Find evaluation items that also occur in a training set (align, perturb, recover).
@@ -650,7 +653,10 @@ def check_leakage(data: SuiteData, allow: bool = False, subject: tuple[str, ...]
     * ``similar``: otherwise (an item whose fact is not known), a near-duplicate prompt:
       :func:`word_overlap` of the normalised word sets at least ``similarity``
       (the audit passes ``data.leakage_similarity``, default 0.8, unless the suite
-      turns near-duplicates off; None: not matched).
+      turns near-duplicates off; None: not matched), or the same normalised answer to a
+      reworded prompt, overlap at least :data:`SAME_ANSWER_SIMILARITY` (0.6: "Which city
+      is the capital of France?" and "What is the capital of France?", both "Paris",
+      share 0.625).
 
     The one overlap a suite builds on purpose is not leakage: ``perturb.kind=wrong_facts``
     trains the evaluated facts onto wrong answers (``notes["overwritten"]``: an evaluation
@@ -670,8 +676,10 @@ def check_leakage(data: SuiteData, allow: bool = False, subject: tuple[str, ...]
     prepared = [(t, normalise(t.question), fact_key(t, subject), prompt_words(t.question)) for t in train]
     leaks: list[tuple[Item, str, Item]] = []
     scores: dict[tuple[str, str], float] = {}
+    same_answer: set[tuple[str, str]] = set()
     for it in data.eval:
         norm, fact, words = normalise(it.question), fact_key(it, subject), prompt_words(it.question)
+        gold = normalise(it.gold())
         found: dict[str, Item] = {}
         for t, t_norm, t_fact, t_words in prepared:
             if it.id in by_design and t.role == "perturb" and t.id == it.id:
@@ -685,9 +693,15 @@ def check_leakage(data: SuiteData, allow: bool = False, subject: tuple[str, ...]
                     found.setdefault("fact", t)
             elif similarity is not None and (fact is None or t_fact is None):
                 score = word_overlap(words, t_words)
-                if score >= similarity and "similar" not in found:
+                if "similar" in found:
+                    continue
+                if score >= similarity:
                     found["similar"] = t
                     scores[(it.id, t.id)] = score
+                elif score >= SAME_ANSWER_SIMILARITY and gold and normalise(t.gold()) == gold:
+                    found["similar"] = t  # the same answer to a reworded question: the same fact
+                    scores[(it.id, t.id)] = score
+                    same_answer.add((it.id, t.id))
         for how in ("id", "prompt", "fact", "similar"):
             if how in found:
                 leaks.append((it, how, found[how]))
@@ -700,6 +714,9 @@ def check_leakage(data: SuiteData, allow: bool = False, subject: tuple[str, ...]
             if how == "fact":
                 subj = ", ".join(f"{k}={e.attributes[k]}" for k in subject)
                 return f"asks the same fact ({subj}, answer {e.gold()}) as"
+            if how == "similar" and (e.id, t.id) in same_answer:
+                return (f"asks for the same answer ({e.gold()}) in a reworded prompt (word overlap "
+                        f"{scores[(e.id, t.id)]:.2f} >= {SAME_ANSWER_SIMILARITY:g}) as")
             if how == "similar":
                 return (f"has a near-duplicate prompt (word overlap {scores[(e.id, t.id)]:.2f} >= "
                         f"data.leakage_similarity {similarity:g}) as")

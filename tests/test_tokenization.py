@@ -255,7 +255,29 @@ def test_leakage_finds_near_duplicate_custom_prompts(tmp_path):
         f"'e1' (eval, {f}: line 1) has a near-duplicate prompt (word overlap 0.90 >= data.leakage_similarity "
         f"0.8) as 'r1' (recover, {f}: line 3); remove them, or allow it with --allow-leakage "
         "(data.allow_leakage=true)")
-    assert check_leakage(data, similarity=0.91) == []
+    # above the near-duplicate threshold, the same answer (1889) still makes it the same fact
+    assert [(e.id, t.id) for e, _, t in check_leakage(data, True, similarity=0.91)] == [("e1", "r1")]
+    # "Who wrote Hamlet?" / "Who wrote Macbeth?": the same answer, other facts (overlap 0.5)
+    assert check_leakage(data, True, similarity=None) == []
+
+
+def test_leakage_finds_a_reworded_custom_question_with_the_same_answer(tmp_path):
+    """The issue's paraphrase in custom rows (no known fact): the same answer and a word
+    overlap of 0.625 >= 0.6; a reworded question with another answer does not leak."""
+    f = tmp_path / "items.jsonl"
+    rows = [{"id": "e1", "prompt": "What is the capital of France?", "answer": "Paris", "role": "eval"},
+            {"id": "e2", "prompt": "What is the capital of Peru?", "answer": "Lima", "role": "eval"},
+            {"id": "r1", "prompt": "Which city is the capital of France?", "answer": "Paris", "role": "recover"},
+            {"id": "r2", "prompt": "Which city is the capital of Chile?", "answer": "Santiago", "role": "recover"}]
+    f.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    items = read_items([f])
+    data = SuiteData(eval=items[:2], align=[], perturb=[], perturb_eval=[], recover=items[2:], irrelevant=[])
+    with pytest.raises(UserError) as err:
+        check_leakage(data, similarity=0.8)
+    assert str(err.value) == (
+        "data: leakage: 1 evaluation item(s) also in a training set (align, perturb, recover): "
+        f"'e1' (eval, {f}: line 1) asks for the same answer (Paris) in a reworded prompt (word overlap 0.62 >= 0.6) "
+        f"as 'r1' (recover, {f}: line 3); remove them, or allow it with --allow-leakage (data.allow_leakage=true)")
 
 
 # ---- item 12: the stage store key is the rows' content ---------------------------------------
