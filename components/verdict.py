@@ -251,8 +251,10 @@ def compute_verdict(
         reason = f"{dtxt} but " + "; ".join(why)
     elif state == "lost" and not task_back:
         label = "knowledge_loss"
+        tried = sorted({int(k.split("/")[1]) for k in small})
+        sizes = f"n = {', '.join(map(str, tried))}" if tried else f"no recovery size tried <= {cfg.small_n}"
         reason = (f"{dtxt}, {rtxt} < {cfg.loss_threshold}, and neither knowledge nor the task returns with "
-                  f"recovery (n <= {cfg.small_n})")
+                  f"recovery ({sizes})")
     elif state in ("lost", "between"):
         label = "mixed"
         reason = (f"{dtxt}; {rtxt} lies between the thresholds" if state == "between" else

@@ -269,23 +269,22 @@ def verify(
     tracking_uri: Optional[str] = typer.Option(None, "--tracking-uri", help=URI_HELP),
     allow_unanchored: bool = typer.Option(
         False, "--allow-unanchored",
-        help="Accept a manifest whose sha256 cannot be checked on the audit's MLflow run (a note, not a failure)."),
+        help="Accept a manifest whose sha256 cannot be checked (the store unreachable, no run or digest recorded): a note, not a failure. A manifest that differs from its digest, or names a run the store does not hold, still fails."),
 ) -> None:
     """Check every artifact of an audit against its manifest (sha256 and size).
 
-    A run folder is read from disk (stage artifacts from the stage store of
-    CL_AUDIT_HOME; nothing outside the folder and the store is read); a run id is
-    downloaded from the tracking store. The manifest itself must match the sha256
-    recorded on the audit's MLflow run: when that cannot be checked (store unreachable,
-    no digest) the check fails unless --allow-unanchored. Exits 1 and prints one line
-    per mismatching file when anything differs.
+    A run folder is read from disk (stage artifacts from the stage store of CL_AUDIT_HOME; nothing outside the folder and the store is read); a run id is downloaded from the tracking store.
+
+    The manifest itself must match the sha256 recorded on the audit's MLflow run in the tracking store trusted here (--tracking-uri, else MLFLOW_TRACKING_URI, else the sqlite store of CL_AUDIT_HOME; never the store the manifest names). When that cannot be checked (store unreachable, no digest) the check fails unless --allow-unanchored.
+
+    Exits 1 and prints one line per mismatching file when anything differs.
 
     Example: cl-audit verify runs/audits/capitals-0123abcd
     """
     from pipelines.trail import classify, verify as do_verify
 
-    uri = absolute_uri(tracking_uri) if classify(target) == "folder" else _store_uri(tracking_uri)
-    report = do_verify(target, uri, allow_unanchored)
+    classify(target)
+    report = do_verify(target, _store_uri(tracking_uri), allow_unanchored)
     for path, why in report.mismatches:
         console.print(f"MISMATCH {path}: {why}", highlight=False, markup=False, soft_wrap=True)
     for note in report.notes:
@@ -294,7 +293,10 @@ def verify(
         console.print(f"OK: {report.checked} files of {report.where} match the manifest (sha256 and size)",
                       highlight=False, markup=False, soft_wrap=True)
         return
-    console.print(f"FAILED: {len(report.mismatches)} of {report.checked} files of {report.where} do not match",
+    n_bad = sum(1 for path, _ in report.mismatches if path != "manifest.json")
+    manifest_bad = len(report.mismatches) > n_bad
+    console.print(f"FAILED: {n_bad} of {report.checked} files of {report.where} do not match"
+                  + ("; manifest.json itself is not the audit's (see above)" if manifest_bad else ""),
                   highlight=False, markup=False, soft_wrap=True)
     raise typer.Exit(1)
 

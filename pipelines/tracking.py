@@ -465,7 +465,7 @@ def open_store(uri: str):
     uri = absolute_uri(uri)
     db = sqlite_path(uri)
     if db is not None and not db.exists():
-        raise UserError(f"--tracking-uri {uri}: no tracking store there (no audits recorded yet?)")
+        raise UserError(f"tracking store {uri}: not found (no audits recorded there yet?)")
     if uri.startswith(("http://", "https://")):
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "20")
@@ -474,7 +474,7 @@ def open_store(uri: str):
         client.search_experiments(max_results=1)
     except Exception as e:  # noqa: BLE001 - any failure here means "store unreachable"
         msg = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
-        raise UserError(f"--tracking-uri {redact_uri(uri)}: MLflow tracking store not reachable ({msg})") from None
+        raise UserError(f"tracking store {redact_uri(uri)}: not reachable ({msg})") from None
     return client
 
 

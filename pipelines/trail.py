@@ -23,6 +23,7 @@ from components.artifacts import check_file, flatten
 from components.errors import UserError
 from components.verdict import KNOWLEDGE_MEASURES, STAGE_METRICS, bootstrap_diff, quantities
 from pipelines.tracking import RUN_ID, download, find_audits, get_audit_run, open_store
+from pipelines.mlflow_env import redact_uri
 
 MANIFEST = "manifest.json"
 # Per-checkpoint metrics that are means of a per-item column of predictions/<stage>.parquet
@@ -120,9 +121,11 @@ def verify(target: str, tracking_uri: str | None = None, allow_unanchored: bool 
     """Check every artifact of an audit against its manifest (sha256 and size).
 
     The manifest itself is checked against the sha256 recorded on the audit's MLflow
-    run (its anchor): a manifest rewritten together with the files it lists differs
-    from it. When that digest cannot be checked (the store unreachable, no run named,
-    no digest recorded) the check fails, unless ``allow_unanchored``.
+    run (its anchor) in the store the caller trusts: a manifest rewritten together with
+    the files it lists differs from it. A run the manifest names that is not an audit in
+    that store fails the check. When the digest cannot be checked (the store
+    unreachable, no run named, no digest recorded) the check fails, unless
+    ``allow_unanchored``.
 
     No file outside the run folder and the stage store is read: a manifest entry whose
     ``local`` path lies outside ``store``, or a run-folder entry that leads out of the
@@ -132,22 +135,27 @@ def verify(target: str, tracking_uri: str | None = None, allow_unanchored: bool 
         target: a run folder (its files are read; stage artifacts from the stage store
             paths the manifest names) or an audit's MLflow run id (every artifact is
             downloaded from the tracking store).
-        tracking_uri: the store of a run id; for a folder, the store that anchors its
-            manifest (default: the one the manifest names).
+        tracking_uri: the store of a run id; for a folder, the store trusted to anchor
+            its manifest (default: ``MLFLOW_TRACKING_URI``, else the sqlite store of
+            ``CL_AUDIT_HOME``). The store the manifest itself names is never used, nor
+            opened: a forger can name a store of his own.
         allow_unanchored: accept a manifest whose digest cannot be checked (a note).
         store: the stage store of a run folder's stage artifacts (default: ``store/``
             of ``CL_AUDIT_HOME``, as for ``cl-audit run``).
 
     Raises:
         UserError: no manifest, an unreadable one, an entry that escapes the run folder,
-            an unknown run or store.
+            an unknown run or store; a run folder whose stage artifacts all lie in
+            another stage store than ``store`` (the audit used another ``CL_AUDIT_HOME``).
     """
     if classify(target) == "folder":
-        if store is None:
-            from pipelines.audit import default_home
+        from pipelines.audit import default_home
+        from pipelines.tracking import resolve_tracking_uri
 
+        if store is None:
             store = default_home() / "store"
-        return _verify_folder(Path(target).resolve(), tracking_uri, allow_unanchored, Path(store).resolve())
+        trusted = resolve_tracking_uri(tracking_uri, default_home())
+        return _verify_folder(Path(target).resolve(), trusted, allow_unanchored, Path(store).resolve())
     if tracking_uri is None:
         raise UserError(f"{target}: an MLflow run id needs --tracking-uri (or MLFLOW_TRACKING_URI)")
     return _verify_run(target, tracking_uri, allow_unanchored)
@@ -187,6 +195,7 @@ def _verify_folder(folder: Path, tracking_uri: str | None, allow_unanchored: boo
     manifest = _read_json(mpath, "manifest.json")
     report = VerifyReport(f"run folder {folder}")
     entries = _entries(manifest, str(mpath))
+    _same_home(entries, folder, store, mpath)
     for e in entries:
         path, why = _confined(e, folder, store)
         why = why or check_file(path, e)
@@ -202,20 +211,50 @@ def _verify_folder(folder: Path, tracking_uri: str | None, allow_unanchored: boo
              and p.relative_to(folder).as_posix() not in listed]
     if extra:
         report.notes.append(f"{len(extra)} file(s) not in the manifest (added after the audit): {', '.join(extra)}")
-    uri = tracking_uri or manifest.get("tracking_uri")
     run_id = manifest.get("audit_run_id")
-    if not uri:
-        why = "it names no tracking store; pass --tracking-uri"
-    elif not isinstance(run_id, str) or not RUN_ID.match(run_id):
+    named = manifest.get("tracking_uri")
+    shown = redact_uri(tracking_uri)
+    if named and named != shown:
+        report.notes.append(f"the manifest names the tracking store {named}; anchored against {shown}, the one "
+                            "trusted here (--tracking-uri, MLFLOW_TRACKING_URI or CL_AUDIT_HOME)")
+    why = None
+    if not isinstance(run_id, str) or not RUN_ID.match(run_id):
         why = "it names no MLflow run"
     else:
         try:
-            client = open_store(uri)
-            why = _anchor(report, get_audit_run(client, run_id), mpath.read_bytes())
-        except Exception as e:  # noqa: BLE001 - any failure to check the anchor: one line
-            why = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
+            client = open_store(tracking_uri)
+        except UserError as e:
+            why = str(e)
+        else:
+            try:
+                run = get_audit_run(client, run_id)
+            except UserError as e:  # not an audit in the trusted store: evidence, not a gap
+                report.mismatches.insert(0, (MANIFEST, (
+                    f"{e}; the manifest is not anchored in the store trusted here (if the audit was recorded "
+                    "elsewhere, pass that store's --tracking-uri)")))
+            else:
+                why = _anchor(report, run, mpath.read_bytes())
     _unanchored(report, why, allow_unanchored)
     return report
+
+
+def _same_home(entries: list[dict], folder: Path, store: Path, mpath: Path) -> None:
+    """Refuse, in one line, a run folder whose stage artifacts all lie in one other
+    stage store (``<home>/store``): the audit ran with another ``CL_AUDIT_HOME``, and a
+    mismatch per file would read as tampering."""
+    outside = [Path(e["local"]) for e in entries if e.get("local") and Path(e["local"]).is_absolute()
+               and not any(Path(e["local"]).resolve().is_relative_to(r) for r in (store, folder))]
+    if not outside or len(outside) < sum(1 for e in entries if e.get("local")):
+        return
+    roots = set()
+    for p in outside:
+        parts = p.parts
+        roots.add(Path(*parts[:max(i for i, x in enumerate(parts) if x == "store") + 1]) if "store" in parts else None)
+    if len(roots) == 1 and None not in roots:
+        [other] = roots
+        raise UserError(f"{mpath}: the audit's stage artifacts are in the stage store {other}, not in {store} "
+                        f"(CL_AUDIT_HOME); run verify with CL_AUDIT_HOME={other.parent}, or verify the audit's "
+                        "MLflow run id")
 
 
 def _verify_run(run_id: str, uri: str, allow_unanchored: bool) -> VerifyReport:

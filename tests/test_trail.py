@@ -134,7 +134,7 @@ def test_verify_passes_untouched_and_names_a_changed_file(server, audits, home):
     summ = next(f for f in manifest["files"] if f["path"] == "summary.json")
     assert summ["sha256"] == hashlib.sha256((out_a / "summary.json").read_bytes()).hexdigest()
 
-    local = trail.verify(str(out_a))
+    local = trail.verify(str(out_a), uri)  # the store trusted to anchor the manifest
     assert local.ok and local.checked == len(manifest["files"]), local.mismatches
     r = cli("verify", run_id, "--tracking-uri", uri, home=home)
     assert r.returncode == 0, r.stdout + r.stderr
@@ -143,7 +143,7 @@ def test_verify_passes_untouched_and_names_a_changed_file(server, audits, home):
 
     original = _flip_byte(out_a / "metrics.parquet")
     try:
-        r = cli("verify", str(out_a), home=home)
+        r = cli("verify", str(out_a), "--tracking-uri", uri, home=home)
     finally:
         (out_a / "metrics.parquet").write_bytes(original)
     assert r.returncode == 1

@@ -48,7 +48,7 @@ def audit(tmp_path):
     run.mkdir()
     (run / "summary.json").write_text(json.dumps({"verdict": {"label": "spurious"}}))
     (run / "metrics.parquet").write_bytes(b"PAR1" + bytes(range(200)))
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    uri = f"sqlite:///{home / 'mlflow.db'}"  # the store of CL_AUDIT_HOME: the one verify trusts by default
     tracker = AuditTracker(uri, "cl-audit")
     parent = tracker.start("audit", {}, {"cl_audit.kind": "audit"})
     child = tracker.stage("aligned", {}, [], {}, {})
@@ -96,10 +96,12 @@ def test_rewritten_manifest_fails_with_its_anchor_checked(audit):
 @pytest.mark.parametrize("how", ["store unreachable", "run id removed", "anchor tag missing"])
 def test_rewritten_manifest_fails_when_its_anchor_cannot_be_checked(audit, tmp_path, how):
     run, home, uri, parent, manifest = audit
-    if how == "store unreachable":
+    extra: list[str] = []
+    if how == "store unreachable":  # the store trusted here is not there
         gone = f"sqlite:///{tmp_path / 'gone' / 'mlflow.db'}"
-        rewrite(run, manifest, tracking_uri=gone)
-        why = f"--tracking-uri {gone}: no tracking store there (no audits recorded yet?)"
+        rewrite(run, manifest)
+        extra = ["--tracking-uri", gone]
+        why = f"tracking store {gone}: not found (no audits recorded there yet?)"
     elif how == "run id removed":
         rewrite(run, manifest, audit_run_id=None)
         why = "it names no MLflow run"
@@ -107,18 +109,61 @@ def test_rewritten_manifest_fails_when_its_anchor_cannot_be_checked(audit, tmp_p
         rewrite(run, manifest)
         MlflowClient(uri).delete_tag(parent, "cl_audit.manifest_sha256")
         why = f"no digest recorded on MLflow run {parent}"
-    r = verify(str(run), home=home)
+    r = verify(str(run), *extra, home=home)
     assert r.returncode == 1, r.stdout + r.stderr
     bad = [x for x in r.stdout.splitlines() if x.startswith("MISMATCH")]
     assert bad == [(f"MISMATCH manifest.json: not anchored ({why}); the files cannot be trusted to be the "
                     "audit's; --allow-unanchored checks them against this manifest alone")], r.stdout
-    assert f"FAILED: 1 of 3 files of run folder {run} do not match" in r.stdout
+    assert (f"FAILED: 0 of 3 files of run folder {run} do not match; manifest.json itself is not the audit's "
+            "(see above)") in r.stdout
 
     # the user may accept an unanchored manifest: the files match the (rewritten) manifest
-    r = verify(str(run), "--allow-unanchored", home=home)
+    r = verify(str(run), *extra, "--allow-unanchored", home=home)
     assert r.returncode == 0, r.stdout + r.stderr
     assert f"note: manifest.json not anchored ({why}); checked against itself only (--allow-unanchored)" in r.stdout
     assert f"OK: 3 files of run folder {run} match the manifest" in r.stdout
+
+
+def test_a_manifest_anchored_in_a_store_of_its_own_fails(audit, tmp_path):
+    """A forger rewrites summary.json and the manifest, and names a store of his own
+    holding a run tagged with the forged manifest's digest: verify anchors in the store
+    it trusts, never in the one the manifest names (and does not open it), so the check
+    fails, also with --allow-unanchored."""
+    run, home, uri, parent, manifest = audit
+    forged_uri = f"sqlite:///{tmp_path / 'forged.db'}"
+    forger = AuditTracker(forged_uri, "cl-audit")
+    fake = forger.start("audit", {}, {"cl_audit.kind": "audit"})
+    m = rewrite(run, manifest, tracking_uri=forged_uri, audit_run_id=fake)
+    sign(forger.client, fake, m, run)
+    victim = tmp_path / "victim.db"
+    victim.write_bytes(b"")
+    for flags in ([], ["--allow-unanchored"]):
+        r = verify(str(run), *flags, home=home)
+        assert r.returncode == 1, r.stdout + r.stderr
+        bad = [x for x in r.stdout.splitlines() if x.startswith("MISMATCH")]
+        assert bad == [f"MISMATCH manifest.json: run {fake}: no such MLflow run in {uri}; the manifest is not "
+                       "anchored in the store trusted here (if the audit was recorded elsewhere, pass that store's "
+                       "--tracking-uri)"], r.stdout
+        assert f"note: the manifest names the tracking store {forged_uri}; anchored against {uri}" in r.stdout
+    # a store the manifest names is never opened (nor created, nor migrated)
+    m = rewrite(run, manifest, tracking_uri=f"sqlite:///{victim}")
+    r = verify(str(run), home=home)
+    assert r.returncode == 1 and victim.stat().st_size == 0, r.stdout
+    assert not Path(f"{victim}.lock").exists()
+
+
+def test_a_folder_verified_with_another_home_is_one_line(audit, tmp_path):
+    """Stage artifacts all in another home's store: one line naming both stores, exit 2,
+    not a mismatch per file read as tampering."""
+    run, home, uri, parent, manifest = audit
+    other = tmp_path / "other-home"
+    other.mkdir()
+    r = verify(str(run), "--tracking-uri", uri, home=other)
+    assert r.returncode == 2, r.stdout + r.stderr
+    assert r.stderr.strip() == (
+        f"error: {run / 'manifest.json'}: the audit's stage artifacts are in the stage store {home / 'store'}, not "
+        f"in {other / 'store'} (CL_AUDIT_HOME); run verify with CL_AUDIT_HOME={home}, or verify the audit's MLflow "
+        "run id")
 
 
 @pytest.mark.parametrize("anchored", [True, False])
