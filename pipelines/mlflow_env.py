@@ -115,7 +115,8 @@ def store_lock(uri: str):
 
 def store_client(uri: str):
     """An ``MlflowClient`` on ``uri``, built under :func:`store_lock` (building it opens
-    the store, which creates or migrates a sqlite database).
+    the store, which creates or migrates a sqlite database). A sqlite database that does
+    not exist yet (or is empty) is created whole first (:func:`create_sqlite_store`).
 
     Raises:
         whatever MLflow raises for an unusable store, or ``filelock.Timeout``.
@@ -123,4 +124,42 @@ def store_client(uri: str):
     from mlflow.tracking import MlflowClient
 
     with store_lock(uri):
+        db = sqlite_path(uri)
+        if db is not None and (not db.exists() or db.stat().st_size == 0):
+            create_sqlite_store(db)
         return MlflowClient(tracking_uri=uri)
+
+
+def create_sqlite_store(db: Path) -> None:
+    """Create a fresh MLflow sqlite store at ``db`` so that it appears complete or not at
+    all: MLflow builds its schema by running every migration in turn (seconds), and a
+    process killed in between would leave a half-migrated file that no later process can
+    open. The schema is built in a hidden temporary file beside ``db``, fsynced, then
+    renamed into place; a temporary file a killed creator left is removed. Call it under
+    :func:`store_lock`.
+
+    Raises:
+        whatever MLflow raises while building the schema (nothing is left behind).
+    """
+    from mlflow.tracking import MlflowClient
+
+    db.parent.mkdir(parents=True, exist_ok=True)
+    for stale in db.parent.glob(f".{db.name}.tmp-*"):
+        stale.unlink(missing_ok=True)
+    tmp = db.with_name(f".{db.name}.tmp-{os.getpid()}")
+    try:
+        client = MlflowClient(tracking_uri=f"sqlite:///{tmp}")
+        client.search_experiments(max_results=1)  # the schema is built when the store opens
+        with contextlib.suppress(Exception):  # close the temporary file's connections
+            client._tracking_client.store.engine.dispose()
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, db)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    fd = os.open(db.parent, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
