@@ -30,6 +30,7 @@ from components.config import AuditConfig, dump_yaml
 from components.data import Item, SuiteData, items_sha256
 from components.registry import SUITES, check_data
 from components.errors import UserError
+from components.faults import failpoint
 from components.models import check_model_id
 from components.summary import assess
 from pipelines.report import write_report
@@ -140,7 +141,9 @@ def run_audit(
     state = read_state(out_dir)
     if not (state and not state.get("finished") and state.get("config_digest") == cfg.digest()
             and state.get("tracking_uri") == redact_uri(uri) and _resumable(tracker, state.get("parent_run_id"))):
-        state = None
+        # killed after its parent run was created and before the state file named it:
+        # that run carries the folder and the config digest as tags
+        state = _orphaned_state(tracker, out_dir, cfg.digest()) if not (state and state.get("finished")) else None
     order = stage_order(cfg)
     vers = versions()
     trained: dict[str, dict] = {}
@@ -168,27 +171,35 @@ def run_audit(
                 tracker.children.update(state["children"])
                 tracker._done.update(state["logged"])
                 say(f"continuing MLflow run {state['parent_run_id']} of the interrupted audit")
-                return
-            tracker.start(
-                f"audit-{cfg.suite}-{cfg.digest()[:8]}",
-                cfg.model_dump(mode="json"),
-                {**common, "cl_audit.kind": "audit", "data_digest": result["data_digest"],
-                 **_machine_tags(machine_info())},
-            )
+            else:
+                tracker.start(
+                    f"audit-{cfg.suite}-{cfg.digest()[:8]}",
+                    cfg.model_dump(mode="json"),
+                    {**common, "cl_audit.kind": "audit", "data_digest": result["data_digest"],
+                     RUN_FOLDER_TAG: str(out_dir), **_machine_tags(machine_info())},
+                )
+                failpoint("parent_run_created")  # before the folder records it: found again by its tags
+                # at once: a kill from here on continues this run
+                write_state(out_dir, _state(cfg, uri, tracker, set_up=False))
             sets = audit_datasets(cfg, result["data"])
-            for ds_name, (items, _, _) in sets.items():
+            for ds_name, (items, _, _) in sets.items():  # the same bytes on every attempt
                 atomic_write(inside(out_dir / "data", f"{ds_name}.parquet"), _items_parquet(items))
+            if state is not None and state.get("set_up"):
+                return
+            # the parent's data and the nested runs, done once (again by an attempt that
+            # continues one killed before the state file said it was done)
             tracker._send("log_artifacts", tracker.parent_id, str(out_dir / "data"), "data")
             tracker.log_datasets(tracker.parent_id, [
                 _dataset_record(tracker.parent_id, ds_name, *sets[ds_name]) for ds_name in POOLS
             ])
+            new = [k for k in order if k not in tracker.children]
             tracker.plan(order, {k: upstream_of(k) for k in order if upstream_of(k)}, common)
-            for stage_name in order:
+            for stage_name in new:
                 tracker.log_datasets(tracker.children[stage_name], [
                     _dataset_record(tracker.parent_id, ds_name, *sets[ds_name])
                     for ds_name in stage_datasets(stage_name)
                 ])
-            write_state(out_dir, _state(cfg, uri, tracker))
+            write_state(out_dir, _state(cfg, uri, tracker, set_up=True))
             return
         (trained if kind == "train" else probed)[name] = result
         what = "trained" if kind == "train" else "probed"
@@ -229,6 +240,30 @@ def run_audit(
         raise
 
 
+RUN_FOLDER_TAG = "cl_audit.run_folder"  # on an audit's parent run: the run folder it writes (absolute)
+
+
+def _orphaned_state(tracker: AuditTracker, out_dir: Path, digest: str) -> dict | None:
+    """The state of an audit of this folder and config whose parent run exists but that
+    was killed before the run folder recorded it (between the run's creation and the
+    state file's first write): the newest such unfinished parent run, its nested runs
+    by stage. None when there is none."""
+    try:
+        runs = tracker.client.search_runs(
+            [tracker.experiment_id],
+            f"tags.cl_audit.kind = 'audit' and tags.`{RUN_FOLDER_TAG}` = '{out_dir}' "
+            f"and tags.`cl_audit.config_digest` = '{digest}' and attributes.status = 'RUNNING'",
+            order_by=["attributes.start_time DESC"], max_results=1)
+    except Exception:  # noqa: BLE001 - a store that cannot search: start afresh, as before
+        return None
+    if not runs:
+        return None
+    parent = runs[0].info.run_id
+    kids = tracker.client.search_runs([tracker.experiment_id], f"tags.mlflow.parentRunId = '{parent}'")
+    children = {k.data.tags["cl_audit.stage"]: k.info.run_id for k in kids if "cl_audit.stage" in k.data.tags}
+    return {"parent_run_id": parent, "children": children, "logged": []}
+
+
 def _resumable(tracker: AuditTracker, run_id: str | None) -> bool:
     """True if ``run_id`` is an audit's parent run that has not finished."""
     if not run_id:
@@ -240,11 +275,13 @@ def _resumable(tracker: AuditTracker, run_id: str | None) -> bool:
     return run.info.status != "FINISHED" and run.info.lifecycle_stage == "active"
 
 
-def _state(cfg: AuditConfig, uri: str, tracker: AuditTracker, finished: bool = False) -> dict:
-    """The run folder's record of its MLflow runs (see :func:`pipelines.tracking.read_state`)."""
+def _state(cfg: AuditConfig, uri: str, tracker: AuditTracker, finished: bool = False, set_up: bool = True) -> dict:
+    """The run folder's record of its MLflow runs (see :func:`pipelines.tracking.read_state`);
+    ``set_up``: the parent's data and every nested run are logged (False only between the
+    parent run's creation and that)."""
     return {"config_digest": cfg.digest(), "tracking_uri": redact_uri(uri), "experiment_id": tracker.experiment_id,
             "parent_run_id": tracker.parent_id, "children": dict(tracker.children),
-            "logged": sorted(tracker._done), "finished": finished}
+            "logged": sorted(tracker._done), "finished": finished, "set_up": set_up}
 
 
 def _finish_audit(

@@ -97,8 +97,9 @@ def fault_home(home, tmp_path) -> Path:
 
 
 def test_kill_9_anywhere_then_the_same_command_finishes_identically(tiny_run, fault_home, tmp_path):
-    """kill -9 during a training step, during a probe and while summary.json is being
-    written (a probe task also dies once and Ray retries it); after each, the same
+    """kill -9 right after the MLflow parent run is created, during a training step,
+    during a probe and while summary.json is being written (a probe task also dies once
+    and Ray retries it); after each, the same
     command goes on from the finished stages and the last one ends with the summary of
     an uninterrupted run, one MLflow parent run and no metric step logged twice."""
     _, _, ref = tiny_run
@@ -106,11 +107,20 @@ def test_kill_9_anywhere_then_the_same_command_finishes_identically(tiny_run, fa
     args = ["run", "--config", str(TINY), "--out", str(out)]
     store = fault_home / "store"
 
+    # 0. killed right after its MLflow parent run was created, before the run folder
+    #    recorded it: the next attempt finds that run by its tags and continues it
+    log = tmp_path / "0.log"
+    p = _start(args, _env(fault_home, marks, "parent_run_created=pause"), log)
+    _wait_for(marks / "parent_run_created", p, log)
+    _kill(p)
+    assert not (out / STATE).exists()
+
     # 1. killed in the middle of the perturbing fine-tune (step 2 of 16)
     log = tmp_path / "1.log"
     p = _start(args, _env(fault_home, marks, "train_step:perturbed:2=pause"), log)
     _wait_for(marks / "train_step:perturbed:2", p, log)
     _kill(p)
+    assert "continuing MLflow run " in log.read_text()  # the orphaned parent run of attempt 0
     _assert_nothing_partial(fault_home, out)
     kinds = Counter(k.split("-")[0] for k in (store / "executions.log").read_text().split()[1::2])
     assert kinds["tune"] == 1 and kinds["perturb"] == 0 and not (out / "summary.json").exists()
@@ -183,8 +193,9 @@ def test_kill_9_at_ten_random_moments_then_the_same_command_finishes_identically
     (seed 23) uniformly over an uninterrupted audit's wall time; after each kill every
     published store folder is complete (digests of every file, safetensors open) and no
     output file is half-written; the same command is run again. An attempt that ends
-    before its kill moment is checked and the next one starts from an empty store and
-    run folder. Each finished audit has the uninterrupted audit's summary."""
+    before its kill moment is checked and the moment is tried again from an empty store
+    and run folder (moved earlier, x 0.7, when even a whole audit ended before it). Each finished audit has the uninterrupted
+    audit's summary."""
     import random
 
     marks = tmp_path / "marks"
@@ -202,6 +213,7 @@ def test_kill_9_at_ten_random_moments_then_the_same_command_finishes_identically
 
     rng = random.Random(23)
     moments = [round(rng.uniform(0.0, wall), 1) for _ in range(10)]
+    drawn = list(moments)
     attempt, fresh, kills, finished = 0, 0, [], 0
 
     def home_out() -> tuple[Path, Path]:
@@ -218,14 +230,26 @@ def test_kill_9_at_ten_random_moments_then_the_same_command_finishes_identically
         keys = (h / "store" / "executions.log").read_text().split()[1::2]
         assert len(keys) == len(set(keys))  # each stage published once over all attempts
         _assert_store_complete(h)
-        client = MlflowClient(f"sqlite:///{h / 'mlflow.db'}")  # the interrupted parent run continued, not duplicated
-        parents = client.search_runs([client.get_experiment_by_name("cl-audit").experiment_id],
-                                     "tags.cl_audit.kind = 'audit'")
-        assert [(r.info.run_id, r.info.status) for r in parents] == [(got["mlflow"]["run_id"], "FINISHED")]
+        # MLflow: an interrupted audit's runs are continued, never left behind: every run
+        # finished; the parent runs of this folder follow one another (a rerun after a
+        # kill that came once the audit had finished records the audit again), the last
+        # is the summary's, with a nested run per checkpoint
+        client = MlflowClient(f"sqlite:///{h / 'mlflow.db'}")
+        exp = client.get_experiment_by_name("cl-audit").experiment_id
+        runs = client.search_runs([exp], "", max_results=1000)
+        assert {r.info.status for r in runs} == {"FINISHED"}, [(r.info.run_name, r.info.status) for r in runs]
+        parents = sorted((r for r in runs if r.data.tags.get("cl_audit.kind") == "audit"),
+                         key=lambda r: r.info.start_time)
+        for a, b in zip(parents, parents[1:]):
+            assert a.info.end_time <= b.info.start_time, "two records of one audit overlap"
+        assert parents[-1].info.run_id == got["mlflow"]["run_id"]
+        kids = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == got["mlflow"]["run_id"]]
+        assert sorted(k.data.tags["cl_audit.stage"] for k in kids) == sorted(got["stages"])
 
-    for moment in moments:
+    for i, moment in enumerate(moments):
         while True:
             h, out = home_out()
+            from_scratch = not out.exists()
             args = ["run", "--config", str(TINY), "--out", str(out), *light]
             log = tmp_path / f"attempt{attempt}.log"
             attempt += 1
@@ -242,13 +266,16 @@ def test_kill_9_at_ten_random_moments_then_the_same_command_finishes_identically
             finish(h, out)
             finished += 1
             fresh += 1
+            if from_scratch:  # the moment lies past a whole audit: earlier, on a fresh store
+                moment = moments[i] = round(moment * 0.7, 1)
     h, out = home_out()
     r = subprocess.run([sys.executable, "-m", "pipelines.cli", "run", "--config", str(TINY), "--out", str(out),
                         *light], cwd=ROOT, env=_env(h, marks), capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     finish(h, out)
-    assert kills == moments
-    print(f"uninterrupted {wall:.1f} s; kill moments {moments}; {attempt + 1} attempts, {finished + 1} finished audits")
+    assert kills == moments and len(kills) == 10
+    print(f"uninterrupted {wall:.1f} s; kill moments drawn {drawn}, killed at {kills}; {attempt + 1} attempts, "
+          f"{finished + 1} finished audits")
 
 
 def test_replacing_a_stage_output_is_atomic(tmp_path):
