@@ -16,11 +16,10 @@ import logging
 import os
 import re
 import shutil
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from components.artifacts import sha256_file
+from components.artifacts import dir_mode, make_temp_dir, sha256_file
 from components.config import ModelConfig, stable_hash
 from components.errors import UserError
 
@@ -59,7 +58,7 @@ def find_smollm2_gguf() -> Path:
 
 def _atomic_dir(final: Path) -> Path:
     final.parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+    return make_temp_dir(final.parent, f".{final.name}.tmp-")
 
 
 def _publish_dir(tmp: Path, final: Path) -> None:
@@ -68,7 +67,7 @@ def _publish_dir(tmp: Path, final: Path) -> None:
         if p.is_file():
             with open(p, "rb") as f:
                 os.fsync(f.fileno())
-    os.chmod(tmp, 0o755)
+    os.chmod(tmp, dir_mode())
     try:
         os.rename(tmp, final)
     except OSError:
