@@ -216,6 +216,10 @@ class Store:
                 result = fn(tmp)
                 text = json.dumps(result, default=str).replace(str(tmp), str(final))
                 for p in tmp.rglob("*"):
+                    # the user's modes, also on files a library wrote through its own
+                    # temporary file (safetensors: 0600)
+                    if not p.is_symlink():
+                        os.chmod(p, file_mode() if p.is_file() else dir_mode())
                     if p.is_file():
                         with open(p, "rb") as f:
                             os.fsync(f.fileno())

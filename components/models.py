@@ -19,7 +19,7 @@ import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from components.artifacts import dir_mode, make_temp_dir, sha256_file
+from components.artifacts import dir_mode, file_mode, make_temp_dir, sha256_file
 from components.config import ModelConfig, stable_hash
 from components.errors import UserError
 
@@ -64,6 +64,8 @@ def _atomic_dir(final: Path) -> Path:
 def _publish_dir(tmp: Path, final: Path) -> None:
     """Rename a finished temporary directory into place (atomic on one file system)."""
     for p in tmp.rglob("*"):
+        if not p.is_symlink():  # the user's modes, also on what a library wrote as 0600
+            os.chmod(p, file_mode() if p.is_file() else dir_mode())
         if p.is_file():
             with open(p, "rb") as f:
                 os.fsync(f.fileno())

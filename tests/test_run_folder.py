@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import sqlite3
 import stat
@@ -111,7 +112,7 @@ def test_a_folder_holding_another_configs_run_is_refused_before_anything_is_writ
     assert summary["config_digest"] == new and summary["seed"] == 3
     assert json.loads((out / ".cl-audit-state.json").read_text())["config_digest"] == new
     ok = cli_in(tmp_path, "verify", str(out), home=h)
-    assert ok.returncode == 0 and ok.stdout.startswith("OK: "), ok.stdout + ok.stderr
+    assert ok.returncode == 0 and re.search(r"^OK: \d+ files", ok.stdout, re.MULTILINE), ok.stdout + ok.stderr
 
 
 def test_home_option_holds_cache_store_and_mlflow_and_help_names_it(home, tmp_path):
@@ -136,7 +137,7 @@ def test_home_option_holds_cache_store_and_mlflow_and_help_names_it(home, tmp_pa
     hist = cli_in(cwd, "history", "--home", str(h), home=None)
     assert hist.returncode == 0 and summary["mlflow"]["run_id"][:8] in hist.stdout, hist.stdout + hist.stderr
     ok = cli_in(cwd, "verify", str(out), "--home", str(h), home=None)
-    assert ok.returncode == 0 and ok.stdout.startswith("OK: "), ok.stdout + ok.stderr
+    assert ok.returncode == 0 and re.search(r"^OK: \d+ files", ok.stdout, re.MULTILINE), ok.stdout + ok.stderr
     assert list(cwd.iterdir()) == []
 
 
