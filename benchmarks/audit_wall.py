@@ -226,7 +226,8 @@ def main() -> None:
                     help="run only one of the two runs (no orchestration share then)")
     args = ap.parse_args()
     cfg = load_config("capitals", overrides=args.overrides, quick=args.quick)
-    cache = Path(os.environ.get("CL_AUDIT_HOME", "runs")).resolve() / "cache"
+    from pipelines.mlflow_env import default_home  # the root of cl-audit (--home / CL_AUDIT_HOME)
+    cache = default_home() / "cache"
     cache.mkdir(parents=True, exist_ok=True)
 
     # The orchestrated run goes first, so that its driver has imported what `cl-audit run`

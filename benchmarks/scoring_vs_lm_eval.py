@@ -61,7 +61,8 @@ def main() -> None:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    home = Path(os.environ.get("CL_AUDIT_HOME", "runs")).resolve()
+    from pipelines.mlflow_env import default_home  # the root of cl-audit (--home / CL_AUDIT_HOME)
+    home = default_home()
     model_dir = materialise_smollm2(home / "cache")
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, use_safetensors=True).eval()
     tok = load_tokenizer(model_dir)

@@ -97,7 +97,8 @@ def main() -> None:
     mimalloc = worker_allocator_env()
     if not mimalloc:
         sys.exit("stage_memory: the cmeel-mimalloc wheel is not installed (Linux only)")
-    cache = Path(os.environ.get("CL_AUDIT_HOME", "runs")).resolve() / "cache"
+    from pipelines.mlflow_env import default_home  # the root of cl-audit (--home / CL_AUDIT_HOME)
+    cache = default_home() / "cache"
     cache.mkdir(parents=True, exist_ok=True)
     # the known-fact filter once, shared by every child (its store entry is copied)
     seed_home = Path(tempfile.mkdtemp(prefix="cl-audit-stagemem-"))

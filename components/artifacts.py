@@ -34,12 +34,51 @@ from components.faults import failpoint
 SECRET_MARKERS = ("TOKEN", "PASSWORD", "SECRET", "API_KEY", "ACCESS_KEY", "CREDENTIAL")
 
 
+_UMASK: list[int] = []
+
+
+def umask() -> int:
+    """The process's file-mode creation mask, read once (``/proc/self/status`` on Linux,
+    which does not change it; elsewhere set and restored at once)."""
+    if not _UMASK:
+        try:
+            line = next(x for x in Path("/proc/self/status").read_text().splitlines() if x.startswith("Umask:"))
+            _UMASK.append(int(line.split()[1], 8))
+        except (OSError, StopIteration, ValueError, IndexError):
+            mask = os.umask(0o022)
+            os.umask(mask)
+            _UMASK.append(mask)
+    return _UMASK[0]
+
+
+def file_mode() -> int:
+    """The mode of a new file under the user's umask (``0o644`` under umask 022)."""
+    return 0o666 & ~umask()
+
+
+def dir_mode() -> int:
+    """The mode of a new folder under the user's umask (``0o755`` under umask 022)."""
+    return 0o777 & ~umask()
+
+
+def make_temp_dir(parent: Path, prefix: str) -> Path:
+    """``tempfile.mkdtemp`` in ``parent`` with the mode of a folder the user creates
+    (mkdtemp's own is 0700): a folder published by renaming it keeps that mode."""
+    tmp = Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
+    os.chmod(tmp, dir_mode())
+    return tmp
+
+
 def atomic_write(path: Path, data: bytes | str) -> None:
-    """Write ``data`` to ``path`` via a temporary file in the same folder, fsync, rename."""
+    """Write ``data`` to ``path`` via a temporary file in the same folder, fsync, rename.
+
+    The file gets the mode any new file of the user gets (``0o666`` less the umask),
+    not ``mkstemp``'s 0600."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
     try:
+        os.fchmod(fd, file_mode())
         with os.fdopen(fd, "wb") as f:
             f.write(data.encode() if isinstance(data, str) else data)
             f.flush()
@@ -172,11 +211,15 @@ class Store:
                 shutil.rmtree(stale, ignore_errors=True)
             if reuse and self.done(key):
                 return self.load(key), True
-            tmp = Path(tempfile.mkdtemp(prefix=f".{key}.tmp-", dir=self.root))
+            tmp = make_temp_dir(self.root, f".{key}.tmp-")
             try:
                 result = fn(tmp)
                 text = json.dumps(result, default=str).replace(str(tmp), str(final))
                 for p in tmp.rglob("*"):
+                    # the user's modes, also on files a library wrote through its own
+                    # temporary file (safetensors: 0600)
+                    if not p.is_symlink():
+                        os.chmod(p, file_mode() if p.is_file() else dir_mode())
                     if p.is_file():
                         with open(p, "rb") as f:
                             os.fsync(f.fileno())

@@ -16,11 +16,10 @@ import logging
 import os
 import re
 import shutil
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from components.artifacts import sha256_file
+from components.artifacts import dir_mode, file_mode, make_temp_dir, sha256_file
 from components.config import ModelConfig, stable_hash
 from components.errors import UserError
 
@@ -59,16 +58,18 @@ def find_smollm2_gguf() -> Path:
 
 def _atomic_dir(final: Path) -> Path:
     final.parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+    return make_temp_dir(final.parent, f".{final.name}.tmp-")
 
 
 def _publish_dir(tmp: Path, final: Path) -> None:
     """Rename a finished temporary directory into place (atomic on one file system)."""
     for p in tmp.rglob("*"):
+        if not p.is_symlink():  # the user's modes, also on what a library wrote as 0600
+            os.chmod(p, file_mode() if p.is_file() else dir_mode())
         if p.is_file():
             with open(p, "rb") as f:
                 os.fsync(f.fileno())
-    os.chmod(tmp, 0o755)
+    os.chmod(tmp, dir_mode())
     try:
         os.rename(tmp, final)
     except OSError:

@@ -14,7 +14,6 @@ import dataclasses
 import hashlib
 import io
 import json
-import os
 import platform
 import tempfile
 import time
@@ -33,7 +32,9 @@ from components.errors import UserError
 from components.faults import failpoint
 from components.models import check_model_id
 from components.summary import assess
+from pipelines.mlflow_env import default_home  # the one resolver of the root (--home)
 from pipelines.report import write_report
+from pipelines.state import claim_folder, remove_run
 from pipelines.tracking import (
     JOURNAL, AuditTracker, DatasetRecord, check_model_name, read_state, redact_uri, resolve_tracking_uri, unreachable,
     write_state,
@@ -42,11 +43,6 @@ from pipelines.tracking import (
 MANIFEST = "manifest.json"
 MANIFEST_FORMAT = "cl-audit-manifest/1"
 
-
-
-def default_home() -> Path:
-    """The project's run folder: ``$CL_AUDIT_HOME`` or ``./runs`` (absolute)."""
-    return Path(os.environ.get("CL_AUDIT_HOME", "runs")).resolve()
 
 
 def check_writable(out_dir: Path) -> None:
@@ -93,6 +89,7 @@ def run_audit(
     on_progress: Callable[[dict[str, dict]], None] | None = None,
     execute: Callable[..., dict] | None = None,
     register: str | None = None,
+    force: bool = False,
 ) -> dict:
     """Run one audit end to end and write the output contract into ``out_dir``.
 
@@ -106,6 +103,9 @@ def run_audit(
         register: name of an MLflow registered model: the aligned, perturbed and
             recovered checkpoints become versions of it (tagged with the stage, the
             audit run and the verdict). None: nothing is registered.
+        force: ``out_dir`` may hold a run of another config: its files are replaced
+            (:func:`pipelines.state.claim_folder`). Without it such a folder is refused
+            before anything is written; a folder of the same config resumes.
 
     ``execute(cfg, home, on_event, on_progress)`` produces the stage results and
     reports each one through ``on_event`` as it finishes; the default is the Ray DAG
@@ -117,9 +117,9 @@ def run_audit(
         The ``summary.json`` content.
 
     Raises:
-        UserError: bad input (unwritable folder, unreachable tracking store, too few
-            known facts, invalid registered-model name, ...), also when raised inside a
-            Ray task.
+        UserError: bad input (unwritable folder, a folder holding a run of another
+            config, unreachable tracking store, too few known facts, invalid
+            registered-model name, ...), also when raised inside a Ray task.
     """
     from ray.exceptions import RayTaskError
 
@@ -129,11 +129,14 @@ def run_audit(
         check_model_name(register)
     home = Path(home or default_home()).resolve()
     out_dir = Path(out_dir).resolve()
+    replaced = claim_folder(out_dir, "audit", cfg.digest(), force)  # first: a refused folder is left as it was
     check_writable(out_dir)
     uri = resolve_tracking_uri(tracking_uri, home)
     check_data(cfg)
     check_model_id(cfg.model, home / "cache")
     worker_allocator_env()  # a bad CL_AUDIT_MALLOC stops here, before any MLflow run
+    if replaced:  # --force: the other config's run goes once this one's input is known to be good
+        remove_run(out_dir, replaced)
     tracker = AuditTracker(uri, cfg.experiment, journal=out_dir / JOURNAL)
     say = progress or (lambda msg: None)
     # A run folder whose audit was interrupted (killed, crashed) holds the MLflow runs

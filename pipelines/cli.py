@@ -37,13 +37,34 @@ console = Console(stderr=False, width=None if sys.stdout.isatty() else 160)
 err_console = Console(stderr=True)
 
 
+def _home_option():
+    """``--home`` of every command that reads or writes the cache, the store or MLflow."""
+    from pipelines.mlflow_env import DEFAULT_HOME, HOME_ENV
+
+    return typer.Option(
+        None, "--home", envvar=HOME_ENV, show_envvar=True, show_default=f"./{DEFAULT_HOME}",
+        help="Root of everything cl-audit keeps: model cache (cache/), stage store (store/), MLflow store "
+        "(mlflow.db) and default run folders (audits/, sweeps/).")
+
+
+def _use_home(home: Optional[Path]) -> Path:
+    """Make ``--home`` the root of this process and of the processes it starts; returns
+    the absolute root (``CL_AUDIT_HOME``, else ./runs, when ``--home`` is not given)."""
+    from pipelines.mlflow_env import default_home, set_home
+
+    return set_home(home) if home is not None else default_home()
+
+
+FORCE_HELP = "Replace what --out holds when it is a run of another config (refused otherwise)."
+
+
 @app.command()
 def run(
     suite: Optional[str] = typer.Argument(None, help="Suite name (default: capitals, or the config's suite)."),
     config: Optional[Path] = typer.Option(None, "--config", "-c", help="YAML config file to merge over the suite's."),
     set_: list[str] = typer.Option([], "--set", help="Override a config field: --set perturb.kl_penalty=0.1"),
-    out: Optional[Path] = typer.Option(None, "--out", help="Run folder (default: runs/audits/<suite>-<config digest>)."),
-    tracking_uri: Optional[str] = typer.Option(None, "--tracking-uri", help="MLflow tracking URI (default: sqlite in runs/)."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Run folder (default: HOME/audits/<suite>-<config digest>)."),
+    tracking_uri: Optional[str] = typer.Option(None, "--tracking-uri", help="MLflow tracking URI (default: sqlite in HOME)."),
     quick: bool = typer.Option(False, "--quick", help="A small version of the same audit (smoke test)."),
     register: Optional[str] = typer.Option(
         None, "--register", metavar="NAME",
@@ -55,6 +76,8 @@ def run(
         [], "--data", help="A data file of the custom suite (JSONL, CSV or Parquet; repeat for more). Sets data.files."),
     allow_leakage: bool = typer.Option(
         False, "--allow-leakage", help="Run even if an evaluation item also occurs in a training set."),
+    home_dir: Optional[Path] = _home_option(),
+    force: bool = typer.Option(False, "--force", help=FORCE_HELP),
 ) -> None:
     """Run one audit: tune -> perturb -> recover -> probe, then the verdict.
 
@@ -63,9 +86,10 @@ def run(
     Example: cl-audit run custom --model ./my-model --data items.jsonl
     """
     from components.registry import absolute_paths, load_config
-    from pipelines.audit import default_home, run_audit, stage_order
+    from pipelines.audit import run_audit, stage_order
     from pipelines.tracking import check_model_name
 
+    home = _use_home(home_dir)
     if register is not None:
         check_model_name(register)
     # --config is read here, once, before anything changes folder: it keeps the user's
@@ -79,12 +103,12 @@ def run(
     if allow_leakage:
         extra.append("data.allow_leakage=true")
     cfg = absolute_paths(load_config(suite or ("custom" if data else None), config, [*extra, *set_], quick))
-    home = default_home()
     out_dir = out or home / "audits" / f"{cfg.suite}-{cfg.digest()[:12]}"
     t0 = time.time()
     n_ckpt = len(stage_order(cfg))
     with AuditProgress(console, n_tasks=2 * n_ckpt - 1) as display:
-        summary = run_audit(cfg, out_dir, home, tracking_uri, display.message, display.update, register=register)
+        summary = run_audit(cfg, out_dir, home, tracking_uri, display.message, display.update, register=register,
+                            force=force)
     console.print(stage_table(summary))
     console.print(layers_table(summary))
     for line in verdict_lines(summary):
@@ -102,10 +126,12 @@ def sweep(
     suite: Optional[str] = typer.Argument(None, help="Suite name (default: capitals, or the config's suite)."),
     config: Optional[Path] = typer.Option(None, "--config", "-c", help="YAML config file to merge over the suite's."),
     set_: list[str] = typer.Option([], "--set", help="Override a config field: --set sweep.kl_penalty=[0,0.1,1]"),
-    out: Optional[Path] = typer.Option(None, "--out", help="Sweep folder (default: runs/sweeps/<suite>-<sweep digest>)."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Sweep folder (default: HOME/sweeps/<suite>-<sweep digest>)."),
     max_concurrent: Optional[int] = typer.Option(None, "--max-concurrent", help="Trials at once (sweep.max_concurrent)."),
-    tracking_uri: Optional[str] = typer.Option(None, "--tracking-uri", help="MLflow tracking URI (default: sqlite in runs/)."),
+    tracking_uri: Optional[str] = typer.Option(None, "--tracking-uri", help="MLflow tracking URI (default: sqlite in HOME)."),
     quick: bool = typer.Option(False, "--quick", help="A small version of the same sweep (smoke test)."),
+    home_dir: Optional[Path] = _home_option(),
+    force: bool = typer.Option(False, "--force", help=FORCE_HELP),
 ) -> None:
     """Sweep perturb.kl_penalty x recover.size (config section `sweep`) with Ray Tune.
 
@@ -115,9 +141,9 @@ def sweep(
     Example: cl-audit sweep capitals --quick --set "sweep.kl_penalty=[0,0.1,1]" --set "sweep.sizes=[2,4]"
     """
     from components.registry import absolute_paths, load_config
-    from pipelines.audit import default_home
     from pipelines.sweep import run_sweep, sweep_digest
 
+    home = _use_home(home_dir)
     if max_concurrent is not None:
         if max_concurrent < 1:
             raise UserError(f"--max-concurrent {max_concurrent}: expected an integer >= 1")
@@ -126,7 +152,6 @@ def sweep(
     # spelling, which the one-line messages about it name
     out, tracking_uri = _abs(out), absolute_uri(tracking_uri)
     cfg = absolute_paths(load_config(suite, config, set_, quick))
-    home = default_home()
     out_dir = out or home / "sweeps" / f"{cfg.suite}-{sweep_digest(cfg)[:12]}"
     t0 = time.time()
     with console.status("[bold]sweeping[/bold]") as status:
@@ -134,7 +159,7 @@ def sweep(
             console.log(msg, highlight=False, markup=False)
             status.update(f"[bold]sweeping[/bold] ({time.time() - t0:.0f} s)")
 
-        summary = run_sweep(cfg, out_dir, home, tracking_uri, progress)
+        summary = run_sweep(cfg, out_dir, home, tracking_uri, progress, force=force)
     for line in sweep_lines(summary):
         console.print(line, highlight=False, markup=False)
     if summary["interrupted"]:
@@ -192,7 +217,7 @@ def compile_(
     config: Optional[Path] = typer.Option(None, "--config", "-c", help="YAML config file to merge over the suite's."),
     set_: list[str] = typer.Option([], "--set", help="Override a config field: --set perturb.kl_penalty=0.1"),
     quick: bool = typer.Option(False, "--quick", help="Compile the small version of the audit."),
-    out: Path = typer.Option(Path("infra/kubeflow/audit-pipeline.yaml"), "--out", help="Pipeline YAML to write."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Pipeline YAML to write (default: to stdout)."),
     image: Optional[str] = typer.Option(None, "--image", help="Image of every component (default: cl-audit:<version>)."),
     tracking_uri: str = typer.Option(
         "", "--tracking-uri", help="Default MLflow tracking URI of the pipeline run (empty: the pod's MLFLOW_TRACKING_URI)."
@@ -206,9 +231,13 @@ def compile_(
     Example: cl-audit compile capitals --image REGISTRY/cl-audit:0.1.0 --out pipeline.yaml
     """
     from components.registry import load_config
-    from pipelines.kubeflow import compile_pipeline, default_image
+    from pipelines.kubeflow import compile_pipeline, default_image, pipeline_yaml
 
     cfg = load_config(suite, config, set_, quick)  # paths inside the config name files on the cluster
+    if out is None:  # only the YAML on stdout: cl-audit compile > pipeline.yaml
+        sys.stdout.write(pipeline_yaml(cfg, image, tracking_uri))
+        sys.stdout.flush()
+        return
     path = compile_pipeline(cfg, _abs(out), image, tracking_uri)
     console.print(
         f"Wrote {path}: pipeline cl-audit ({cfg.suite}, config {cfg.digest()[:12]}), image {image or default_image()}",
@@ -246,7 +275,7 @@ def submit(
 
 
 def _store_uri(tracking_uri: Optional[str]) -> str:
-    from pipelines.audit import default_home
+    from pipelines.mlflow_env import default_home
     from pipelines.tracking import resolve_tracking_uri
 
     return resolve_tracking_uri(absolute_uri(tracking_uri), default_home())
@@ -260,7 +289,7 @@ def _abs(path: Path | None) -> Path | None:
     return None if path is None else absolute(path)
 
 
-URI_HELP = "MLflow tracking URI (default: MLFLOW_TRACKING_URI, else sqlite in runs/)."
+URI_HELP = "MLflow tracking URI (default: MLFLOW_TRACKING_URI, else sqlite in HOME)."
 
 
 @app.command()
@@ -270,12 +299,13 @@ def verify(
     allow_unanchored: bool = typer.Option(
         False, "--allow-unanchored",
         help="Accept a manifest whose sha256 cannot be checked (the store unreachable, no run or digest recorded): a note, not a failure. A manifest that differs from its digest, or names a run the store does not hold, still fails."),
+    home_dir: Optional[Path] = _home_option(),
 ) -> None:
     """Check every artifact of an audit against its manifest (sha256 and size).
 
-    A run folder is read from disk (stage artifacts from the stage store of CL_AUDIT_HOME; nothing outside the folder and the store is read); a run id is downloaded from the tracking store.
+    A run folder is read from disk (stage artifacts from the stage store of --home; nothing outside the folder and the store is read); a run id is downloaded from the tracking store.
 
-    The manifest itself must match the sha256 recorded on the audit's MLflow run in the tracking store trusted here (--tracking-uri, else MLFLOW_TRACKING_URI, else the sqlite store of CL_AUDIT_HOME; never the store the manifest names). When that cannot be checked (store unreachable, no digest) the check fails unless --allow-unanchored.
+    The manifest itself must match the sha256 recorded on the audit's MLflow run in the tracking store trusted here (--tracking-uri, else MLFLOW_TRACKING_URI, else the sqlite store of --home; never the store the manifest names). When that cannot be checked (store unreachable, no digest) the check fails unless --allow-unanchored.
 
     Exits 1 and prints one line per mismatching file when anything differs.
 
@@ -283,6 +313,7 @@ def verify(
     """
     from pipelines.trail import classify, verify as do_verify
 
+    _use_home(home_dir)
     classify(target)
     report = do_verify(target, _store_uri(tracking_uri), allow_unanchored)
     for path, why in report.mismatches:
@@ -328,6 +359,7 @@ def history(
     model: Optional[str] = typer.Option(None, "--model", help="Only audits of this model id (model.id)."),
     tracking_uri: Optional[str] = typer.Option(None, "--tracking-uri", help=URI_HELP),
     limit: int = typer.Option(50, "--limit", min=1, help="At most this many audits."),
+    home_dir: Optional[Path] = _home_option(),
 ) -> None:
     """Past audits in the tracking store, newest first.
 
@@ -335,6 +367,7 @@ def history(
     """
     from pipelines.trail import history as do_history
 
+    _use_home(home_dir)
     uri = _store_uri(tracking_uri)
     rows = do_history(uri, suite, model, limit)
     if not rows:
@@ -349,6 +382,7 @@ def compare(
     run_a: str = typer.Argument(..., help="Audit A: a run folder or an MLflow run id."),
     run_b: str = typer.Argument(..., help="Audit B: a run folder or an MLflow run id."),
     tracking_uri: Optional[str] = typer.Option(None, "--tracking-uri", help=URI_HELP),
+    home_dir: Optional[Path] = _home_option(),
 ) -> None:
     """Two audits side by side: config differences, every metric with its CI, and which
     differences (B - A) are significant.
@@ -357,6 +391,7 @@ def compare(
     """
     from pipelines.trail import compare as do_compare, rule_text
 
+    _use_home(home_dir)
     c = do_compare(run_a, run_b, _store_uri(tracking_uri))
     for tag, au in (("A", c.a), ("B", c.b)):
         what = f"run {au.run_id}" if au.name == au.run_id else f"{au.name} (run {au.run_id})"

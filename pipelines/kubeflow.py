@@ -144,6 +144,11 @@ def verdict(config: dict, overrides: List[str], tracking_uri: str, data: Input[D
         metrics.log_metric(k, v)
 
 
+def _default_config(cfg: AuditConfig) -> dict:
+    """The pipeline's ``config`` default: the resolved config as JSON (kfp: no nulls in a STRUCT)."""
+    return cfg.model_dump(mode="json", exclude_none=True)
+
+
 def build_pipeline(cfg: AuditConfig, image: str | None = None, tracking_uri: str = "") -> Callable:
     """The audit pipeline for ``cfg`` (its defaults), with components in ``image``.
 
@@ -159,7 +164,7 @@ def build_pipeline(cfg: AuditConfig, image: str | None = None, tracking_uri: str
     prepare_c, tune_c, perturb_c, recover_c, probe_c, verdict_c = map(
         comp, (prepare_data, tune, perturb, recover, probe, verdict)
     )
-    default_config = cfg.model_dump(mode="json", exclude_none=True)  # kfp: no nulls in a STRUCT
+    default_config = _default_config(cfg)
     train_cpu, probe_cpu = str(cfg.ray.train_cpus), str(cfg.ray.probe_cpus)
 
     def res(task, cpu: str, memory: tuple[str, str]):
@@ -204,15 +209,37 @@ def build_pipeline(cfg: AuditConfig, image: str | None = None, tracking_uri: str
     return audit_pipeline
 
 
+def pipeline_yaml(cfg: AuditConfig, image: str | None = None, tracking_uri: str = "") -> str:
+    """The kfp v2 pipeline YAML of the audit pipeline for ``cfg`` (see :func:`build_pipeline`).
+
+    Deterministic: the same arguments give the same bytes in every process. kfp passes
+    the ``config`` default through a protobuf Struct, which turns every number into a
+    float (``epochs: 3.0``) and prints the header's copy in the Struct's map order (which
+    differs between processes); both are written here from the config itself, integers
+    as integers, the header in the config's field order, the body with sorted keys as kfp does.
+    """
+    import tempfile
+
+    import yaml
+    from kfp.compiler.pipeline_spec_builder import extract_comments_from_pipeline_spec
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "pipeline.yaml"
+        compiler.Compiler().compile(build_pipeline(cfg, image, tracking_uri), str(path))
+        docs = list(yaml.safe_load_all(path.read_text()))
+    spec = docs[0]
+    spec["root"]["inputDefinitions"]["parameters"]["config"]["defaultValue"] = _default_config(cfg)
+    header = extract_comments_from_pipeline_spec(spec, spec["pipelineInfo"].get("description"))
+    return header + yaml.dump_all(docs, sort_keys=True)
+
+
 def compile_pipeline(cfg: AuditConfig, out: Path, image: str | None = None, tracking_uri: str = "") -> Path:
     """Compile the audit pipeline for ``cfg`` to a kfp v2 pipeline YAML at ``out``
-    (written to a temporary name and renamed).
+    (:func:`pipeline_yaml`, written to a temporary name and renamed).
 
     Raises:
         UserError: ``out`` cannot be written.
     """
-    import tempfile
-
     from components.artifacts import atomic_write
     from components.errors import UserError
 
@@ -221,11 +248,9 @@ def compile_pipeline(cfg: AuditConfig, out: Path, image: str | None = None, trac
         out.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise UserError(f"--out {out}: cannot create the folder ({e.strerror})") from None
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "pipeline.yaml"
-        compiler.Compiler().compile(build_pipeline(cfg, image, tracking_uri), str(path))
-        try:
-            atomic_write(out, path.read_bytes())
-        except OSError as e:
-            raise UserError(f"--out {out}: not writable ({e.strerror})") from None
+    text = pipeline_yaml(cfg, image, tracking_uri)
+    try:
+        atomic_write(out, text)
+    except OSError as e:
+        raise UserError(f"--out {out}: not writable ({e.strerror})") from None
     return out

@@ -75,6 +75,35 @@ def absolute_uri(uri: str | None, cwd: Path | None = None) -> str | None:
     return str(local(uri))
 
 
+HOME_ENV = "CL_AUDIT_HOME"
+DEFAULT_HOME = "runs"  # relative to the current folder
+
+
+def default_home(cwd: Path | None = None) -> Path:
+    """The root of everything cl-audit keeps (model cache ``cache/``, stage store
+    ``store/``, MLflow sqlite store ``mlflow.db``, default run folders ``audits/`` and
+    ``sweeps/``): ``$CL_AUDIT_HOME`` (set by ``--home``) or ``./runs``, absolute against
+    ``cwd`` (default: the current folder). The one place that decides it."""
+    return _under(os.environ.get(HOME_ENV) or DEFAULT_HOME, cwd)
+
+
+def set_home(home: Path | str, cwd: Path | None = None) -> Path:
+    """Make ``home`` (``--home``) the root for this process and every process it starts
+    (Ray workers, Tune trials, kfp components inherit ``CL_AUDIT_HOME``).
+
+    Returns:
+        The absolute root (what :func:`default_home` returns from now on).
+    """
+    root = _under(home, cwd)
+    os.environ[HOME_ENV] = str(root)
+    return root
+
+
+def _under(path: Path | str, cwd: Path | None) -> Path:
+    base = Path(cwd) if cwd is not None else Path.cwd()
+    return (base / Path(path).expanduser()).resolve()
+
+
 def absolute_env(cwd: Path | None = None) -> None:
     """Make the paths the environment gives (``MLFLOW_TRACKING_URI``, ``CL_AUDIT_HOME``)
     absolute in ``os.environ``, so that child processes (Ray workers, Tune trials in
@@ -82,10 +111,8 @@ def absolute_env(cwd: Path | None = None) -> None:
     uri = os.environ.get("MLFLOW_TRACKING_URI")
     if uri:
         os.environ["MLFLOW_TRACKING_URI"] = absolute_uri(uri, cwd)
-    home = os.environ.get("CL_AUDIT_HOME")
-    if home:
-        base = Path(cwd) if cwd is not None else Path.cwd()
-        os.environ["CL_AUDIT_HOME"] = str((base / Path(home).expanduser()).resolve())
+    if os.environ.get(HOME_ENV):
+        set_home(os.environ[HOME_ENV], cwd)
 
 
 def sqlite_path(uri: str) -> Path | None:

@@ -44,6 +44,7 @@ from ray.tune import Callback
 from components.artifacts import atomic_write, git_commit
 from components.config import AuditConfig, dump_yaml, stable_hash
 from components.errors import UserError
+from pipelines.state import SWEEP_STATE, claim_folder, remove_run
 from pipelines.sweep_analysis import (METRIC_COLUMNS, _num, best_rule, best_trial, pareto_front, ranking,
                                       recovery_heatmap, smallest_n, sweep_table)
 
@@ -292,12 +293,15 @@ def run_sweep(
     home: Path | None = None,
     tracking_uri: str | None = None,
     progress: Callable[[str], None] | None = None,
+    force: bool = False,
 ) -> dict:
     """Run (or resume) the sweep of ``cfg.sweep`` and write its outputs into ``out_dir``.
 
     A folder that holds an interrupted sweep of the same config (``sweep_digest``) is
     resumed with ``Tuner.restore``: finished trials are kept, unfinished and failed
-    ones run again (their stages mostly come from the store).
+    ones run again (their stages mostly come from the store). A folder holding a sweep
+    or an audit of another config is refused before anything is written, unless
+    ``force`` (its files are then replaced; :func:`pipelines.state.claim_folder`).
 
     Returns:
         The ``sweep_summary.json`` content; ``"interrupted": true`` when the run was
@@ -324,23 +328,22 @@ def run_sweep(
     absolute_env()
     home = Path(home or default_home()).resolve()
     out_dir = Path(out_dir).resolve()
+    digest = sweep_digest(cfg)
+    state_path = out_dir / SWEEP_STATE
+    try:
+        state = json.loads(state_path.read_text()) if state_path.exists() else {}
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise UserError(f"{state_path}: not valid JSON; remove the folder or choose another --out") from None
+    replaced = claim_folder(out_dir, "sweep", digest, force)  # first: a refused folder is left as it was
     check_writable(out_dir)
     uri = resolve_tracking_uri(tracking_uri, home)
     check_model_id(cfg.model, home / "cache")
     check_sweep(cfg)
     say = progress or (lambda msg: None)
-    digest = sweep_digest(cfg)
-    state_path = out_dir / "sweep_state.json"
-    try:
-        state = json.loads(state_path.read_text()) if state_path.exists() else {}
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise UserError(f"{state_path}: not valid JSON; remove the folder or choose another --out") from None
-    if state and state.get("sweep_digest") != digest:
-        raise UserError(
-            f"--out {out_dir}: holds a sweep of another config (digest {state.get('sweep_digest')}, "
-            f"this one {digest}); choose another --out"
-        )
     worker_allocator_env()  # a bad CL_AUDIT_MALLOC stops here, before any MLflow run
+    if replaced:  # --force: the other config's run goes once this one's input is known to be good
+        remove_run(out_dir, replaced)
+        state = {}
     tracker = AuditTracker(uri, cfg.experiment)
 
     init_ray()
