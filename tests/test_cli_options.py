@@ -19,7 +19,7 @@ from pathlib import Path
 
 import yaml
 
-from conftest import ROOT, TINY
+from conftest import ROOT
 
 SOURCE_LOCATION = re.compile(r"\b\w+\.py:\d+\b")  # rich's log_path: `cli.py:220`
 
@@ -28,7 +28,7 @@ def cli(*args: str, home: Path, cwd: Path = ROOT, env: dict | None = None,
         timeout: int = 600) -> subprocess.CompletedProcess:
     e = {**os.environ, "CL_AUDIT_HOME": str(home), "HF_HUB_OFFLINE": "1", **(env or {})}
     e.pop("RAY_ADDRESS", None)
-    return subprocess.run([sys.executable, "-m", "pipelines.cli", *args], cwd=cwd, env=e, capture_output=True,
+    return subprocess.run([sys.executable, "-m", "pipelines.cli", *args], cwd=cwd, env=e, capture_output=True, check=False,
                           text=True, timeout=timeout)
 
 
@@ -62,13 +62,13 @@ def test_config_prints_the_resolved_config_and_runs_nothing(tmp_path):
     assert r.returncode == 0, r.stderr
     cfg = yaml.safe_load(r.stdout)
     assert cfg["suite"] == "capitals" and cfg["seed"] == 3 and cfg["perturb"]["kl_penalty"] == 0.25
-    digest = re.search(r"^# config digest ([0-9a-f]{16})$", r.stdout, re.M).group(1)
+    digest = re.search(r"^# config digest ([0-9a-f]{16})$", r.stdout, re.MULTILINE).group(1)
     # the printed YAML is a config file that resolves to the same config
     saved = tmp_path / "resolved.yaml"
     saved.write_text(r.stdout)
     again = cli("config", "--config", str(saved), home=tmp_path)
     assert again.returncode == 0, again.stderr
-    assert re.search(r"^# config digest ([0-9a-f]{16})$", again.stdout, re.M).group(1) == digest
+    assert re.search(r"^# config digest ([0-9a-f]{16})$", again.stdout, re.MULTILINE).group(1) == digest
     assert list(tmp_path.iterdir()) == [saved]  # nothing written to CL_AUDIT_HOME
 
 
