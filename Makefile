@@ -8,7 +8,7 @@ STAMP  := $(VENV)/.installed
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup audit quick test test-fast docs clean chromium
+.PHONY: setup audit quick test test-fast test-oldest docs clean chromium
 
 setup: $(STAMP)
 
@@ -37,6 +37,24 @@ chromium:
 test: setup chromium
 	$(BIN)/python -m pytest -q --durations=25
 
+# The oldest versions pyproject.toml allows (constraints/oldest.txt pins every lower bound)
+# in a venv of their own, and the CLI tests there; `make test` has the newest allowed ones.
+OLDEST := .venv-oldest
+OLDEST_STAMP := $(OLDEST)/.installed
+CLI_TESTS := tests/test_cli.py tests/test_cli_options.py
+
+$(OLDEST_STAMP): pyproject.toml constraints/oldest.txt
+	$(PYTHON) -m venv $(OLDEST)
+	$(OLDEST)/bin/pip install -q --upgrade pip
+	$(OLDEST)/bin/pip install -q torch==2.13.0
+	$(OLDEST)/bin/pip install -q -c constraints/oldest.txt -e ".[test]"
+	$(OLDEST)/bin/pip check
+	touch $(OLDEST_STAMP)
+
+test-oldest: $(OLDEST_STAMP)
+	$(OLDEST)/bin/python -m pip list --format=freeze | grep -iE '^(typer|click|rich|transformers|ray|mlflow)=='
+	$(OLDEST)/bin/python -m pytest -q $(CLI_TESTS)
+
 test-fast: setup
 	$(BIN)/python -m pytest -q -m "not real_model"
 
@@ -45,4 +63,4 @@ docs: setup
 	$(BIN)/python -m mkdocs build --strict
 
 clean:
-	rm -rf $(VENV) runs .pytest_cache
+	rm -rf $(VENV) $(OLDEST) runs .pytest_cache

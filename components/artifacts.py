@@ -358,15 +358,66 @@ def machine_info(task_cpus: float | None = None) -> dict[str, str]:
 
 
 def git_commit(repo: Path | None = None) -> str:
-    """The git commit of the project checkout (``unknown`` outside a checkout)."""
-    repo = repo or Path(__file__).resolve().parent.parent
+    """The git commit of the project checkout (``unknown`` outside a checkout).
+
+    Only a checkout whose top folder is ``repo`` itself counts: code copied or installed
+    into a folder inside another repository (a ``git archive`` unpacked in a checkout, a
+    venv's site-packages) is not that repository's commit.
+    """
+    repo = (repo or Path(__file__).resolve().parent.parent).resolve()
     try:
         out = subprocess.run(
-            ["git", "-C", str(repo), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10
+            ["git", "-C", str(repo), "rev-parse", "--show-toplevel", "HEAD"], capture_output=True, text=True,
+            timeout=10,
         )
-        return out.stdout.strip() if out.returncode == 0 else "unknown"
+        lines = out.stdout.split()
+        if out.returncode != 0 or len(lines) != 2 or Path(lines[0]).resolve() != repo:
+            return "unknown"
+        return lines[1]
     except (OSError, subprocess.SubprocessError):
         return "unknown"
+
+
+# The environment variable that names the image an audit runs in (``sha256:...``); the
+# image's build or its pod spec sets it (docs/cluster.md).
+IMAGE_DIGEST_ENV = "CL_AUDIT_IMAGE_DIGEST"
+SOURCE_SUFFIXES = (".py", ".yaml", ".j2")
+
+
+def package_version() -> str:
+    """The cl-audit version from the installed package's metadata (``unknown`` when the
+    code runs without an installed distribution)."""
+    from importlib import metadata
+
+    try:
+        return metadata.version("cl-audit")
+    except metadata.PackageNotFoundError:
+        return "unknown"
+
+
+def source_digest(root: Path | None = None) -> str:
+    """sha256 (hex) of the package's own source: every ``.py``, ``.yaml`` and ``.j2`` file
+    under ``components/`` and ``pipelines/`` of ``root`` (default: this code's), in sorted
+    order of their paths, each as ``path NUL bytes NUL``. The same with or without git:
+    a ``git archive`` copy, the image and a pip install of one tree give one digest."""
+    root = (root or Path(__file__).resolve().parent.parent).resolve()
+    files = sorted(p for pkg in ("components", "pipelines") for p in (root / pkg).rglob("*")
+                   if p.suffix in SOURCE_SUFFIXES and "__pycache__" not in p.parts and p.is_file())
+    h = hashlib.sha256()
+    for p in files:
+        h.update(p.relative_to(root).as_posix().encode() + b"\0" + p.read_bytes() + b"\0")
+    return h.hexdigest()
+
+
+def provenance() -> dict[str, str]:
+    """What code an audit ran: ``cl_audit_version`` (package metadata), ``git_commit``
+    (``unknown`` outside a checkout), ``source_digest`` (:func:`source_digest`, always)
+    and ``image_digest`` when ``CL_AUDIT_IMAGE_DIGEST`` is set. Values are strings."""
+    out = {"cl_audit_version": package_version(), "git_commit": git_commit(), "source_digest": source_digest()}
+    image = os.environ.get(IMAGE_DIGEST_ENV, "").strip()
+    if image:
+        out["image_digest"] = image
+    return out
 
 
 def flatten(d: dict, prefix: str = "") -> dict[str, Any]:

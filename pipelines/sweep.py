@@ -41,7 +41,7 @@ from typing import Any, Callable
 
 from ray.tune import Callback
 
-from components.artifacts import atomic_write, git_commit
+from components.artifacts import atomic_write
 from components.config import AuditConfig, dump_yaml, stable_hash
 from components.errors import UserError
 from pipelines.state import SWEEP_STATE, claim_folder, remove_run
@@ -317,7 +317,7 @@ def run_sweep(
     from ray.exceptions import RayTaskError
 
     from components.models import check_model_id
-    from pipelines.audit import check_writable, default_home, versions
+    from pipelines.audit import check_writable, default_home, provenance_tags, versions
     from pipelines.dag import init_ray, prepare_task, worker_allocator_env
     from pipelines.mlflow_env import absolute_env
     from pipelines.tracking import AuditTracker, redact_uri, resolve_tracking_uri
@@ -368,7 +368,7 @@ def run_sweep(
             f"sweep-{cfg.suite}-{digest[:8]}",
             cfg.model_dump(mode="json"),
             {"cl_audit.kind": "sweep", "cl_audit.suite": cfg.suite, "cl_audit.sweep_digest": digest,
-             "cl_audit.config_digest": cfg.digest(), "git_commit": git_commit(), "cl_audit.seed": str(cfg.seed),
+             "cl_audit.config_digest": cfg.digest(), **provenance_tags(), "cl_audit.seed": str(cfg.seed),
              "model_digest": prep["model_digest"], "data_digest": prep["data_digest"],
              **{f"version.{k}": v for k, v in versions().items()}},
         )

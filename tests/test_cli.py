@@ -68,15 +68,17 @@ def test_top_level_help_names_the_commands(tmp_path):
     assert "Example: cl-audit run capitals --quick" in r.stdout
 
 
+# click's own wording differs by version: "No such option: --x" (the click bundled in
+# typer >= 0.27), "No such option '--x'." (click 8.5 beside typer 0.16, make test-oldest)
 @pytest.mark.parametrize("args, says", [
-    (["--no-such-flag"], "No such option: --no-such-flag"),
-    (["runn"], "No such command 'runn'"),
-    (["run", "--bogus"], "No such option: --bogus"),
+    (["--no-such-flag"], r"No such option:? '?--no-such-flag"),
+    (["runn"], r"No such command 'runn'"),
+    (["run", "--bogus"], r"No such option:? '?--bogus"),
 ])
 def test_usage_mistake_is_a_short_message_and_exit_2(args, says, tmp_path):
     r = cli(*args, home=tmp_path)
     assert r.returncode == 2
-    assert "Traceback" not in r.stderr and says in r.stderr
+    assert "Traceback" not in r.stderr and re.search(says, r.stderr), r.stderr
     assert len(r.stderr.strip().splitlines()) <= 5
 
 

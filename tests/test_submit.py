@@ -161,6 +161,27 @@ def test_without_the_token_the_cluster_refuses_in_one_line(ray_cluster):
     assert "Traceback" not in r.stderr
 
 
+def test_raw_ray_job_submit_needs_auth_mode_token_as_the_docs_say(ray_cluster, tmp_path):
+    """The raw route of docs/cluster.md and infra/README.md (`ray job submit`, Ray's own
+    CLI) on a token-auth cluster: with RAY_AUTH_TOKEN alone it is refused, with
+    RAY_AUTH_MODE=token beside it (what the docs export) the job runs."""
+    work = tmp_path / "wd"
+    work.mkdir()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    env["RAY_AUTH_TOKEN"] = ray_cluster["token"]
+    cmd = [str(BIN / "ray"), "job", "submit", "--address", ray_cluster["address"], "--working-dir", str(work),
+           "--", "python", "-c", "print('raw-route-ok')"]
+    alone = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, check=False)
+    assert alone.returncode != 0 and "raw-route-ok" not in alone.stdout
+    both = subprocess.run(cmd, env={**env, "RAY_AUTH_MODE": "token"}, capture_output=True, text=True, timeout=300,
+                          check=False)
+    assert both.returncode == 0, (both.stdout + both.stderr)[-3000:]
+    assert "raw-route-ok" in both.stdout
+    for doc in ("docs/cluster.md", "infra/README.md"):
+        text = (ROOT / doc).read_text()
+        assert "ray job submit" in text and "RAY_AUTH_MODE=token" in text, doc
+
+
 def test_submit_refuses_bad_input_before_contacting_a_cluster(tmp_path, monkeypatch):
     from components.errors import UserError
     from pipelines.submit import parse_env, ray_auth_token, submit
