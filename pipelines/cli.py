@@ -63,7 +63,8 @@ def run(
     Example: cl-audit run custom --model ./my-model --data items.jsonl
     """
     from components.registry import absolute_paths, load_config
-    from pipelines.audit import default_home, run_audit, stage_order
+    from pipelines.audit import default_home, run_audit
+    from pipelines.dag import dag_tasks
     from pipelines.tracking import check_model_name
 
     if register is not None:
@@ -82,8 +83,7 @@ def run(
     home = default_home()
     out_dir = out or home / "audits" / f"{cfg.suite}-{cfg.digest()[:12]}"
     t0 = time.time()
-    n_ckpt = len(stage_order(cfg))
-    with AuditProgress(console, n_tasks=2 * n_ckpt - 1) as display:
+    with AuditProgress(console, n_tasks=len(dag_tasks(cfg))) as display:
         summary = run_audit(cfg, out_dir, home, tracking_uri, display.message, display.update, register=register)
     console.print(stage_table(summary))
     console.print(layers_table(summary))
@@ -116,7 +116,7 @@ def sweep(
     """
     from components.registry import absolute_paths, load_config
     from pipelines.audit import default_home
-    from pipelines.sweep import run_sweep, sweep_digest
+    from pipelines.sweep import expected_trials, run_sweep, sweep_digest
 
     if max_concurrent is not None:
         if max_concurrent < 1:
@@ -129,12 +129,9 @@ def sweep(
     home = default_home()
     out_dir = out or home / "sweeps" / f"{cfg.suite}-{sweep_digest(cfg)[:12]}"
     t0 = time.time()
-    with console.status("[bold]sweeping[/bold]") as status:
-        def progress(msg: str) -> None:
-            console.log(msg, highlight=False, markup=False)
-            status.update(f"[bold]sweeping[/bold] ({time.time() - t0:.0f} s)")
-
-        summary = run_sweep(cfg, out_dir, home, tracking_uri, progress)
+    with AuditProgress(console, n_tasks=expected_trials(cfg), count="trial", unit="trials",
+                       title="sweep: trials finished") as display:
+        summary = run_sweep(cfg, out_dir, home, tracking_uri, display.message, display.update)
     for line in sweep_lines(summary):
         console.print(line, highlight=False, markup=False)
     if summary["interrupted"]:
