@@ -78,7 +78,7 @@ class TaskProgress:
             return
         try:
             self.hub.report.remote(self.key, int(done), None if total is None else int(total), self.unit, status)
-        except Exception:  # noqa: BLE001 - progress must never fail a stage
+        except Exception:  # noqa: BLE001, S110 - progress must never fail a stage
             pass
 
     def on_step(self, rec: dict) -> None:
@@ -110,7 +110,7 @@ class StepProgress:
             return
         try:
             ray.get(self.hub.snapshot.remote(), timeout=10)
-        except Exception:  # noqa: BLE001 - progress must never fail a stage
+        except Exception:  # noqa: BLE001, S110 - progress must never fail a stage
             pass
 
 

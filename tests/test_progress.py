@@ -26,6 +26,7 @@ def test_progress_counts_steps_and_items(tiny_run, home, tmp_path):
     for key in ("train aligned", "train perturbed", "probe base", "probe aligned", "probe perturbed"):
         assert final[key]["status"] == "reused", final[key]
     steps = math.ceil(4 / cfg.recover.batch_size) * cfg.recover.epochs
+    assert final["train recovered/in_task/4"].pop("seconds") > 0  # the stage's own time, shown at its end
     assert final["train recovered/in_task/4"] == {
         "kind": "train", "name": "recovered/in_task/4", "status": "done", "done": steps, "total": steps,
         "unit": "steps"}

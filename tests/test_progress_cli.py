@@ -12,7 +12,6 @@ import subprocess
 import sys
 
 import pytest
-
 from conftest import ROOT, TINY, tiny_config
 
 SPINNER = "⠋⠙⠹⠸⠼⠴⠦⠧⠇⠏"  # rich's default spinner ("dots")
@@ -49,17 +48,19 @@ def audits(home, tmp_path_factory):
 def test_preparation_steps_are_lines_with_counts(audits):
     p, summary = audits["both"]
     out = p.stdout
-    assert re.search(r"^\[\s*\d+\.\d s\] prepare the model and the facts: started$", out, re.M)
+    assert re.search(r"^\[\s*\d+\.\d s\] prepare the model and the facts: started$", out, re.MULTILINE)
     assert re.search(r"^\[\s*\d+\.\d s\] model: started \(build and pretraining on the first run, else from the "
-                     r"cache\)$", out, re.M), out[:3000]
+                     r"cache\)$", out, re.MULTILINE), out[:3000]
     assert re.search(r"^\[\s*\d+\.\d s\] model: done, (from the cache|build and pretraining \(first run only\)) "
-                     r"in \d+\.\d s$", out, re.M), out[:3000]
+                     r"in \d+\.\d s$", out, re.MULTILINE), out[:3000]
     n_items = summary["data"]["n_items"]
     assert n_items == 80
-    m = re.search(r"^\[\s*\d+\.\d s\] known-fact filter: (done|reused from the store), (\d+)/(\d+) items", out, re.M)
+    m = re.search(r"^\[\s*\d+\.\d s\] known-fact filter: (done|reused from the store), (\d+)/(\d+) items", out,
+                  re.MULTILINE)
     assert m and m.group(2) == m.group(3) == str(n_items), out[:3000]
     n_eval = tiny_config().data.n_eval
-    m = re.search(r"^\[\s*\d+\.\d s\] candidate mining: (done|reused from the store), (\d+)/(\d+) items", out, re.M)
+    m = re.search(r"^\[\s*\d+\.\d s\] candidate mining: (done|reused from the store), (\d+)/(\d+) items", out,
+                  re.MULTILINE)
     assert m and m.group(2) == m.group(3) == str(n_eval), out[:3000]
     # the preparation ends before the first stage task
     lines = out.splitlines()
@@ -86,7 +87,7 @@ def test_stage_counter_ends_at_the_number_of_stage_tasks_run(audits, name, arms,
     assert counts == [(i, n) for i in range(1, n + 1)], counts
     # one end line per stage task: prepare, each training stage, each probe, the weight drift
     ends = re.findall(r"\[stage tasks \d+/\d+\] (?:done|reused from the store): ([^,\n]+?)(?:,| in |$)", p.stdout,
-                      re.M)
+                      re.MULTILINE)
     expected = {"prepare the model and the facts", "weight drift"}
     expected |= {f"probe {s}" for s in summary["stages"]} | {f"train {s}" for s in summary["stages"] if s != "base"}
     assert sorted(ends) == sorted(expected)
@@ -125,23 +126,24 @@ def test_sweep_shows_trials_and_their_stages_without_tune_banners(sweep_run):
         assert foreign not in out and foreign not in err, foreign
     assert "\r" not in out and not any(ch in out for ch in SPINNER)
     # the preparation steps, then every trial with its stages
-    assert re.search(r"^\[\s*\d+\.\d s\] known-fact filter: (done|reused from the store), 80/80 items", out, re.M)
+    assert re.search(r"^\[\s*\d+\.\d s\] known-fact filter: (done|reused from the store), 80/80 items", out,
+                     re.MULTILINE)
     sizes = []
     for i in (1, 2):
-        m = re.search(rf"^\[\s*\d+\.\d s\] trial {i}/2 kl=0/in_task/n=(\d): started$", out, re.M)
+        m = re.search(rf"^\[\s*\d+\.\d s\] trial {i}/2 kl=0/in_task/n=(\d): started$", out, re.MULTILINE)
         assert m, out[-3000:]
         n = int(m.group(1))
         sizes.append(n)
         for stage in ("train aligned", "probe base", "probe aligned", "train perturbed", "probe perturbed",
                       f"train recovered/in_task/{n}", f"probe recovered/in_task/{n}"):
-            assert re.search(rf"^\[\s*\d+\.\d s\] trial {i}/2 {stage}: (done|reused from the store)", out, re.M), \
-                (stage, out[-4000:])
+            assert re.search(rf"^\[\s*\d+\.\d s\] trial {i}/2 {stage}: (done|reused from the store)", out,
+                             re.MULTILINE), (stage, out[-4000:])
         # each stage of the trial: its start, then its end (with its count when it was computed)
-        assert re.search(rf"^\[\s*\d+\.\d s\] trial {i}/2 train recovered/in_task/{n}: started", out, re.M)
+        assert re.search(rf"^\[\s*\d+\.\d s\] trial {i}/2 train recovered/in_task/{n}: started", out, re.MULTILINE)
     assert sorted(sizes) == [2, 4]
     # recovery with n=2 is new to this session's store (the audits above trained n=4)
     steps = re.findall(r"^\[\s*\d+\.\d s\] trial [12]/2 train recovered/in_task/2: done, (\d+)/(\d+) steps in ",
-                       out, re.M)
+                       out, re.MULTILINE)
     assert len(steps) == 1 and steps[0][0] == steps[0][1] != "0", out[-4000:]
     counts = re.findall(r"\[trials (\d+)/(\d+)\] done: trial \d/2 kl=0/in_task/n=[24]", out)
     assert counts == [("1", "2"), ("2", "2")], out[-3000:]
