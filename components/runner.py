@@ -70,9 +70,27 @@ def _items_digest(items) -> str:
     return stable_hash([{k: v for k, v in i.to_dict().items() if k != "source"} for i in items], 20)
 
 
-def prepare(cfg: AuditConfig, home: Path, threads: int | None = None) -> dict:
+# on_step(name, status, done, total, unit): a preparation step's progress (status
+# ``running``, then ``done`` or ``reused``; counts in ``unit``)
+Step = Callable[..., None]
+
+PREP_STEPS = ("model", "model load", "known-fact filter", "candidate mining")
+
+
+def _no_step(name: str, status: str, done: int = 0, total: int | None = None, unit: str = "items") -> None:
+    pass
+
+
+def prepare(cfg: AuditConfig, home: Path, threads: int | None = None, on_step: Step | None = None) -> dict:
     """Resolve the model, keep the facts the base model knows, split the pools, check
     them for leakage.
+
+    ``on_step(name, status, done, total, unit)`` follows the steps (names of
+    :data:`PREP_STEPS`): ``model`` (found in the cache, or built / converted from GGUF
+    on the first run: ``unit`` says which), ``model load`` (weights into memory, only
+    when the filter or the mining is not stored yet), ``known-fact filter`` (``done``
+    of ``total`` items answered) and ``candidate mining`` (items); status ``running``,
+    then ``done`` or ``reused`` (read from the store).
 
     The suite decides where the items come from, what a ``tiny-llama`` base model is
     pretrained on, and how the pools are split (:class:`components.data.Suite`). Only
@@ -94,12 +112,18 @@ def prepare(cfg: AuditConfig, home: Path, threads: int | None = None) -> dict:
     from components.models import load_checkpoint, load_tokenizer
 
     _threads(threads)
+    step = on_step or _no_step
     home = Path(home)
     suite = SUITES[cfg.suite]
     items = suite.items(cfg)
+    models_dir = home / "cache" / "models"
+    before = set(models_dir.iterdir()) if models_dir.is_dir() else set()
+    step("model", "running", unit=_model_unit(cfg.model.id))
     model_dir = resolve_model(
         cfg.model, home / "cache", suite.tokenizer_texts(items, cfg), cfg.seed, suite.pretraining_items(items, cfg)
     )
+    made = Path(model_dir).parent == models_dir and Path(model_dir) not in before
+    step("model", "done", unit=_model_unit(cfg.model.id, made))
     mdigest = model_digest(model_dir)  # first: it refuses a folder without safetensors weights
     # user text that spells a special token (<|im_end|>) would become a control token
     check_special_tokens(items, load_tokenizer(model_dir, cfg.model.trust_remote_code),
@@ -109,7 +133,13 @@ def prepare(cfg: AuditConfig, home: Path, threads: int | None = None) -> dict:
     bdigest = mdigest[:20] if rebuilt is None else stable_hash([mdigest, rebuilt], 20)
     base = Checkpoint("base", str(model_dir), [], None, f"base-{bdigest}")
     # loaded once, and only when the filter or the candidate mining is not stored yet
-    load_base = functools.cache(lambda: load_checkpoint(base, cfg.model.trust_remote_code))
+    def _load() -> tuple:
+        step("model load", "running", unit="")
+        out = load_checkpoint(base, cfg.model.trust_remote_code)
+        step("model load", "done", unit="")
+        return out
+
+    load_base = functools.cache(_load)
     known = None
     base_answers: dict[str, str] = {}
     if cfg.data.filter_known:
@@ -126,19 +156,28 @@ def prepare(cfg: AuditConfig, home: Path, threads: int | None = None) -> dict:
 
         def fn(tmp: Path) -> dict:
             model, tok = load_base()
+            scored = [0]
+
+            def on_batch(k: int) -> None:
+                scored[0] += k
+                step("known-fact filter", "running", scored[0], len(sub))
+
+            step("known-fact filter", "running", 0, len(sub))
             answers = generate_answers(
-                model, tok, sub, cfg.probe.batch_size, cfg.probe.max_new_tokens, cfg.model.precision
+                model, tok, sub, cfg.probe.batch_size, cfg.probe.max_new_tokens, cfg.model.precision, on_batch
             )
             match = MATCHERS[suite.task_matcher]
             return {"known": [bool(match(a, it.answer)) for a, it in zip(answers, sub)], "answers": answers}
 
-        filtered = store.produce(key, fn)[0]
+        filtered, reused = store.produce(key, fn)
+        step("known-fact filter", "reused" if reused else "done", len(sub), len(sub))
         known = [False] * len(items)
         for i, k, a in zip(evaluable, filtered["known"], filtered["answers"]):
             known[i] = k
             base_answers[items[i].id] = a
     data = suite.make_split(items, known, cfg)
-    data.notes["candidates"] = prepare_candidates(cfg, base, data, base_answers, Store(home / "store"), load_base)
+    data.notes["candidates"] = prepare_candidates(cfg, base, data, base_answers, Store(home / "store"), load_base,
+                                                  step)
     load_base.cache_clear()
     leaks = check_leakage(data, cfg.data.allow_leakage, suite.fact_subject,
                           cfg.data.leakage_similarity if suite.near_duplicates else None)
@@ -152,8 +191,23 @@ def prepare(cfg: AuditConfig, home: Path, threads: int | None = None) -> dict:
     }
 
 
+def _model_unit(model_id: str, made: bool | None = None) -> str:
+    """What the ``model`` step does, by the kind of ``model.id``: ``made`` None while it
+    runs, then True when it was built / converted now, False when it came from the cache."""
+    from components.models import model_kind
+
+    kind = model_kind(model_id)
+    first = {"smollm2": "GGUF -> transformers conversion", "gguf": "GGUF -> transformers conversion",
+             "tiny": "build and pretraining"}.get(kind)
+    if first is None:
+        return "hub model (downloaded once, then from the cache)" if kind == "hub" else "local directory"
+    if made is None:
+        return f"{first} on the first run, else from the cache"
+    return f"{first} (first run only)" if made else "from the cache"
+
+
 def prepare_candidates(cfg: AuditConfig, base: Checkpoint, data: SuiteData, base_answers: dict[str, str],
-                       store: Store, load_base: Callable[[], tuple] | None = None) -> dict:
+                       store: Store, load_base: Callable[[], tuple] | None = None, on_step: Step | None = None) -> dict:
     """Give every evaluation item its knowledge phrasings and its K candidates, once per
     audit (stored, keyed by the base model, the items and the mining settings): the base
     model's own answer becomes the first phrasing where it names the gold answer, and
@@ -162,6 +216,7 @@ def prepare_candidates(cfg: AuditConfig, base: Checkpoint, data: SuiteData, base
 
     ``load_base()`` returns the loaded base model and tokenizer (prepare shares one load
     with the known-fact filter); None: loaded here when the mining is not stored yet.
+    ``on_step`` as in :func:`prepare` (the step ``candidate mining``, in items).
 
     Returns:
         Notes for ``summary.json``: the mode, K, items mined and kept, answers scored
@@ -189,12 +244,16 @@ def prepare_candidates(cfg: AuditConfig, base: Checkpoint, data: SuiteData, base
         [base.digest],
     )
 
+    step = on_step or _no_step
+    n_eval = len(data.eval)
+
     def fn(tmp: Path) -> dict:
         from components.knowledge import add_own_phrasings, mine_candidates
         from components.metrics import generate_answers
         from components.models import load_checkpoint
 
         model, tok = load_base() if load_base is not None else load_checkpoint(base, cfg.model.trust_remote_code)
+        step("candidate mining", "running", 0, n_eval)
         items = [Item(**it.to_dict()) for it in data.eval]
         missing = [it for it in items if it.id not in base_answers]
         answers = dict(base_answers)
@@ -208,7 +267,8 @@ def prepare_candidates(cfg: AuditConfig, base: Checkpoint, data: SuiteData, base
         return {"eval": [it.to_dict() for it in items],
                 "notes": {"mode": cfg.data.candidates, "k": cfg.data.n_candidates, **info, "own_phrasing": own}}
 
-    out = store.produce(key, fn)[0]
+    out, reused = store.produce(key, fn)
+    step("candidate mining", "reused" if reused else "done", n_eval, n_eval)
     data.eval = [Item(**d) for d in out["eval"]]
     return out["notes"]
 

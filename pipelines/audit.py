@@ -94,7 +94,8 @@ def run_audit(
 ) -> dict:
     """Run one audit end to end and write the output contract into ``out_dir``.
 
-    ``progress(message)`` receives one line per finished stage; ``on_progress(state)``
+    ``progress(message)`` receives one line per finished stage (none per stage when
+    ``on_progress`` is given: the display shows them); ``on_progress(state)``
     the live step / item counts of every stage task (see :func:`pipelines.dag.run_dag`).
     Then the figures (``plots/*.png``) and ``report.html`` are written
     (:func:`pipelines.report.write_report`), and last ``manifest.json``; everything is
@@ -158,7 +159,8 @@ def run_audit(
 
     def on_event(kind: str, name: str, result: dict) -> None:
         if kind == "drift":
-            say("measured weight drift" + (" (reused)" if result.get("reused") else ""))
+            if on_progress is None:  # else the progress display shows every finished task
+                say("measured weight drift" + (" (reused)" if result.get("reused") else ""))
             return
         if kind == "prepare":
             # The parent run starts once the model and data are known to be good, so a
@@ -208,7 +210,8 @@ def run_audit(
         (trained if kind == "train" else probed)[name] = result
         what = "trained" if kind == "train" else "probed"
         reused = " (reused)" if result.get("reused") else f" in {result.get('seconds', 0):.0f} s"
-        say(f"{what} {name}{reused}")
+        if on_progress is None:  # else the progress display shows every finished task
+            say(f"{what} {name}{reused}")
         if name in logged or name not in probed or (name != "base" and name not in trained):
             return
         t = trained.get(name, {})

@@ -131,7 +131,8 @@ def run(
     Example: cl-audit run custom --model ./my-model --data items.jsonl
     """
     from components.registry import absolute_paths, load_config
-    from pipelines.audit import run_audit, stage_order
+    from pipelines.audit import run_audit
+    from pipelines.dag import dag_tasks
     from pipelines.tracking import check_model_name
 
     home = _use_home(home_dir)
@@ -153,8 +154,7 @@ def run(
         _print_config(cfg, f"# run folder {out_dir}\n")
         return
     t0 = time.time()
-    n_ckpt = len(stage_order(cfg))
-    with AuditProgress(_progress_console(), n_tasks=2 * n_ckpt - 1) as display:
+    with AuditProgress(_progress_console(), n_tasks=len(dag_tasks(cfg))) as display:
         summary = run_audit(cfg, out_dir, home, tracking_uri, display.message, display.update, register=register,
                             force=force)
     console.print(stage_table(summary))
@@ -189,7 +189,7 @@ def sweep(
     Example: cl-audit sweep capitals --quick --set "sweep.kl_penalty=[0,0.1,1]" --set "sweep.sizes=[2,4]"
     """
     from components.registry import absolute_paths, load_config
-    from pipelines.sweep import run_sweep, sweep_digest
+    from pipelines.sweep import expected_trials, run_sweep, sweep_digest
 
     home = _use_home(home_dir)
     if max_concurrent is not None:
@@ -202,12 +202,10 @@ def sweep(
     cfg = absolute_paths(load_config(suite, config, set_, quick))
     out_dir = out or home / "sweeps" / f"{cfg.suite}-{sweep_digest(cfg)[:12]}"
     t0 = time.time()
-    with _progress_console().status("[bold]sweeping[/bold]") as status:
-        def progress(msg: str) -> None:
-            _progress_console().log(msg, highlight=False, markup=False)
-            status.update(f"[bold]sweeping[/bold] ({time.time() - t0:.0f} s)")
-
-        summary = run_sweep(cfg, out_dir, home, tracking_uri, progress, force=force)
+    with AuditProgress(_progress_console(), n_tasks=expected_trials(cfg), count="trial", unit="trials",
+                       title="sweep: trials finished") as display:
+        summary = run_sweep(cfg, out_dir, home, tracking_uri, display.message, on_progress=display.update,
+                            force=force)
     for line in sweep_lines(summary):
         console.print(line, highlight=False, markup=False)
     if summary["interrupted"]:

@@ -9,6 +9,8 @@ it prints.
 
 from __future__ import annotations
 
+import time
+
 from rich import box
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
@@ -147,44 +149,137 @@ def verdict_lines(summary: dict) -> list[str]:
     return lines
 
 
-class AuditProgress:
-    """Rich progress bars for one audit: an overall bar over the stage tasks, and one
-    bar per running task (optimiser steps of a training stage, scored items of a probe).
+FINAL = ("done", "reused", "error")
 
-    ``message`` prints a line above the bars; ``update`` takes the task state of
-    :func:`pipelines.dag.run_dag`'s ``on_progress``.
+
+class AuditProgress:
+    """The progress of an audit or a sweep: a counter over the stage tasks (or the
+    trials), and per running task or step its count (optimiser steps of a training
+    stage, items scored by a probe or by the known-fact filter).
+
+    Two renderings, chosen by whether ``console`` is a terminal (``lines`` forces one):
+
+    - a terminal: rich bars (a spinner, the counter, one bar per running task), and one
+      line above them per finished step or task;
+    - anything else (stdout piped to a file): plain lines, one when a task or step
+      starts and one when it ends, each with the time since the start, and one every
+      ``every_s`` seconds per running task with its count; no spinner, no carriage return.
+
+    ``update(state)`` takes the task state of :func:`pipelines.dag.run_dag`'s
+    ``on_progress``: ``{key: {"kind", "name", "status", "done", "total", "unit",
+    "seconds"?, "prefix"?}}``; ``kind`` ``step`` is a preparation step, ``trial`` a sweep
+    trial, any other kind a stage task. The counter counts the tasks of kind ``count``
+    (``None``: every kind but ``step`` and ``trial``) that are done or reused, of
+    ``n_tasks`` (or of as many as ``state`` holds, when it holds more).
+    ``message(msg)`` prints a line.
     """
 
-    def __init__(self, console: Console, n_tasks: int):
-        self.progress = Progress(
-            SpinnerColumn(), TextColumn("{task.description:<34}"), BarColumn(bar_width=30), MofNCompleteColumn(),
-            TextColumn("{task.fields[unit]}"), TimeElapsedColumn(), console=console,
-        )
-        self.overall = self.progress.add_task("preparing the model and the facts", total=n_tasks, unit="stage tasks")
+    def __init__(self, console: Console, n_tasks: int, lines: bool | None = None, every_s: float = 30.0,
+                 count: str | None = None, unit: str = "stage tasks", title: str = "audit: stage tasks finished"):
+        self.console = console
+        self.lines = (not console.is_terminal or console.is_dumb_terminal) if lines is None else lines
+        self.n_tasks, self.every_s, self.count, self.unit, self.title = n_tasks, every_s, count, unit, title
+        self.t0 = time.monotonic()
+        self.seen: dict[str, dict] = {}  # key -> {"status", "start", "printed"}
+        self.finished = 0
         self.bars: dict[str, int] = {}
+        self.progress = None
+        if not self.lines:
+            self.progress = Progress(
+                SpinnerColumn(), TextColumn("{task.description:<40}"), BarColumn(bar_width=30), MofNCompleteColumn(),
+                TextColumn("{task.fields[unit]}"), TimeElapsedColumn(), console=console,
+            )
+            self.overall = self.progress.add_task("preparing the model and the facts", total=n_tasks, unit=unit)
 
     def __enter__(self) -> "AuditProgress":
-        self.progress.start()
+        if self.progress is not None:
+            self.progress.start()
         return self
 
     def __exit__(self, *exc) -> None:
-        self.progress.stop()
+        if self.progress is not None:
+            self.progress.stop()
+
+    def _print(self, msg: str) -> None:
+        self.console.print(f"[{time.monotonic() - self.t0:7.1f} s] {msg}", highlight=False, markup=False,
+                           soft_wrap=True)
 
     def message(self, msg: str) -> None:
-        self.progress.console.log(msg)
+        """A line of its own (with the time since the start)."""
+        self._print(msg)
+
+    def _counted(self, st: dict) -> bool:
+        return st["kind"] == self.count if self.count else st["kind"] not in ("step", "trial")
+
+    @staticmethod
+    def label(st: dict) -> str:
+        """``known-fact filter``, ``train aligned``, ``trial 2/4 probe perturbed``, ..."""
+        if st["kind"] == "step":
+            name = st["name"]
+        elif st["kind"] == "prepare":
+            name = "prepare the model and the facts"
+        elif st["kind"] == "trial":
+            name = st["name"]
+        elif st["kind"] == "drift":
+            name = "weight drift"
+        else:
+            name = f"{st['kind']} {st['name']}"
+        return st.get("prefix", "") + name
+
+    @staticmethod
+    def count_text(st: dict) -> str:
+        """``40/80 items`` (a count), the step's description (the model step), or ''."""
+        if st.get("total") is not None:
+            return f"{st['done']}/{st['total']} {st['unit']}"
+        if st["kind"] == "step" and st.get("unit") and st["unit"] != "items":
+            return st["unit"]
+        return ""
 
     def update(self, state: dict[str, dict]) -> None:
-        finished = sum(st["status"] in ("done", "reused") for st in state.values())
-        self.progress.update(self.overall, completed=finished, description="audit: stage tasks finished")
+        """Show the changes since the last call (see the class docstring)."""
+        now = time.monotonic()
+        total = max(self.n_tasks, sum(1 for st in state.values() if self._counted(st)))
         for key, st in state.items():
-            if st["status"] == "running" and key not in self.bars:
-                self.bars[key] = self.progress.add_task(f"  {key}", total=st["total"], unit=st["unit"])
+            seen = self.seen.setdefault(key, {"status": "waiting", "start": None, "printed": now})
+            old, new = seen["status"], st["status"]
+            if new == "running" and old == "waiting":
+                seen.update(status="running", start=now, printed=now)
+                if self.lines:
+                    c = self.count_text(st) if not st["done"] else ""
+                    self._print(f"{self.label(st)}: started" + (f" ({c})" if c else ""))
+            elif new == "running" and self.lines and st.get("total") and now - seen["printed"] >= self.every_s:
+                seen["printed"] = now
+                self._print(f"{self.label(st)}: {self.count_text(st)}")
+            if new in FINAL and old not in FINAL:
+                seen["status"] = new
+                secs = st.get("seconds")
+                if secs is None and seen["start"] is not None:
+                    secs = now - seen["start"]
+                c = self.count_text(st)
+                what = {"done": "done", "reused": "reused from the store", "error": "FAILED"}[new]
+                detail = (f", {c}" if c else "") + (f" in {secs:.1f} s" if secs is not None and new != "reused" else "")
+                if self._counted(st):
+                    self.finished += new != "error"
+                    self._print(f"[{self.unit} {self.finished}/{total}] {what}: {self.label(st)}{detail}")
+                else:
+                    self._print(f"{self.label(st)}: {what}{detail}")
+        if self.progress is None:
+            return
+        preparing = any(st["kind"] == "prepare" and st["status"] not in FINAL for st in state.values())
+        self.progress.update(self.overall, completed=self.finished, total=total,
+                             description="preparing the model and the facts" if preparing else self.title)
+        for key, st in state.items():
+            if st["status"] == "running" and key not in self.bars and st["kind"] not in ("prepare",):
+                self.bars[key] = self.progress.add_task(f"  {self.label(st)}", total=st["total"],
+                                                        unit=st["unit"] if st.get("total") is not None
+                                                        or st["kind"] == "step" else "")
             if key not in self.bars:
                 continue
-            if st["status"] in ("done", "reused"):
+            if st["status"] in FINAL:
                 self.progress.remove_task(self.bars.pop(key))
             else:
-                self.progress.update(self.bars[key], completed=st["done"], total=st["total"])
+                self.progress.update(self.bars[key], completed=st["done"], total=st["total"],
+                                     description=f"  {self.label(st)}")
 
 
 def sweep_lines(s: dict) -> list[str]:

@@ -81,9 +81,15 @@ def _task_threads() -> int:
         return os.cpu_count() or 1
 
 
-def prepare_task(cfg: AuditConfig, home: Path) -> dict:
-    """The Ray task of :func:`components.runner.prepare`."""
-    return runner.prepare(cfg, home)
+def prepare_task(cfg: AuditConfig, home: Path, hub=None) -> dict:
+    """The Ray task of :func:`components.runner.prepare` (its steps reported to ``hub``
+    as ``"step <name>"``, :class:`pipelines.progress.StepProgress`)."""
+    from pipelines.progress import StepProgress
+
+    steps = StepProgress(hub)
+    result = runner.prepare(cfg, home, on_step=steps)
+    steps.flush()
+    return result
 
 
 def train_task(kind: str, cfg: AuditConfig, home: Path, parent: dict, data: SuiteData,
@@ -173,6 +179,57 @@ def init_ray() -> None:
     )
 
 
+def dag_tasks(cfg: AuditConfig) -> list[tuple[str, str]]:
+    """Every stage task the audit DAG of ``cfg`` runs, ``(kind, name)`` in the order they
+    are submitted: ``prepare``, then per checkpoint its training stage (none for ``base``)
+    and its probe, then ``drift``. Their number is the total of the stage counter."""
+    names = ["base", "aligned", "perturbed", *[f"recovered/{a}/{n}" for a in cfg.recover.arms
+                                                for n in cfg.recover.sizes]]
+    out = [("prepare", "base")]
+    for name in names:
+        if name != "base":
+            out.append(("train", name))
+        out.append(("probe", name))
+    return [*out, ("drift", "drift")]
+
+
+def new_task_state(kind: str, name: str) -> dict:
+    """The ``on_progress`` entry of a task or step before it starts."""
+    return {"kind": kind, "name": name, "status": "waiting", "done": 0, "total": None,
+            "unit": "steps" if kind == "train" else "items", "seconds": None}
+
+
+def wait_prepare(prep_ref, hub, state: dict[str, dict], on_progress: Callable[[dict[str, dict]], None] | None,
+                 poll_s: float = 0.5) -> dict:
+    """Wait for the prepare task ``prep_ref``, passing its steps (``"step <name>"``
+    entries, added to ``state`` as they start) to ``on_progress`` every ``poll_s``
+    seconds; ``state["prepare base"]`` is marked done with the result.
+
+    Returns:
+        The prepare task's result. Raises what the task raised.
+    """
+    if hub is None or on_progress is None:
+        prep = ray.get(prep_ref)
+    else:
+        state["prepare base"]["status"] = "running"
+        on_progress(state)
+        while True:
+            done, _ = ray.wait([prep_ref], timeout=poll_s)
+            _merge_progress(state, hub, add="step ")
+            if done:
+                prep = ray.get(prep_ref)
+                break
+            on_progress(state)
+        for key, st in state.items():  # a step whose last report was lost still ends
+            if key.startswith("step ") and st["status"] == "running":
+                st["status"] = "done"
+    st = state["prepare base"]
+    st["status"] = "done"
+    if on_progress is not None:
+        on_progress(state)
+    return prep
+
+
 def run_dag(
     cfg: AuditConfig, home: Path, on_event: Callable[[str, str, dict], None] | None = None,
     on_progress: Callable[[dict[str, dict]], None] | None = None, poll_s: float = 0.5,
@@ -206,23 +263,28 @@ def run_dag(
     probe_t = ray.remote(num_cpus=pcpu, max_retries=retries)(probe_task)
     drift_t = ray.remote(num_cpus=pcpu, max_retries=retries)(drift_task)
 
-    prep_ref = prep_t.remote(cfg, home)
-    prep = ray.get(prep_ref)
-    if on_event:
-        on_event("prepare", "base", prep)
-    data_ref = ray.put(prep["data"])
-    base_stage = {"checkpoint": prep["base"], "history": []}
     hub = None
     if on_progress is not None:
         from pipelines.progress import ProgressHub
 
         hub = ProgressHub.remote()
+    state = {f"{kind} {name}": new_task_state(kind, name) for kind, name in dag_tasks(cfg)}
+    try:
+        prep = wait_prepare(prep_t.remote(cfg, home, hub), hub, state, on_progress, poll_s)
+    except BaseException:
+        if hub is not None:
+            ray.kill(hub)
+        raise
+    if on_event:
+        on_event("prepare", "base", prep)
+    data_ref = ray.put(prep["data"])
+    base_stage = {"checkpoint": prep["base"], "history": []}
 
     pending: dict = {}
     aligned = train_t["tune"].remote("tune", cfg, home, base_stage, data_ref, hub=hub)
     pending[aligned] = ("train", "aligned")
-    pending[probe_t.remote(cfg, home, base_stage, data_ref)] = ("probe", "base")
-    pending[probe_t.remote(cfg, home, aligned, data_ref)] = ("probe", "aligned")
+    pending[probe_t.remote(cfg, home, base_stage, data_ref, hub=hub)] = ("probe", "base")
+    pending[probe_t.remote(cfg, home, aligned, data_ref, hub=hub)] = ("probe", "aligned")
     perturbed = train_t["perturb"].remote("perturb", cfg, home, aligned, data_ref, hub=hub)
     pending[perturbed] = ("train", "perturbed")
     pending[probe_t.remote(cfg, home, perturbed, data_ref, hub=hub)] = ("probe", "perturbed")
@@ -237,11 +299,8 @@ def run_dag(
             refs.append(rec)
     pending[drift_t.remote(cfg, home, names, *refs)] = ("drift", "drift")
 
-    state = {
-        f"{kind} {name}": {"kind": kind, "name": name, "status": "waiting", "done": 0, "total": None,
-                           "unit": "steps" if kind == "train" else "items"}
-        for kind, name in pending.values()
-    }
+    assert {f"{kind} {name}" for kind, name in pending.values()} | {"prepare base"} == {
+        k for k in state if not k.startswith("step ")}, "dag_tasks() must list the tasks run_dag submits"
     out = {"prepare": prep, "train": {}, "probe": {}, "drift": {}}
     waiting = list(pending)
     try:
@@ -257,6 +316,7 @@ def run_dag(
             out[kind][name] = result
             st = state[f"{kind} {name}"]
             st["status"] = "reused" if result.get("reused") else "done"
+            st["seconds"] = None if result.get("reused") else result.get("seconds")
             if st["total"] is not None:
                 st["done"] = st["total"]
             if on_progress is not None:
@@ -269,17 +329,24 @@ def run_dag(
     return out
 
 
-def _merge_progress(state: dict[str, dict], hub) -> None:
-    """Fold the hub's latest counts into ``state`` (finished tasks keep their final status)."""
+def _merge_progress(state: dict[str, dict], hub, add: str | None = None) -> None:
+    """Fold the hub's latest counts into ``state`` (finished tasks keep their final status).
+
+    Keys starting with ``add`` that ``state`` lacks are added (the preparation steps,
+    ``"step <name>"``, known only once they start); their status is the reported one.
+    """
     try:
         snap = ray.get(hub.snapshot.remote(), timeout=10)
     except Exception:  # noqa: BLE001 - a slow or lost hub only delays the bars
         return
     for key, rep in snap.items():
         st = state.get(key)
+        if st is None and add is not None and key.startswith(add):
+            st = state[key] = new_task_state(key.split(" ", 1)[0], key.split(" ", 1)[1])
         if st is None or st["status"] in ("done", "reused"):
             continue
-        st.update(done=rep["done"], total=rep["total"], status="running")
+        status = rep.get("status", "running") if key.startswith("step ") else "running"
+        st.update(done=rep["done"], total=rep["total"], unit=rep["unit"], status=status)
 
 
 def summary_json_text(summary: dict) -> str:

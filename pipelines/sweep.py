@@ -36,6 +36,7 @@ from __future__ import annotations
 import io
 import json
 import math
+import os
 from pathlib import Path
 from typing import Any, Callable
 
@@ -53,6 +54,11 @@ HEATMAP = "recovery_heatmap.png"
 # Progress lines of the driver go to these callables (set by run_sweep); the Tune
 # callback that calls them is pickled into the experiment, so it holds no reference.
 _SINK: list[Callable[[str], None]] = []
+# The live progress of the driver (set by run_sweep, like _SINK): the on_progress
+# callables, the name of the ProgressHub actor the trials report to, the number of
+# trials, and the task state passed to on_progress (see pipelines.console.AuditProgress).
+_BOARD: list[Callable[[dict], None]] = []
+_LIVE: dict = {"hub": None, "total": 0, "state": {}, "polled": 0.0}
 
 
 def sweep_digest(cfg: AuditConfig) -> str:
@@ -127,7 +133,8 @@ def cell_name(cell: dict) -> str:
     return name + (f"/freeze={int(cell['freeze_layers'])}" if int(cell["freeze_layers"]) else "")
 
 
-def sweep_trial(cell: dict, cfg: AuditConfig, prep: dict, home: str, out_dir: str, mlflow_ctx: dict) -> None:
+def sweep_trial(cell: dict, cfg: AuditConfig, prep: dict, home: str, out_dir: str, mlflow_ctx: dict,
+                hub_name: str | None = None) -> None:
     """The Tune trainable: one cell of the sweep, its stages through the store.
 
     Args:
@@ -140,6 +147,9 @@ def sweep_trial(cell: dict, cfg: AuditConfig, prep: dict, home: str, out_dir: st
         out_dir: the sweep folder; with ``sweep.reuse`` false each trial computes
             every stage in a private store under ``out_dir/naive/<trial_id>``.
         mlflow_ctx: ``tracking_uri``, ``experiment`` and ``parent_run_id``.
+        hub_name: the named :class:`pipelines.progress.ProgressHub` of the driver: each
+            stage reports its start, counts and end as ``"trial <trial id> <kind> <name>"``
+            (None, or no such actor: nothing is reported).
 
     Reports (``ray.tune.report``) twice: after perturb, then after recover (see the
     module docstring); the final report holds the cell, :data:`METRIC_COLUMNS`,
@@ -150,9 +160,10 @@ def sweep_trial(cell: dict, cfg: AuditConfig, prep: dict, home: str, out_dir: st
     from ray import tune
 
     from components.faults import failpoint
-    from components.runner import probe as probe_stage
-    from components.runner import train as train_stage
+    from components.runner import probe as run_probe
+    from components.runner import train as run_train
     from components.summary import assess
+    from pipelines.progress import TaskProgress, find_hub
     from pipelines.tracking import AuditTracker
 
     c = cell_config(cfg, cell)
@@ -167,9 +178,27 @@ def sweep_trial(cell: dict, cfg: AuditConfig, prep: dict, home: str, out_dir: st
     boot = (c.verdict, c.probe.n_bootstrap, c.probe.ci_level, c.seed)
     computed: list[str] = []
 
+    hub = find_hub(hub_name)
+
     def note(result: dict) -> dict:
         if not result["reused"]:
             computed.append(result["key"].split("-")[0])
+        return result
+
+    def train_stage(kind: str, cfg_: AuditConfig, where_: str, parent: dict, data_, arm_=None, n_=None,
+                    reuse: bool = True) -> dict:
+        name = {"tune": "aligned", "perturb": "perturbed"}.get(kind, f"recovered/{arm_}/{n_}")
+        rep = TaskProgress(hub, f"trial {trial_id} train {name}", "steps")
+        rep.status("running")
+        result = run_train(kind, cfg_, where_, parent, data_, arm_, n_, reuse=reuse, on_step=rep.on_step)
+        rep.status("reused" if result["reused"] else "done", *rep.last)
+        return result
+
+    def probe_stage(cfg_: AuditConfig, where_: str, stage: dict, data_, reuse: bool = True) -> dict:
+        rep = TaskProgress(hub, f"trial {trial_id} probe {stage['checkpoint']['name']}", "items")
+        rep.status("running")
+        result = run_probe(cfg_, where_, stage, data_, on_progress=rep, reuse=reuse)
+        rep.status("reused" if result["reused"] else "done", *rep.last)
         return result
 
     base = {"checkpoint": prep["base"], "history": []}
@@ -249,11 +278,75 @@ def _say(msg: str) -> None:
         fn(msg)
 
 
+def _trial_entry(trial, trials) -> tuple[str, dict]:
+    """The ``on_progress`` entry of a trial: ``trial <i>/<N> kl=../<arm>/n=..``."""
+    key = f"trial {trial.trial_id}"
+    st = _LIVE["state"].get(key)
+    if st is None:
+        i = next((k for k, t in enumerate(trials, 1) if t.trial_id == trial.trial_id), len(trials))
+        n = max(_LIVE["total"], len(trials))
+        st = _LIVE["state"][key] = {
+            "kind": "trial", "name": f"{cell_name(trial.config)[len('trial/'):]}", "prefix": f"trial {i}/{n} ",
+            "status": "waiting", "done": 0, "total": None, "unit": "", "seconds": None, "index": f"{i}/{n}"}
+    return key, st
+
+
+def _show(trials, force: bool = False) -> None:
+    """Fold the hub's reports (stages of running trials) into the live state and pass
+    it to :data:`_BOARD`; at most every 0.5 s unless ``force``."""
+    import time
+
+    import ray
+
+    if not _BOARD:
+        return
+    now = time.monotonic()
+    if not force and now - _LIVE["polled"] < 0.5:
+        return
+    _LIVE["polled"] = now
+    state = _LIVE["state"]
+    for t in trials:  # finished in an earlier, interrupted run of the sweep
+        if t.status == "TERMINATED" and f"trial {t.trial_id}" not in state:
+            _trial_entry(t, trials)[1]["status"] = "reused"
+    hub = _LIVE["hub"]
+    if hub is not None:
+        try:
+            snap = ray.get(hub.snapshot.remote(), timeout=5)
+        except Exception:  # noqa: BLE001 - a slow hub only delays the display
+            snap = {}
+        for key, rep in snap.items():
+            if not key.startswith("trial "):
+                continue
+            _, tid, kind, name = key.split(" ", 3)
+            trial = next((t for t in trials if t.trial_id == tid), None)
+            if trial is None:
+                continue
+            prefix = _trial_entry(trial, trials)[1]["prefix"]
+            st = state.setdefault(key, {"kind": kind, "name": name, "prefix": prefix, "status": "waiting",
+                                        "done": 0, "total": None, "unit": rep["unit"], "seconds": None})
+            if st["status"] in ("done", "reused", "error"):
+                continue
+            st.update(done=rep["done"], total=rep["total"], status=rep.get("status", "running"))
+    for fn in _BOARD:
+        fn(state)
+
+
 class Progress(Callback):
     """Tune callback: one progress line per finished or failed trial, through
-    :data:`_SINK` (it is pickled into the experiment, so it holds no printer)."""
+    :data:`_SINK`, and the live state of the trials and their stages (``trial i/N``,
+    its current stage and count) through :data:`_BOARD` (it is pickled into the
+    experiment, so it holds no printer)."""
+
+    def on_trial_start(self, iteration, trials, trial, **info):
+        _trial_entry(trial, trials)[1]["status"] = "running"
+        _show(trials, force=True)
+
+    def on_step_end(self, iteration, trials, **info):
+        _show(trials)
 
     def on_trial_complete(self, iteration, trials, trial, **info):
+        _trial_entry(trial, trials)[1]["status"] = "done"
+        _show(trials, force=True)
         r = trial.last_result or {}
         parts = [f"{k}={r[k]:.3f}" for k in ("task_drop", "perturb_acc", "recovered_task_acc", "recovery_ratio")
                  if isinstance(r.get(k), float)]
@@ -262,6 +355,8 @@ class Progress(Callback):
         _say(f"trial {trial.trial_id} finished: {cell_name(trial.config)} " + " ".join(parts))
 
     def on_trial_error(self, iteration, trials, trial, **info):
+        _trial_entry(trial, trials)[1]["status"] = "error"
+        _show(trials, force=True)
         _say(f"trial {trial.trial_id} failed: {cell_name(trial.config)}")
 
 
@@ -294,8 +389,14 @@ def run_sweep(
     tracking_uri: str | None = None,
     progress: Callable[[str], None] | None = None,
     force: bool = False,
+    on_progress: Callable[[dict[str, dict]], None] | None = None,
 ) -> dict:
     """Run (or resume) the sweep of ``cfg.sweep`` and write its outputs into ``out_dir``.
+
+    ``progress(message)`` receives one line per finished trial; ``on_progress(state)``
+    (see :class:`pipelines.console.AuditProgress`) the preparation steps, then every
+    trial (kind ``trial``, ``trial i/N`` in its ``prefix``) and the stage it runs with
+    its count. Ray Tune prints nothing of its own (no banner, table or TensorBoard hint).
 
     A folder that holds an interrupted sweep of the same config (``sweep_digest``) is
     resumed with ``Tuner.restore``: finished trials are kept, unfinished and failed
@@ -318,7 +419,7 @@ def run_sweep(
 
     from components.models import check_model_id
     from pipelines.audit import check_writable, default_home, provenance_tags, versions
-    from pipelines.dag import init_ray, prepare_task, worker_allocator_env
+    from pipelines.dag import init_ray, new_task_state, prepare_task, wait_prepare, worker_allocator_env
     from pipelines.mlflow_env import absolute_env
     from pipelines.tracking import AuditTracker, redact_uri, resolve_tracking_uri
 
@@ -348,10 +449,19 @@ def run_sweep(
 
     init_ray()
     prep_t = ray.remote(num_cpus=cfg.ray.probe_cpus, max_retries=cfg.ray.max_retries)(prepare_task)
+    hub, hub_name = None, None
+    live: dict[str, dict] = {"prepare base": new_task_state("prepare", "base")}
+    if on_progress is not None:
+        from pipelines.progress import ProgressHub
+
+        hub_name = f"cl-audit-progress-{os.getpid()}-{digest[:8]}"
+        hub = ProgressHub.options(name=hub_name).remote()
     try:
-        prep = ray.get(prep_t.remote(cfg, str(home)))
-    except RayTaskError as e:
-        if isinstance(getattr(e, "cause", None), UserError):
+        prep = wait_prepare(prep_t.remote(cfg, str(home), hub), hub, live, on_progress)
+    except BaseException as e:
+        if hub is not None:
+            ray.kill(hub)
+        if isinstance(e, RayTaskError) and isinstance(getattr(e, "cause", None), UserError):
             raise UserError(str(e.cause)) from None
         raise
     check_sweep(cfg, prep["data"])
@@ -380,11 +490,17 @@ def run_sweep(
 
     trainable = tune.with_resources(
         tune.with_parameters(sweep_trial, cfg=cfg, prep=prep, home=str(home), out_dir=str(out_dir),
-                             mlflow_ctx=mlflow_ctx),
+                             mlflow_ctx=mlflow_ctx, hub_name=hub_name),
         {"cpu": cfg.sweep.cpus_per_trial},
     )
     sw = cfg.sweep
     _SINK[:] = [say]
+    _BOARD[:] = [on_progress] if on_progress is not None else []
+    _LIVE.update(hub=hub, total=expected_trials(cfg), state=live, polled=0.0)
+    # Tune's own console output: with its "new output engine" (the default) even
+    # verbose=0 prints a banner table, the experiment path and a TensorBoard hint; the
+    # classic output prints nothing at verbose=0. Read by Tune in this process only.
+    os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
     try:
         if resuming:
             done = int((sweep_table(exp_dir).status == "TERMINATED").sum())
@@ -417,6 +533,10 @@ def run_sweep(
         raise
     finally:
         _SINK.clear()
+        _BOARD.clear()
+        _LIVE.update(hub=None, state={})
+        if hub is not None:
+            ray.kill(hub)
 
     table = sweep_table(exp_dir)
     buf = io.BytesIO()

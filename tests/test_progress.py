@@ -16,12 +16,17 @@ def test_progress_counts_steps_and_items(tiny_run, home, tmp_path):
         {k: dict(v) for k, v in st.items()}))
     final = snapshots[-1]
     names = ["base", "aligned", "perturbed", "recovered/in_task/4"]
-    assert set(final) == {f"probe {n}" for n in names} | {f"train {n}" for n in names[1:]} | {"drift drift"}
+    tasks = {f"probe {n}" for n in names} | {f"train {n}" for n in names[1:]} | {"drift drift", "prepare base"}
+    # the preparation steps (all read from the store by now) beside the stage tasks
+    assert set(final) == tasks | {"step model", "step known-fact filter", "step candidate mining"}
+    assert final["step known-fact filter"]["status"] == "reused"
+    assert final["step known-fact filter"]["done"] == final["step known-fact filter"]["total"] == 80
     assert final["drift drift"]["status"] in ("done", "reused")
     # stages computed in an earlier test are reused: no counts, status "reused"
     for key in ("train aligned", "train perturbed", "probe base", "probe aligned", "probe perturbed"):
         assert final[key]["status"] == "reused", final[key]
     steps = math.ceil(4 / cfg.recover.batch_size) * cfg.recover.epochs
+    assert final["train recovered/in_task/4"].pop("seconds") > 0  # the stage's own time, shown at its end
     assert final["train recovered/in_task/4"] == {
         "kind": "train", "name": "recovered/in_task/4", "status": "done", "done": steps, "total": steps,
         "unit": "steps"}
