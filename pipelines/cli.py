@@ -382,7 +382,11 @@ def history(
         console.print(f"no finished audits or sweeps in {uri}" + (f" for suite {suite}" if suite else "")
                       + (f" and model {model}" if model else ""), highlight=False, markup=False)
         return
-    console.print(history_table(uri, rows), highlight=False)
+    table = history_table(uri, rows)
+    # piped: as wide as the table needs (a column per differing setting), never cut or wrapped
+    out = console if sys.stdout.isatty() else Console(width=max(console.width, console.measure(
+        table, options=console.options.update(max_width=100_000)).maximum))
+    out.print(table, highlight=False)
 
 
 @app.command()
