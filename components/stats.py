@@ -79,3 +79,53 @@ def summarise(values: np.ndarray, n_boot: int, level: float, seed: int, groups: 
     """``{"value", "ci_low", "ci_high"}`` of the mean of per-item ``values``."""
     lo, hi = bootstrap_ci(values, n_boot, level, seed, groups)
     return {"value": float(np.mean(values)) if len(values) else float("nan"), "ci_low": lo, "ci_high": hi}
+
+
+def bootstrap_p(samples: np.ndarray) -> float:
+    """Two-sided bootstrap p-value of "the statistic is 0" from the resampled differences
+    ``samples`` (R,): twice the smaller share of resamples on either side of 0 (each
+    share counting 0 itself), with one added to counts and total so it is never 0
+    (Davison & Hinkley 1997, eq. 4.11); at most 1. It is the p-value that inverts the
+    percentile CI: p < 1 - level exactly when that CI excludes 0 (up to the +1).
+
+    Undefined resamples (NaN, a ratio whose denominator was <= 0) count on both sides,
+    as :func:`percentile_ci` keeps them: they can only raise p. Resolution: the smallest
+    p is 2 / (R + 1).
+    """
+    s = np.asarray(samples, float)
+    if len(s) == 0:
+        return 1.0
+    bad = ~np.isfinite(s)
+    below = int(np.sum(bad | (s <= 0)))
+    above = int(np.sum(bad | (s >= 0)))
+    return float(min(1.0, 2 * (min(below, above) + 1) / (len(s) + 1)))
+
+
+def normal_p(diff: float, ci_a, ci_b, level: float) -> float | None:
+    """Two-sided p-value of ``diff`` = b - a from the two estimates' ``level`` CIs alone
+    (no per-item values): each CI's half width over the normal quantile is its standard
+    error, the two independent (Wald test). None when a CI is missing; 0 or 1 when both
+    CIs have zero width (a difference without noise, or none)."""
+    from statistics import NormalDist
+
+    if diff is None or not ci_a or not ci_b or None in (*ci_a, *ci_b):
+        return None
+    z = NormalDist().inv_cdf(0.5 + level / 2)
+    se = float(np.hypot((ci_a[1] - ci_a[0]) / (2 * z), (ci_b[1] - ci_b[0]) / (2 * z)))
+    if se <= 0:
+        return 1.0 if diff == 0 else 0.0
+    return float(2 * (1 - NormalDist().cdf(abs(diff) / se)))
+
+
+def holm(pvalues: list[float | None]) -> list[float | None]:
+    """Holm's step-down adjusted p-values (Holm 1979), in the order given; None stays None
+    and is not counted as a test. Rejecting where the adjusted p < alpha controls the
+    family-wise error rate at alpha over all the tests, under any dependence."""
+    idx = [i for i, p in enumerate(pvalues) if p is not None]
+    m = len(idx)
+    out: list[float | None] = [None] * len(pvalues)
+    running = 0.0
+    for rank, i in enumerate(sorted(idx, key=lambda i: pvalues[i])):
+        running = max(running, min(1.0, (m - rank) * pvalues[i]))
+        out[i] = running
+    return out

@@ -33,7 +33,7 @@ from typing import Callable
 import numpy as np
 
 from components.config import VerdictConfig
-from components.stats import percentile_ci, ratio, resample_weights, wmean
+from components.stats import bootstrap_p, percentile_ci, ratio, resample_weights, wmean
 
 # The knowledge measures a verdict can be decided by (components.knowledge); gold_logprob
 # is reported as a change in nats, never decisive (it moves with any refusal).
@@ -355,9 +355,12 @@ def bootstrap_diff(
         n_boot, level, seed: resamples, two-sided level, RNG seed.
 
     Returns:
-        ``{"diff", "ci_low", "ci_high", "significant"}``: significant when the percentile
-        CI of the difference excludes 0; CI bounds are None when more resamples than
-        the CI's tail are undefined (:func:`percentile_ci`).
+        ``{"diff", "ci_low", "ci_high", "significant", "p"}``: significant when the
+        percentile CI of the difference excludes 0 (one test, uncorrected); ``p`` its
+        two-sided bootstrap p-value (:func:`components.stats.bootstrap_p`), for a
+        multiple-comparison correction across several differences; CI bounds, ``p`` and
+        ``significant`` are None when more resamples than the CI's tail are undefined
+        (:func:`percentile_ci`).
 
     Raises:
         ValueError: ``paired`` with ``n_a != n_b``.
@@ -373,8 +376,9 @@ def bootstrap_diff(
     lo, hi = percentile_ci(diffs, level)
     if not np.isfinite(point) or lo is None:
         return {"diff": point if np.isfinite(point) else None, "ci_low": None, "ci_high": None,
-                "significant": None}
-    return {"diff": point, "ci_low": lo, "ci_high": hi, "significant": bool(lo > 0 or hi < 0)}
+                "significant": None, "p": None}
+    return {"diff": point, "ci_low": lo, "ci_high": hi, "significant": bool(lo > 0 or hi < 0),
+            "p": bootstrap_p(diffs)}
 
 
 STAGE_METRICS = ("task_acc", "knowledge_acc", "knowledge_acc_token", "knowledge_acc_byte", "knowledge_mrr",

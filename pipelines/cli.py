@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import errno
 import json
+import math
 import os
 import sys
 import time
@@ -99,6 +100,25 @@ def _use_home(home: Optional[Path]) -> Path:
 
 
 FORCE_HELP = "Replace what --out holds when it is a run of another config (refused otherwise)."
+
+JSON_HELP = "Print JSON on stdout (machine-readable) instead of tables."
+
+
+def _print_json(data) -> None:
+    """``data`` as JSON on stdout, nothing else (NaN as null; numpy and paths as text)."""
+    def clean(x):
+        if isinstance(x, float) and math.isnan(x):
+            return None
+        if isinstance(x, dict):
+            return {str(k): clean(v) for k, v in x.items()}
+        if isinstance(x, (list, tuple)):
+            return [clean(v) for v in x]
+        if hasattr(x, "item") and callable(x.item):  # numpy scalars
+            return clean(x.item())
+        return x
+
+    sys.stdout.write(json.dumps(clean(data), indent=1, default=str) + "\n")
+    sys.stdout.flush()
 
 
 @app.command()
@@ -218,23 +238,31 @@ def sweep(
 
 
 @app.command()
-def show(run_dir: Path = typer.Argument(..., help="A run folder with summary.json.")) -> None:
-    """Print the table and verdict of a finished run.
+def show(
+    run_dir: Path = typer.Argument(..., help="A run folder with summary.json, or a sweep folder (sweep_summary.json)."),
+    as_json: bool = typer.Option(False, "--json", help=JSON_HELP),
+) -> None:
+    """Print the table and verdict of a finished run, or the trials and best cell of a sweep.
 
     Example: cl-audit show runs/audits/capitals-0123abcd
     """
+    from pipelines.report import read_summary
+
     run_dir = _abs(run_dir)
-    path = run_dir / "summary.json"
-    if not path.exists():
-        raise UserError(f"{path}: not found; expected the folder of a finished run")
-    try:
-        summary = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise UserError(f"{path}: not valid JSON ({e})") from None
-    console.print(stage_table(summary))
-    console.print(layers_table(summary))
-    for line in verdict_lines(summary):
-        console.print(line, highlight=False, markup=False)
+    kind, summary = read_summary(run_dir)
+    if as_json:
+        _print_json({"kind": kind, "folder": str(run_dir), "summary": summary})
+        return
+    if kind == "sweep":
+        console.print(f"sweep {summary.get('suite', '?')} / {summary.get('model', '?')} in {run_dir}",
+                      highlight=False, markup=False, soft_wrap=True)
+        for line in sweep_lines(summary):
+            console.print(line, highlight=False, markup=False)
+    else:
+        console.print(stage_table(summary))
+        console.print(layers_table(summary))
+        for line in verdict_lines(summary):
+            console.print(line, highlight=False, markup=False)
     if (run_dir / "report.html").exists():
         console.print(f"Report: {run_dir / 'report.html'}", highlight=False)
 
@@ -340,7 +368,8 @@ def submit(
     from pipelines.submit import submit as submit_job
 
     args = list(args or [])
-    if args and args[0] not in {c.name or c.callback.__name__ for c in app.registered_commands}:
+    if args and args[0] not in {c.name or c.callback.__name__ for c in app.registered_commands} | {
+            g.name for g in app.registered_groups}:
         raise UserError(f"submit: '{args[0]}' is not a cl-audit command; e.g. -- run capitals --quick")
     _, _, code = submit_job(address, args, working_dir, parse_env(env))
     if code:
@@ -373,6 +402,7 @@ def verify(
         False, "--allow-unanchored",
         help="Accept a manifest whose sha256 cannot be checked (the store unreachable, no run or digest recorded): a note, not a failure. A manifest that differs from its digest, or names a run the store does not hold, still fails."),
     home_dir: Optional[Path] = _home_option(),
+    as_json: bool = typer.Option(False, "--json", help=JSON_HELP + " Exits 1 all the same on a mismatch."),
 ) -> None:
     """Check every artifact of an audit against its manifest (sha256 and size).
 
@@ -389,6 +419,12 @@ def verify(
     _use_home(home_dir)
     classify(target)
     report = do_verify(target, _store_uri(tracking_uri), allow_unanchored)
+    if as_json:
+        _print_json({"ok": report.ok, "where": report.where, "checked": report.checked,
+                     "mismatches": [{"path": p, "why": why} for p, why in report.mismatches], "notes": report.notes})
+        if not report.ok:
+            raise typer.Exit(1)
+        return
     for path, why in report.mismatches:
         console.print(f"MISMATCH {path}: {why}", highlight=False, markup=False, soft_wrap=True)
     for note in report.notes:
@@ -431,10 +467,12 @@ def history(
     suite: Optional[str] = typer.Option(None, "--suite", help="Only audits of this suite."),
     model: Optional[str] = typer.Option(None, "--model", help="Only audits of this model id (model.id)."),
     tracking_uri: Optional[str] = typer.Option(None, "--tracking-uri", help=URI_HELP),
-    limit: int = typer.Option(50, "--limit", min=1, help="At most this many audits."),
+    limit: int = typer.Option(50, "--limit", min=1, help="At most this many audits and sweeps."),
     home_dir: Optional[Path] = _home_option(),
+    as_json: bool = typer.Option(False, "--json", help=JSON_HELP),
 ) -> None:
-    """Past audits in the tracking store, newest first.
+    """Past audits and sweeps in the tracking store, newest first, with the seed and a
+    column per setting that differs between the listed runs.
 
     Example: cl-audit history --suite capitals
     """
@@ -443,11 +481,20 @@ def history(
     _use_home(home_dir)
     uri = _store_uri(tracking_uri)
     rows = do_history(uri, suite, model, limit)
+    if as_json:
+        from pipelines.tracking import redact_uri
+
+        _print_json({"tracking_uri": redact_uri(uri), "differs": list(rows[0]["differs"]) if rows else [], "runs": rows})
+        return
     if not rows:
-        console.print(f"no finished audits in {uri}" + (f" for suite {suite}" if suite else "")
+        console.print(f"no finished audits or sweeps in {uri}" + (f" for suite {suite}" if suite else "")
                       + (f" and model {model}" if model else ""), highlight=False, markup=False)
         return
-    console.print(history_table(uri, rows), highlight=False)
+    table = history_table(uri, rows)
+    # piped: as wide as the table needs (a column per differing setting), never cut or wrapped
+    out = console if sys.stdout.isatty() else Console(width=max(console.width, console.measure(
+        table, options=console.options.update(max_width=100_000)).maximum))
+    out.print(table, highlight=False)
 
 
 @app.command()
@@ -456,9 +503,14 @@ def compare(
     run_b: str = typer.Argument(..., help="Audit B: a run folder or an MLflow run id."),
     tracking_uri: Optional[str] = typer.Option(None, "--tracking-uri", help=URI_HELP),
     home_dir: Optional[Path] = _home_option(),
+    as_json: bool = typer.Option(False, "--json", help=JSON_HELP),
 ) -> None:
     """Two audits side by side: config differences, every metric with its CI, and which
     differences (B - A) are significant.
+
+    Paired tests where both audits scored the same items (same item ids), unpaired
+    otherwise; every p-value is corrected for multiple comparisons (Holm), and a
+    difference is significant when its adjusted p < 0.05.
 
     Example: cl-audit compare runs/audits/capitals-aaaa runs/audits/capitals-bbbb
     """
@@ -466,6 +518,9 @@ def compare(
 
     _use_home(home_dir)
     c = do_compare(run_a, run_b, _store_uri(tracking_uri))
+    if as_json:
+        _print_json(c.as_json())
+        return
     for tag, au in (("A", c.a), ("B", c.b)):
         what = f"run {au.run_id}" if au.name == au.run_id else f"{au.name} (run {au.run_id})"
         console.print(f"{tag}: {what}  {au.date}  {au.summary['model']} / {au.summary['suite']}"
@@ -476,13 +531,15 @@ def compare(
         console.print("config: identical", highlight=False)
     console.print(compare_table(c.rows), highlight=False)
     n_sig = sum(1 for r in c.rows if r["significant"])
+    n_raw = sum(1 for r in c.rows if r["significant_uncorrected"])
     console.print(f"verdict: A {c.a.summary['verdict']['label']} -> B {c.b.summary['verdict']['label']}; "
-                  f"{n_sig} of {len(c.rows)} differences significant", highlight=False, markup=False)
+                  f"{n_sig} of {c.tests} differences significant after {c.correction} correction "
+                  f"({n_raw} uncorrected)", highlight=False, markup=False)
     console.print(rule_text(c), highlight=False, markup=False, soft_wrap=True)
 
 
 @app.command()
-def suites() -> None:
+def suites(as_json: bool = typer.Option(False, "--json", help=JSON_HELP)) -> None:
     """List the built-in suites.
 
     Example: cl-audit suites
@@ -490,8 +547,94 @@ def suites() -> None:
     from components.registry import SUITES
 
     # the default suite first, then the others by name
-    for name, s in sorted(SUITES.items(), key=lambda kv: (kv[0] != "capitals", kv[0])):
+    ordered = sorted(SUITES.items(), key=lambda kv: (kv[0] != "capitals", kv[0]))
+    if as_json:
+        _print_json([{"name": name, "description": s.description, "default_model": s.default_model}
+                     for name, s in ordered])
+        return
+    for name, s in ordered:
         console.print(f"{name:10s} {s.description} [model: {s.default_model}]", highlight=False, markup=False)
+
+
+store_app = typer.Typer(
+    no_args_is_help=True, context_settings={"help_option_names": ["-h", "--help"]},
+    help="The stage store and model cache of CL_AUDIT_HOME: list them (ls) and remove what no run refers to (gc).")
+app.add_typer(store_app, name="store")
+RUNS_HELP = "Also count the run folders under this folder as references (repeat for more); CL_AUDIT_HOME is always scanned."
+
+
+def _bytes(n: int) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1024 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} GB"
+
+
+@store_app.command("ls")
+def store_ls(
+    runs: list[Path] = typer.Option([], "--runs", help=RUNS_HELP),
+    as_json: bool = typer.Option(False, "--json", help=JSON_HELP),
+) -> None:
+    """List the stage store and the model cache: key, kind, size, created, last used and
+    the run folders that refer to each entry (from their manifests, where known).
+
+    Example: cl-audit store ls
+    """
+    from pipelines.audit import default_home
+    from pipelines.store_admin import entries
+
+    home = default_home()
+    found = entries(home, [_abs(p) for p in runs])
+    if as_json:
+        _print_json({"home": str(home), "entries": [e.as_json() for e in found],
+                     "size": sum(e.size for e in found)})
+        return
+    if not found:
+        console.print(f"{home}: the stage store and the model cache are empty", highlight=False, markup=False)
+        return
+    for e in found:
+        refs = ", ".join(e.referenced_by) if e.referenced_by else "-"
+        j = e.as_json()
+        console.print(f"{e.where:5s} {e.key:34s} {e.kind:10s} {_bytes(e.size):>9s}  created {j['created']}  "
+                      f"last used {j['last_used']}  runs: {refs}", highlight=False, markup=False, soft_wrap=True)
+    n_ref = sum(1 for e in found if e.referenced_by)
+    console.print(f"{len(found)} entries, {_bytes(sum(e.size for e in found))} in {home} "
+                  f"({n_ref} referenced by a run folder)", highlight=False, markup=False, soft_wrap=True)
+
+
+@store_app.command("gc")
+def store_gc(
+    older_than: str = typer.Option("0", "--older-than", help="Only entries last used longer ago than this (30m, 12h, 7d)."),
+    all_: bool = typer.Option(False, "--all", help="Also entries that run folders refer to (their runs then no longer verify)."),
+    yes: bool = typer.Option(False, "--yes", "-y", help="Remove them. Without it: a dry run that lists what would go."),
+    runs: list[Path] = typer.Option([], "--runs", help=RUNS_HELP),
+    as_json: bool = typer.Option(False, "--json", help=JSON_HELP),
+) -> None:
+    """Remove store and model-cache entries that no run folder refers to (a dry run unless --yes).
+
+    An entry listed in a finished run's manifest is never removed without --all.
+
+    Example: cl-audit store gc --older-than 7d --yes
+    """
+    from pipelines.audit import default_home
+    from pipelines.store_admin import gc, parse_age
+
+    home = default_home()
+    plan = gc(home, parse_age(older_than), all_, yes, [_abs(p) for p in runs])
+    if as_json:
+        _print_json({"home": str(home), "applied": plan.applied, "size": plan.size, "kept": plan.kept,
+                     "removed" if plan.applied else "would_remove": [e.as_json() for e in plan.remove],
+                     "skipped": [{"key": k, "why": why} for k, why in plan.skipped]})
+        return
+    verb = "removed" if plan.applied else "would remove"
+    for e in plan.remove:
+        console.print(f"{verb} {e.where} {e.key} ({_bytes(e.size)})", highlight=False, markup=False, soft_wrap=True)
+    for k, why in plan.skipped:
+        console.print(f"skipped {k}: {why}", highlight=False, markup=False, soft_wrap=True)
+    console.print(f"{verb} {len(plan.remove)} entries, {_bytes(plan.size)}; {plan.kept} kept"
+                  + ("" if plan.applied else " (dry run: add --yes to remove them)"),
+                  highlight=False, markup=False, soft_wrap=True)
 
 
 DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)

@@ -332,14 +332,19 @@ def sweep_lines(s: dict) -> list[str]:
 
 
 def history_table(uri: str, rows: list[dict]) -> Table:
-    """``cl-audit history``: one row per past audit (:func:`pipelines.trail.history`)."""
-    t = Table(title=f"audits in {uri}, newest first", box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True)
-    for col, kw in (("date", {"no_wrap": True}), ("run", {"no_wrap": True}), ("model", {}), ("suite", {}),
-                    ("settings", {}), ("verdict", {"no_wrap": True}), ("task drop", {"justify": "right"}),
+    """``cl-audit history``: one row per past audit or sweep (:func:`pipelines.trail.history`),
+    with the seed and a column per setting that differs between the listed runs."""
+    t = Table(title=f"audits and sweeps in {uri}, newest first", box=box.SIMPLE_HEAD, pad_edge=False,
+              collapse_padding=True)
+    differs = list(rows[0]["differs"]) if rows else []
+    for col, kw in (("date", {"no_wrap": True}), ("run", {"no_wrap": True}), ("kind", {}), ("model", {}),
+                    ("suite", {}), ("seed", {"justify": "right"}), *((k, {}) for k in differs),
+                    ("verdict", {"no_wrap": True}), ("task drop", {"justify": "right"}),
                     ("retention", {"justify": "right"}), ("best recovery", {"no_wrap": True})):
         t.add_column(col, **kw)
     for r in rows:
-        t.add_row(r["date"], r["run_id"], r["model"], r["suite"], r["settings"], r["verdict"],
+        t.add_row(r["date"], r["run_id"], r["kind"], r["model"], r["suite"], str(r["seed"]),
+                  *("-" if r["differs"][k] is None else str(r["differs"][k]) for k in differs), r["verdict"],
                   fmt(r["task_drop"], 2), fmt(r["knowledge_retention"], 2), r["best_recovery"])
     return t
 
@@ -359,10 +364,12 @@ def compare_table(rows: list[dict]) -> Table:
     significant and by which rule (the rows of :func:`pipelines.trail.compare`)."""
     t = Table(title="metrics (B - A)", box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True)
     for col, kw in (("stage", {"no_wrap": True}), ("metric", {"no_wrap": True}), ("A", {"justify": "right"}),
-                    ("B", {"justify": "right"}), ("B - A", {"justify": "right"}), ("sig", {}), ("rule", {})):
+                    ("B", {"justify": "right"}), ("B - A", {"justify": "right"}), ("p", {"justify": "right"}),
+                    ("p Holm", {"justify": "right"}), ("sig", {}), ("rule", {})):
         t.add_column(col, **kw)
     for r in rows:
         sig = {True: "*", False: "", None: "?"}[r["significant"]]
         t.add_row(r["stage"], r["metric"], fmt_value_ci(r["a"], r["a_ci"]), fmt_value_ci(r["b"], r["b_ci"]),
-                  fmt_value_ci(r["diff"], r["diff_ci"]), sig, r["rule"])
+                  fmt_value_ci(r["diff"], r["diff_ci"]), fmt(r.get("p"), 4), fmt(r.get("p_adjusted"), 4), sig,
+                  r["rule"])
     return t

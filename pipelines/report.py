@@ -519,15 +519,87 @@ def render_html(run: dict, plots: list[Plot]) -> str:
     return env.get_template("report.html.j2").render(**ctx)
 
 
+SWEEP_SUMMARY = "sweep_summary.json"
+
+
+def read_summary(folder: Path) -> tuple[str, dict]:
+    """The summary of a finished audit or sweep folder: ``("audit", summary.json)`` or,
+    for a sweep folder (``sweep_summary.json`` and no ``summary.json``),
+    ``("sweep", sweep_summary.json)``.
+
+    Raises:
+        UserError: neither file there (``summary.json: not found``), or not valid JSON.
+    """
+    folder = Path(folder)
+    if not (folder / "summary.json").exists() and (folder / SWEEP_SUMMARY).exists():
+        return "sweep", _read_json(folder / SWEEP_SUMMARY)
+    return "audit", _read_json(folder / "summary.json")
+
+
+def render_sweep_html(folder: Path, summary: dict, plots: list[Plot]) -> str:
+    """The HTML text of a sweep's report (``templates/sweep_report.html.j2``): the best
+    cell and the rule that chose it, the trials best first, the smallest recovery sets,
+    the heatmap, the config and the MLflow run."""
+    from jinja2 import Environment, FileSystemLoader, StrictUndefined
+
+    from pipelines.console import fmt_value_ci, sweep_lines
+
+    env = Environment(loader=FileSystemLoader(str(TEMPLATES)), autoescape=True, undefined=StrictUndefined,
+                      trim_blocks=True, lstrip_blocks=True)
+    cfg = folder / "config.yaml"
+    ranking = [{**r, "task_drop": fmt_value_ci(r["task_drop"], r["task_drop_ci"], " [n/a]"),
+                "sig": "yes" if r["drop_significant"] else "no",
+                "recovered": fmt_value_ci(r["recovered_task_acc"], r["recovered_task_acc_ci"], " [n/a]"),
+                "ratio": fmt_value_ci(r["recovery_ratio"], r["recovery_ratio_ci"], " [n/a]"),
+                "label": r.get("label") or "-"} for r in summary.get("ranking") or []]
+    return env.get_template("sweep_report.html.j2").render(
+        title=f"cl-audit sweep report: {summary.get('suite', '?')} / {summary.get('model', '?')}",
+        s={"sweep_digest": summary.get("sweep_digest", "?"), "config_digest": summary.get("config_digest", "?"),
+           "smallest_n": summary.get("smallest_n") or []},
+        lines=sweep_lines(summary), ranking=ranking,
+        plots=[{"title": p.title, "caption": p.caption,
+                "src": "data:image/png;base64," + base64.b64encode(p.png).decode()} for p in plots],
+        config_text=cfg.read_text() if cfg.exists() else "(config.yaml not found)",
+        mlflow=mlflow_link(summary.get("mlflow", {})), run_dir=str(folder),
+        generated=_dt.datetime.now(_dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),
+    )
+
+
+def write_sweep_report(folder: Path) -> Path:
+    """Write ``report.html`` (and ``plots/sweep_heatmap.png`` where trials finished) for a
+    sweep folder: ``sweep_summary.json`` and ``sweep.parquet``.
+
+    Raises:
+        UserError: ``sweep_summary.json`` missing or not JSON, ``sweep.parquet`` unreadable.
+    """
+    from pipelines.plots import sweep_heatmap_plot
+
+    folder = Path(folder)
+    _, summary = read_summary(folder)
+    table = _read_parquet(folder / "sweep.parquet")
+    if table is not None and "status" in table:
+        table = table[table.status == "TERMINATED"]
+    plot = sweep_heatmap_plot(table)
+    plots = [plot] if plot else []
+    for p in plots:
+        atomic_write(folder / "plots" / f"{p.name}.png", p.png)
+    out = folder / "report.html"
+    atomic_write(out, render_sweep_html(folder, summary, plots))
+    return out
+
+
 def write_report(run_dir: Path) -> Path:
-    """Draw the figures into ``run_dir/plots/`` and write ``run_dir/report.html``.
+    """Draw the figures into ``run_dir/plots/`` and write ``run_dir/report.html``; a sweep
+    folder gets the sweep's report (:func:`write_sweep_report`).
 
     Returns:
         The path of ``report.html``.
 
     Raises:
-        UserError: the folder is not a finished run (see :func:`load_run`).
+        UserError: the folder is not a finished run or sweep (see :func:`load_run`).
     """
+    if Path(run_dir).is_dir() and read_summary(run_dir)[0] == "sweep":
+        return write_sweep_report(run_dir)
     run = load_run(run_dir)
     plots = all_plots(run["summary"], run["metrics"], run["sweep"])
     for p in plots:

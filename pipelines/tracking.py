@@ -501,15 +501,17 @@ def get_audit_run(client, run_id: str):
     return run
 
 
-def find_audits(client, suite: str | None = None, model: str | None = None, limit: int = 50) -> list:
-    """Finished audits (parent runs tagged ``cl_audit.kind=audit``) in every experiment,
-    newest first, optionally only one suite and/or model id."""
+def find_audits(client, suite: str | None = None, model: str | None = None, limit: int = 50,
+                kind: str = "audit") -> list:
+    """Finished audits (parent runs tagged ``cl_audit.kind=audit``; ``kind="sweep"``:
+    finished sweeps) in every experiment, newest first, optionally only one suite
+    and/or model id."""
     from mlflow.entities import ViewType
 
     exps = [e.experiment_id for e in client.search_experiments(view_type=ViewType.ACTIVE_ONLY)]
     if not exps:
         return []
-    flt = ["tags.cl_audit.kind = 'audit'", "attributes.status = 'FINISHED'"]
+    flt = [f"tags.cl_audit.kind = '{_quote(kind)}'", "attributes.status = 'FINISHED'"]
     if suite:
         flt.append(f"tags.cl_audit.suite = '{_quote(suite)}'")
     if model:

@@ -21,6 +21,7 @@ import yaml
 
 from components.artifacts import check_file, flatten
 from components.errors import UserError
+from components.stats import holm, normal_p
 from components.verdict import KNOWLEDGE_MEASURES, STAGE_METRICS, bootstrap_diff, quantities
 from pipelines.tracking import RUN_ID, download, find_audits, get_audit_run, open_store
 from pipelines.mlflow_env import redact_uri
@@ -30,8 +31,12 @@ MANIFEST = "manifest.json"
 # (the knowledge measures and gold_logprob are columns of their own name).
 PER_ITEM = {"task_acc": "task_correct", "first_token_prob": "first_token_prob",
             **{m: m for m in (*KNOWLEDGE_MEASURES, "gold_logprob")}}
-N_BOOT = 2000
+# 10000 resamples: the smallest bootstrap p-value, 2 / 10001, stays below Holm's first
+# threshold 0.05 / m for up to 250 compared quantities (a default audit has about 100).
+N_BOOT = 10000
 LEVEL = 0.95
+CORRECTION = "holm"
+RULE_CIS = "normal approx. of the CIs"
 
 
 def classify(target: str) -> str:
@@ -289,38 +294,69 @@ def _verify_run(run_id: str, uri: str, allow_unanchored: bool) -> VerifyReport:
 # ----------------------------------------------------------------------------- history
 
 
-def history(uri: str, suite: str | None = None, model: str | None = None, limit: int = 50) -> list[dict]:
-    """Past audits in a tracking store, newest first, one dict per audit.
+# params every row shows in a column of its own (not among the differing settings)
+OWN_COLUMNS = ("model.id", "seed")
 
-    Keys: ``date`` (local time of the start), ``run_id``, ``model``, ``suite``,
-    ``settings`` (perturbation kind, ``kl=perturb.kl_penalty``, ``frz=perturb.freeze_layers``,
-    ``n=recover.sizes``), ``verdict``, ``task_drop``, ``knowledge_retention``,
-    ``best_recovery`` (the largest recovery ratio and its ``arm/n``; ties: the first
-    ``arm/n`` in alphabetical order).
+
+def history(uri: str, suite: str | None = None, model: str | None = None, limit: int = 50) -> list[dict]:
+    """Past audits and sweeps in a tracking store, newest first, one dict per run.
+
+    Keys: ``kind`` (``audit`` or ``sweep``), ``date`` (local time of the start),
+    ``run_id``, ``model``, ``suite``, ``seed``, ``params`` (the run's resolved config, the
+    flattened params MLflow holds), ``differs`` (``{param: value}`` of every param whose
+    value is not the same in all the listed runs, seed and model.id aside: see
+    :func:`differing_params`), ``verdict``, ``task_drop``, ``knowledge_retention``,
+    ``best_recovery`` (an audit: the largest recovery ratio and its ``arm/n``, ties: the
+    first ``arm/n`` in alphabetical order; a sweep: its best trial's objective value),
+    ``trials`` (a sweep's finished trials; None for an audit).
 
     Raises:
         UserError: the store does not exist or cannot be reached.
     """
     client = open_store(uri)
+    found = [r for kind in ("audit", "sweep") for r in find_audits(client, suite, model, limit, kind)]
+    found.sort(key=lambda r: r.info.start_time, reverse=True)
     rows = []
-    for r in find_audits(client, suite, model, limit):
-        p, m = r.data.params, r.data.metrics
-        rec = {k.removeprefix("recovery_ratio/"): v for k, v in sorted(m.items())
-               if k.startswith("recovery_ratio/") and v is not None and np.isfinite(v)}
-        best = max(rec.items(), key=lambda kv: kv[1]) if rec else None
+    for r in found[:limit]:
+        p, m, tags = r.data.params, r.data.metrics, r.data.tags
+        kind = tags.get("cl_audit.kind", "audit")
+        if kind == "sweep":
+            metric = p.get("sweep.metric", "?")
+            best = m.get(f"best_{metric}")
+            best_txt = f"{best:.2f} {metric}" if best is not None and np.isfinite(best) else "-"
+        else:
+            rec = {k.removeprefix("recovery_ratio/"): v for k, v in sorted(m.items())
+                   if k.startswith("recovery_ratio/") and v is not None and np.isfinite(v)}
+            top = max(rec.items(), key=lambda kv: kv[1]) if rec else None
+            best_txt = f"{top[1]:.2f} {top[0]}" if top else "-"
         rows.append({
+            "kind": kind,
             "date": time.strftime("%Y-%m-%d %H:%M", time.localtime(r.info.start_time / 1000)),
             "run_id": r.info.run_id,
             "model": p.get("model.id", "?"),
-            "suite": r.data.tags.get("cl_audit.suite", "?"),
-            "settings": (f"{p.get('perturb.kind', '?')} kl={p.get('perturb.kl_penalty', '?')} "
-                         f"frz={p.get('perturb.freeze_layers', '?')} n={p.get('recover.sizes', '?').replace(' ', '')}"),
-            "verdict": r.data.tags.get("verdict", "?"),
+            "suite": tags.get("cl_audit.suite", "?"),
+            "seed": p.get("seed", tags.get("cl_audit.seed", "?")),
+            "params": dict(sorted(p.items())),
+            "verdict": tags.get("verdict", "-" if kind == "sweep" else "?"),
             "task_drop": m.get("task_drop"),
             "knowledge_retention": m.get("knowledge_retention"),
-            "best_recovery": f"{best[1]:.2f} {best[0]}" if best else "-",
+            "best_recovery": best_txt,
+            "trials": int(m["trials_finished"]) if kind == "sweep" and "trials_finished" in m else None,
         })
+    keys = differing_params(rows)
+    for row in rows:
+        row["differs"] = {k: row["params"].get(k) for k in keys}
     return rows
+
+
+def differing_params(rows: list[dict]) -> list[str]:
+    """The params (resolved config fields) whose value is not the same in every row of
+    :func:`history` (missing in some counts as different), in name order, without
+    ``seed`` and ``model.id`` (columns of their own). Empty for fewer than two rows."""
+    if len(rows) < 2:
+        return []
+    names = sorted({k for r in rows for k in r["params"]} - set(OWN_COLUMNS))
+    return [k for k in names if len({r["params"].get(k) for r in rows}) > 1]
 
 
 # ----------------------------------------------------------------------------- compare
@@ -397,9 +433,17 @@ class Comparison:
             :func:`components.verdict.quantities` and None where a ratio is undefined
             (its denominator <= 0), as in the verdict; ``rule`` is ``paired bootstrap`` (same items,
             resampled together), ``bootstrap`` (different items, resampled separately)
-            or ``CI overlap`` (no per-item values: significant when the two CIs do not
-            overlap).
+            or ``normal approx. of the CIs`` (no per-item values: a Wald test from the two
+            CIs, :func:`components.stats.normal_p`). Each row also holds ``p`` (its
+            two-sided p-value, None where the difference is undefined),
+            ``p_adjusted`` (Holm's adjustment over every row with a p-value) and
+            ``significant_uncorrected`` (p < alpha alone); ``significant`` is
+            ``p_adjusted < alpha``: the correction controls the chance of calling any
+            difference significant when none is (family-wise error) at alpha.
         paired: whether both audits scored the same evaluation items.
+        correction: the multiple-comparison correction, ``"holm"``.
+        alpha: the family-wise error rate, 1 - the CI level (0.05).
+        tests: the rows with a p-value (the family the correction spans).
     """
 
     a: Audit
@@ -407,6 +451,27 @@ class Comparison:
     config_diff: list[tuple[str, object, object]]
     rows: list[dict]
     paired: bool
+    correction: str = CORRECTION
+    alpha: float = 1 - LEVEL
+    tests: int = 0
+
+    def as_json(self) -> dict:
+        """The comparison as JSON-able data (``cl-audit compare --json``): both audits
+        (name, MLflow run id, date, model, suite, verdict label), the config
+        differences, the rows, and the correction (method, alpha, tests, how many
+        differences are significant after and before it)."""
+        def audit(au: Audit) -> dict:
+            return {"name": au.name, "run_id": au.run_id, "date": au.date, "model": au.summary.get("model"),
+                    "suite": au.summary.get("suite"), "verdict": au.summary.get("verdict", {}).get("label")}
+
+        return {
+            "a": audit(self.a), "b": audit(self.b), "paired": self.paired,
+            "config_diff": [{"field": k, "a": va, "b": vb} for k, va, vb in self.config_diff],
+            "correction": {"method": self.correction, "alpha": self.alpha, "tests": self.tests,
+                           "significant": sum(1 for r in self.rows if r["significant"]),
+                           "significant_uncorrected": sum(1 for r in self.rows if r["significant_uncorrected"])},
+            "rows": self.rows,
+        }
 
 
 def _arrays(audit: Audit, stages: list[str], ids: list[str] | None) -> tuple[dict, int]:
@@ -481,10 +546,14 @@ def compare(target_a: str, target_b: str, tracking_uri: str | None = None) -> Co
     difference B - A, its CI and whether it is significant.
 
     The rule: when both audits have per-item predictions, a bootstrap of the difference
-    over the evaluation items (:func:`components.verdict.bootstrap_diff`, 2000
-    resamples, 95%), paired when both scored the same items; significant when that CI
-    excludes 0. Metrics without per-item values (``perturb_acc``, ``kl_to_*``) fall back
-    to non-overlapping 95% CIs.
+    over the evaluation items (:func:`components.verdict.bootstrap_diff`, 10000
+    resamples, 95% CI and a two-sided p-value), paired when both scored the same items
+    (the same item ids: the same resampled items in both audits, which resamples the
+    per-item differences), unpaired otherwise. Metrics without per-item values
+    (``perturb_acc``, ``kl_to_*``) get a p-value from the two 95% CIs (a Wald test).
+    Every p-value then goes through Holm's correction (:func:`components.stats.holm`)
+    across all the rows: a difference is significant when its adjusted p < 0.05, so
+    two audits that differ only by chance show none, with probability >= 95%.
 
     Raises:
         UserError: either audit cannot be loaded.
@@ -502,16 +571,15 @@ def compare(target_a: str, target_b: str, tracking_uri: str | None = None) -> Co
 
     def row(stage, metric, va, cia, vb, cib, stat=None) -> dict:
         r = {"stage": stage, "metric": metric, "a": va, "a_ci": cia, "b": vb, "b_ci": cib,
-             "diff": None if va is None or vb is None else vb - va, "diff_ci": None, "significant": None}
+             "diff": None if va is None or vb is None else vb - va, "diff_ci": None, "p": None}
         if stat is not None:
             d = bootstrap_diff(stat, arr_a, arr_b, n_a, n_b, paired, N_BOOT, LEVEL, seed=0)
-            r.update(diff=d["diff"] if d["diff"] is not None else r["diff"], significant=d["significant"],
+            r.update(diff=d["diff"] if d["diff"] is not None else r["diff"], p=d["p"],
                      diff_ci=None if d["ci_low"] is None else [d["ci_low"], d["ci_high"]],
                      rule="paired bootstrap" if paired else "bootstrap")
         else:
-            r["rule"] = "CI overlap"
-            if cia and cib and None not in (*cia, *cib):
-                r["significant"] = bool(cia[1] < cib[0] or cib[1] < cia[0])
+            r.update(rule=RULE_CIS, p=normal_p(r["diff"], cia, cib, LEVEL))
+        r["significant_uncorrected"] = None if r["p"] is None else bool(r["p"] < 1 - LEVEL)
         return r
 
     # the per-item columns both audits have for every stage with predictions
@@ -555,13 +623,20 @@ def compare(target_a: str, target_b: str, tracking_uri: str | None = None) -> Co
         ok = (needs <= set(have) and q in arr_a["quantities"]
               and (m is None or m in measures) and (key[1] != "gold_logprob_change" or "gold_logprob" in cols))
         rows.append(row(key[0], key[1], xa, ca, xb, cb, _verdict_stat(q) if ok else None))
-    return Comparison(a, b, config_diff, rows, paired)
+    # one correction across every test run: Holm's step-down adjustment of the p-values
+    for r, adj in zip(rows, holm([r["p"] for r in rows])):
+        r["p_adjusted"] = adj
+        r["significant"] = None if adj is None else bool(adj < 1 - LEVEL)
+    return Comparison(a, b, config_diff, rows, paired, tests=sum(1 for r in rows if r["p"] is not None))
 
 
 def rule_text(cmp: Comparison) -> str:
     """One paragraph saying which significance rule each row used."""
     how = ("a paired bootstrap of B - A over the same evaluation items (items resampled together)"
            if cmp.paired else "a bootstrap of B - A, each audit's items resampled separately (different items)")
-    return (f"significant (*): the {int(LEVEL * 100)}% CI of the difference excludes 0, by {how}, "
-            f"{N_BOOT} resamples of the per-item predictions; rows marked 'CI overlap' have no per-item "
-            f"values and count as significant when the two {int(LEVEL * 100)}% CIs do not overlap.")
+    alpha = round(1 - LEVEL, 6)
+    return (f"significant (*): Holm-adjusted p < {alpha:g} over all {cmp.tests} tests (multiple-comparison "
+            f"correction: holm, family-wise error rate {alpha:g}); each p is two-sided, by {how}, "
+            f"{N_BOOT} resamples of the per-item predictions; rows marked '{RULE_CIS}' have no per-item "
+            f"values and take p from the two {int(LEVEL * 100)}% CIs (normal approximation); the B - A "
+            f"intervals are per-test {int(LEVEL * 100)}% CIs, not corrected.")

@@ -98,10 +98,13 @@ def cli_commands() -> dict[str, set[str]]:
 
     from pipelines.cli import app
 
+    def opts(cmd) -> set[str]:
+        return {o for p in cmd.params for o in (*getattr(p, "opts", ()), *getattr(p, "secondary_opts", ()))}
+
     group = typer.main.get_command(app)
+    # a command group (cl-audit store ls|gc): its subcommands' options count as its own
     return {
-        name: {o for p in cmd.params for o in (*getattr(p, "opts", ()), *getattr(p, "secondary_opts", ()))}
-        | {"--help"}
+        name: opts(cmd).union(*(opts(c) for c in getattr(cmd, "commands", {}).values())) | {"--help"}
         for name, cmd in group.commands.items()
     }
 

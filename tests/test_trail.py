@@ -194,13 +194,17 @@ def test_history_lists_both_audits_newest_first(server, audits, home):
     ia = next(i for i, x in enumerate(lines) if a["mlflow"]["run_id"] in x)
     ib = next(i for i, x in enumerate(lines) if b["mlflow"]["run_id"] in x)
     assert ib < ia  # newest first
-    for s, line, frz in ((a, lines[ia], "frz=0"), (b, lines[ib], "frz=1")):
-        assert "tiny-llama" in line and "capitals" in line and frz in line and "refusal" in line
+    head = next(x for x in lines if "perturb.freeze_layers" in x)  # the setting that differs: a column
+    assert head.split()[:6] == ["date", "run", "kind", "model", "suite", "seed"]
+    for s, line in ((a, lines[ia]), (b, lines[ib])):
+        assert "tiny-llama" in line and "capitals" in line and "audit" in line
         assert s["verdict"]["label"] in line and f"{s['verdict']['task_drop']:.2f}" in line
         best = max(sorted(s["verdict"]["recovery_ratio"].items()), key=lambda kv: kv[1])
         assert f"{best[1]:.2f} {best[0]}" in line
-    assert [row["run_id"] for row in trail.history(uri, suite="capitals", model="tiny-llama")][:2] == [
-        b["mlflow"]["run_id"], a["mlflow"]["run_id"]]
+    rows = trail.history(uri, suite="capitals", model="tiny-llama")
+    assert [row["run_id"] for row in rows][:2] == [b["mlflow"]["run_id"], a["mlflow"]["run_id"]]
+    assert [row["differs"]["perturb.freeze_layers"] for row in rows[:2]] == ["1", "0"]
+    assert [row["seed"] for row in rows[:2]] == ["0", "0"] and "perturb.kind" not in rows[0]["differs"]
     assert trail.history(uri, suite="biography") == []
 
 
@@ -223,9 +227,11 @@ def test_compare_shows_config_difference_and_significance(server, audits, home):
     assert c.paired and c.config_diff == [("perturb.freeze_layers", 0, 1)]
     row = next(x for x in c.rows if (x["stage"], x["metric"]) == ("perturbed", "knowledge_acc"))
     assert row["diff"] == pytest.approx(b["stages"]["perturbed"]["knowledge_acc"] - a["stages"]["perturbed"]["knowledge_acc"])
-    assert row["significant"] == (row["diff_ci"][0] > 0 or row["diff_ci"][1] < 0)
+    assert row["significant_uncorrected"] == (row["diff_ci"][0] > 0 or row["diff_ci"][1] < 0)
+    assert row["significant"] == (row["p_adjusted"] < 0.05) and row["p_adjusted"] >= row["p"]
     sig = {(x["stage"], x["metric"]) for x in c.rows if x["significant"]}
-    assert f"{len(sig)} of {len(c.rows)} differences significant" in out
+    assert c.correction == "holm" and c.tests == sum(1 for x in c.rows if x["p"] is not None)
+    assert f"{len(sig)} of {c.tests} differences significant after holm correction" in out
     ret = next(x for x in c.rows if x["metric"] == "knowledge_retention")
     assert ret["a"] == pytest.approx(a["verdict"]["knowledge_retention"])
     # the unchanged stages (same tune, same base) do not differ at all
@@ -317,7 +323,8 @@ def test_compare_reports_n_a_where_the_verdict_does(tmp_path):
     c = trail.compare(str(tmp_path / "a"), str(tmp_path / "old"))
     rows = {(r["stage"], r["metric"]): r for r in c.rows}
     assert rows[("aligned", "knowledge_acc")]["rule"] == "paired bootstrap"
-    assert rows[("verdict", "retention:knowledge_mrr")]["rule"] == "CI overlap"  # no per-item values in the old one
+    # no per-item values in the old one: p from the two CIs
+    assert rows[("verdict", "retention:knowledge_mrr")]["rule"] == "normal approx. of the CIs"
 
 
 def test_bootstrap_of_the_difference_pairs_items():
