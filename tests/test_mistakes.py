@@ -166,9 +166,9 @@ def test_user_mistake_exits_2_with_one_line_and_writes_nothing(args, expected, t
             assert con.execute("select count(*) from runs").fetchone() == (0,)
 
 
-def test_diverged_training_stops_the_stage_and_keeps_the_earlier_artifacts(home, tmp_path):
-    """A loss that becomes NaN: one line naming the stage and the step, exit 2; the stage
-    publishes nothing, the stages before it stay in the store, no summary is written."""
+def _own_home(home: Path, tmp_path: Path) -> tuple[Path, Path, dict]:
+    """A fresh home (store, MLflow) sharing the session's model cache, a run folder, and
+    the environment of a ``cl-audit`` process that uses them."""
     h, out = tmp_path / "home", tmp_path / "out"
     h.mkdir()
     (home / "cache").mkdir(exist_ok=True)
@@ -176,6 +176,13 @@ def test_diverged_training_stops_the_stage_and_keeps_the_earlier_artifacts(home,
     env = {**os.environ, "CL_AUDIT_HOME": str(h), "HF_HUB_OFFLINE": "1"}
     for k in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI", "CL_AUDIT_FAILPOINTS"):
         env.pop(k, None)
+    return h, out, env
+
+
+def test_diverged_training_stops_the_stage_and_keeps_the_earlier_artifacts(home, tmp_path):
+    """A loss that becomes NaN: one line naming the stage and the step, exit 2; the stage
+    publishes nothing, the stages before it stay in the store, no summary is written."""
+    h, out, env = _own_home(home, tmp_path)
     r = subprocess.run([sys.executable, "-m", "pipelines.cli", "run", "--config", str(TINY), "--out", str(out),
                         "--set", "perturb.lr=1e30"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 2, r.stdout[-2000:] + r.stderr[-2000:]
@@ -194,13 +201,7 @@ def test_non_finite_weights_stop_the_stage_and_keep_the_earlier_artifacts(home, 
     update) is finite, the weights after it are not (issue 23, item 8). One line naming
     the stage and the step, exit 2; the stage publishes nothing and is never probed, the
     tune stage stays in the store, no summary is written."""
-    h, out = tmp_path / "home", tmp_path / "out"
-    h.mkdir()
-    (home / "cache").mkdir(exist_ok=True)
-    (h / "cache").symlink_to(home / "cache", target_is_directory=True)
-    env = {**os.environ, "CL_AUDIT_HOME": str(h), "HF_HUB_OFFLINE": "1"}
-    for k in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI", "CL_AUDIT_FAILPOINTS"):
-        env.pop(k, None)
+    h, out, env = _own_home(home, tmp_path)
     r = subprocess.run([sys.executable, "-m", "pipelines.cli", "run", "--config", str(TINY), "--out", str(out),
                         "--set", "tune.method=full", "--set", "perturb.method=full", "--set", "perturb.lr=3.4e37",
                         "--set", "perturb.weight_decay=10", "--set", "perturb.epochs=1",
