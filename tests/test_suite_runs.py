@@ -132,7 +132,8 @@ def test_custom_model_and_data_through_the_cli(tiny_model_dir, home, tmp_path):
      "HF_HUB_OFFLINE is set and it is not in the cache; set HF_HUB_OFFLINE=0 to download it"),
     (["run", "custom", "--model", "tiny-llama"],
      "error: data.files: the custom suite needs data files; give them with --data FILE"),
-    (["run", "--data", "nowhere.jsonl"], "error: nowhere.jsonl: data file not found"),
+    # a data path is made absolute where cl-audit starts (the same file in every process)
+    (["run", "--data", "nowhere.jsonl"], f"error: {ROOT / 'nowhere.jsonl'}: data file not found"),
     (["run", "capitals", "--data", "x.jsonl"], "data.files: only the custom suite reads data files, not capitals"),
 ])
 def test_suite_mistakes_exit_2_with_one_line(args, expected, tmp_path):
