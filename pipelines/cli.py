@@ -81,6 +81,21 @@ def global_options(
                                            f"home {default_home()}")
 
 
+def _suite_arg():
+    """The optional SUITE argument of the commands that resolve a config."""
+    return typer.Argument(None, help="Suite name (default: capitals, or the config's suite).")
+
+
+def _config_option():
+    """``--config/-c`` of the commands that resolve a config."""
+    return typer.Option(None, "--config", "-c", help="YAML config file to merge over the suite's.")
+
+
+def _set_option(example: str = "perturb.kl_penalty=0.1"):
+    """``--set`` (repeatable) of the commands that resolve a config."""
+    return typer.Option([], "--set", help=f"Override a config field: --set {example}")
+
+
 def _home_option():
     """``--home`` of every command that reads or writes the cache, the store or MLflow."""
     from pipelines.mlflow_env import DEFAULT_HOME, HOME_ENV
@@ -123,9 +138,9 @@ def _print_json(data) -> None:
 
 @app.command()
 def run(
-    suite: Optional[str] = typer.Argument(None, help="Suite name (default: capitals, or the config's suite)."),
-    config: Optional[Path] = typer.Option(None, "--config", "-c", help="YAML config file to merge over the suite's."),
-    set_: list[str] = typer.Option([], "--set", help="Override a config field: --set perturb.kl_penalty=0.1"),
+    suite: Optional[str] = _suite_arg(),
+    config: Optional[Path] = _config_option(),
+    set_: list[str] = _set_option(),
     out: Optional[Path] = typer.Option(None, "--out", help="Run folder (default: HOME/audits/<suite>-<config digest>)."),
     tracking_uri: Optional[str] = typer.Option(None, "--tracking-uri", help="MLflow tracking URI (default: sqlite in HOME)."),
     quick: bool = typer.Option(False, "--quick", help="A small version of the same audit (smoke test)."),
@@ -191,9 +206,9 @@ def run(
 
 @app.command()
 def sweep(
-    suite: Optional[str] = typer.Argument(None, help="Suite name (default: capitals, or the config's suite)."),
-    config: Optional[Path] = typer.Option(None, "--config", "-c", help="YAML config file to merge over the suite's."),
-    set_: list[str] = typer.Option([], "--set", help="Override a config field: --set sweep.kl_penalty=[0,0.1,1]"),
+    suite: Optional[str] = _suite_arg(),
+    config: Optional[Path] = _config_option(),
+    set_: list[str] = _set_option("sweep.kl_penalty=[0,0.1,1]"),
     out: Optional[Path] = typer.Option(None, "--out", help="Sweep folder (default: HOME/sweeps/<suite>-<sweep digest>)."),
     max_concurrent: Optional[int] = typer.Option(None, "--max-concurrent", help="Trials at once (sweep.max_concurrent)."),
     tracking_uri: Optional[str] = typer.Option(None, "--tracking-uri", help="MLflow tracking URI (default: sqlite in HOME)."),
@@ -287,9 +302,9 @@ def report(run_dir: Path = typer.Argument(..., help="A run folder with summary.j
 
 @app.command("compile")
 def compile_(
-    suite: Optional[str] = typer.Argument(None, help="Suite name (default: capitals, or the config's suite)."),
-    config: Optional[Path] = typer.Option(None, "--config", "-c", help="YAML config file to merge over the suite's."),
-    set_: list[str] = typer.Option([], "--set", help="Override a config field: --set perturb.kl_penalty=0.1"),
+    suite: Optional[str] = _suite_arg(),
+    config: Optional[Path] = _config_option(),
+    set_: list[str] = _set_option(),
     quick: bool = typer.Option(False, "--quick", help="Compile the small version of the audit."),
     out: Optional[Path] = typer.Option(None, "--out", help="Pipeline YAML to write (default: to stdout)."),
     image: Optional[str] = typer.Option(None, "--image", help="Image of every component (default: cl-audit:<version>)."),
@@ -321,9 +336,9 @@ def compile_(
 
 @app.command("config")
 def config_(
-    suite: Optional[str] = typer.Argument(None, help="Suite name (default: capitals, or the config's suite)."),
-    config: Optional[Path] = typer.Option(None, "--config", "-c", help="YAML config file to merge over the suite's."),
-    set_: list[str] = typer.Option([], "--set", help="Override a config field: --set perturb.kl_penalty=0.1"),
+    suite: Optional[str] = _suite_arg(),
+    config: Optional[Path] = _config_option(),
+    set_: list[str] = _set_option(),
     quick: bool = typer.Option(False, "--quick", help="The small version of the audit."),
 ) -> None:
     """Print the resolved config (YAML) an audit of these arguments would run; runs nothing.
