@@ -215,7 +215,8 @@ class Store:
             try:
                 result = fn(tmp)
                 text = json.dumps(result, default=str).replace(str(tmp), str(final))
-                for p in tmp.rglob("*"):
+                files = {}  # one pass: modes, fsync, digest
+                for p in sorted(tmp.rglob("*")):
                     # the user's modes, also on files a library wrote through its own
                     # temporary file (safetensors: 0600)
                     if not p.is_symlink():
@@ -223,7 +224,7 @@ class Store:
                     if p.is_file():
                         with open(p, "rb") as f:
                             os.fsync(f.fileno())
-                files = {str(p.relative_to(tmp)): file_record(p) for p in sorted(tmp.rglob("*")) if p.is_file()}
+                        files[str(p.relative_to(tmp))] = file_record(p)
                 atomic_write(tmp / FILES, json.dumps(files, indent=1, sort_keys=True))
                 atomic_write(tmp / "result.json", text)  # last: its presence means complete
                 failpoint(f"store_publish:{key}")

@@ -151,10 +151,17 @@ def store_client(uri: str):
     from mlflow.tracking import MlflowClient
 
     with store_lock(uri):
-        db = sqlite_path(uri)
-        if db is not None and (not db.exists() or db.stat().st_size == 0):
-            create_sqlite_store(db)
+        ensure_sqlite_store(uri)
         return MlflowClient(tracking_uri=uri)
+
+
+def ensure_sqlite_store(uri: str) -> None:
+    """Create the sqlite database of ``uri`` whole (:func:`create_sqlite_store`) when it
+    does not exist yet or is empty; nothing for other stores. Call it under
+    :func:`store_lock`."""
+    db = sqlite_path(uri)
+    if db is not None and (not db.exists() or db.stat().st_size == 0):
+        create_sqlite_store(db)
 
 
 def create_sqlite_store(db: Path) -> None:

@@ -28,7 +28,7 @@ from mlflow.data.dataset_source import DatasetSource
 from components.artifacts import flatten, safe_params
 from components.errors import UserError
 from pipelines.journal import Journal, unreachable
-from pipelines.mlflow_env import (absolute_uri, create_sqlite_store, quiet_mlflow, redact_uri, sqlite_path, store_client,
+from pipelines.mlflow_env import (absolute_uri, ensure_sqlite_store, quiet_mlflow, redact_uri, sqlite_path, store_client,
                                   store_lock)
 # re-exported: pipelines.audit takes the run folder's file names and state from here
 from pipelines.journal import JOURNAL as JOURNAL
@@ -83,9 +83,7 @@ class AuditTracker:
             # One process at a time creates (migrates) a sqlite store and its experiment:
             # processes started together on a fresh store would break its schema for good.
             with store_lock(tracking_uri):
-                db = sqlite_path(tracking_uri)
-                if db is not None and (not db.exists() or db.stat().st_size == 0):
-                    create_sqlite_store(db)  # whole or not at all, even if this process is killed
+                ensure_sqlite_store(tracking_uri)  # whole or not at all, even if this process is killed
                 self.client = MlflowClient(tracking_uri=tracking_uri)
                 self.experiment_id = self._experiment(experiment)
         except Exception as e:  # noqa: BLE001 - any failure here means "store unreachable"
