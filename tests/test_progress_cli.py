@@ -138,8 +138,11 @@ def test_sweep_shows_trials_and_their_stages_without_tune_banners(sweep_run):
                       f"train recovered/in_task/{n}", f"probe recovered/in_task/{n}"):
             assert re.search(rf"^\[\s*\d+\.\d s\] trial {i}/2 {stage}: (done|reused from the store)", out,
                              re.MULTILINE), (stage, out[-4000:])
-        # each stage of the trial: its start, then its end (with its count when it was computed)
-        assert re.search(rf"^\[\s*\d+\.\d s\] trial {i}/2 train recovered/in_task/{n}: started", out, re.MULTILINE)
+        # a stage that was computed shows its start, then its end with its count; one reused from the store may
+        # go from waiting to reused between two polls, so only its end is certain
+        if re.search(rf"^\[\s*\d+\.\d s\] trial {i}/2 train recovered/in_task/{n}: done", out, re.MULTILINE):
+            assert re.search(rf"^\[\s*\d+\.\d s\] trial {i}/2 train recovered/in_task/{n}: started", out,
+                             re.MULTILINE), out[-4000:]
     assert sorted(sizes) == [2, 4]
     # recovery with n=2 is new to this session's store (the audits above trained n=4)
     steps = re.findall(r"^\[\s*\d+\.\d s\] trial [12]/2 train recovered/in_task/2: done, (\d+)/(\d+) steps in ",
