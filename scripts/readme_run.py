@@ -13,7 +13,7 @@ prints them with (``stage_table`` and ``verdict_lines`` as ``pipelines/cli.py`` 
 them; they are defined in ``pipelines/console.py``), rendered by rich at a width of 150
 columns, with a
 caption whose facts (suite, model, seed, config digest, commit, items, machine) come
-from the same file. ``cl-audit run`` prints a second table between the two (probes,
+from the same file. The borders are drawn as on an ASCII terminal. ``cl-audit run`` prints a second table between the two (probes,
 weight drift and transitions per stage, ``layers_table``); it is left out here for
 length and documented in docs/outputs.md.
 
@@ -47,6 +47,12 @@ DEFAULT_SUMMARY = Path("docs/runs/capitals/summary.json")
 WIDTH = 150
 
 
+class _AsciiText(io.StringIO):
+    """A text sink that reports an ASCII encoding, so rich uses ASCII box characters."""
+
+    encoding = "ascii"
+
+
 def console_text(summary: dict, width: int = WIDTH) -> str:
     """What ``cl-audit run`` prints for ``summary`` (stage table, then the verdict
     lines), as plain text; trailing spaces are stripped from every line."""
@@ -54,7 +60,9 @@ def console_text(summary: dict, width: int = WIDTH) -> str:
 
     from pipelines.cli import stage_table, verdict_lines  # what `cl-audit run` prints with
 
-    console = Console(record=True, width=width, file=io.StringIO(), color_system=None)
+    # a terminal whose encoding is ASCII: rich draws the same table with ASCII borders
+    # (one byte a character instead of three; the README has a byte budget)
+    console = Console(record=True, width=width, file=_AsciiText(), color_system=None)
     console.print(stage_table(summary))
     for line in verdict_lines(summary):
         console.print(line, highlight=False, markup=False)
@@ -75,7 +83,7 @@ def caption(summary: dict, link: str) -> str:
     if m:
         gpu = "no GPU" if m.get("gpu", "none") == "none" else f"GPU {m['gpu']}"
         facts.append(f"{m.get('cpu', '?')}, {m.get('cpu_count', '?')} CPUs, {gpu}")
-    return (f"What `cl-audit run` printed for the audit recorded in [{link}]({link}) "
+    return (f"What `cl-audit run` printed on an ASCII terminal for the audit recorded in [{link}]({link}) "
             f"({summary['suite']} / {summary['model']}; {'; '.join(facts)}):")
 
 
