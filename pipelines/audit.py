@@ -32,7 +32,7 @@ from components.registry import SUITES, check_data
 from components.errors import UserError
 from components.faults import failpoint
 from components.models import check_model_id
-from components.summary import assess
+from components.summary import assess, flipped_items
 from pipelines.mlflow_env import default_home  # the one resolver of the root (--home)
 from pipelines.report import write_report
 from pipelines.state import claim_folder, remove_run
@@ -345,6 +345,8 @@ def _finish_audit(
         "data": data.notes,
         "stages": stages,
         "verdict": verdict,
+        "flipped": flipped_items(data.eval, data.perturb, results["probe"]["aligned"]["per_item"],
+                                 results["probe"]["perturbed"]["per_item"]),
         "mlflow": {"tracking_uri": redact_uri(uri), "experiment_id": tracker.experiment_id, "run_id": tracker.parent_id,
                    "stage_run_ids": dict(tracker.children)},
     }

@@ -438,7 +438,7 @@ def split(items: list[Item], known: list[bool] | None, cfg: AuditConfig) -> Suit
     for r in needed:
         if not pools[r]:
             raise UserError(f"data.files: no row with role '{r}' in {files}")
-    if "in_task" in cfg.recover.arms and max(cfg.recover.sizes) > len(pools["recover"]):
+    if {"in_task", "in_context"} & set(cfg.recover.arms) and max(cfg.recover.sizes) > len(pools["recover"]):
         raise UserError(
             f"recover.sizes: {max(cfg.recover.sizes)} is larger than the {len(pools['recover'])} rows with role "
             f"'recover' in {files}"
