@@ -35,6 +35,12 @@ field                 required  meaning
                                 unlikely whatever it knows)
 ====================  ========  ============================================================
 
+Fine-tuning data can also be given as it is kept (:func:`parse_chat`, :func:`parse_alpaca`):
+chat rows (``messages``: the last, assistant turn is the target, earlier turns are
+context), Alpaca rows (``instruction``, ``input``, ``output``), in JSONL, Parquet or a folder
+written by ``datasets``' ``save_to_disk``; such rows are ``perturb`` rows unless they carry
+a ``role``. Files are read in batches (:func:`row_batches`), never whole.
+
 Every file needs at least the four required fields (columns); extra fields are an
 error, so a typo cannot be silently ignored. A mistake stops the audit with one line
 naming the file, the line (JSONL, CSV) or row (Parquet), the field and what was
