@@ -400,7 +400,8 @@ def audit_datasets(cfg: AuditConfig, data: SuiteData) -> dict[str, tuple[list[It
     """Every data set of an audit: name -> (items, context, origin).
 
     Names: the pools (``eval``, ``align``, ``perturb``, ``perturb_eval``, ``recover``,
-    ``irrelevant``) and ``recover.<arm>.<n>`` for each recovery set actually trained on.
+    ``irrelevant``) and ``recover.<arm>.<n>`` for each recovery set actually trained on
+    (context ``training``) or given as few-shot turns (``in_context``: context ``few-shot``).
     """
     from components.recover import recovery_set
 
@@ -410,7 +411,8 @@ def audit_datasets(cfg: AuditConfig, data: SuiteData) -> dict[str, tuple[list[It
     out = {k: (v, ctx.get(k, "training"), arith if k == "irrelevant" else origin) for k, v in data.pools().items()}
     for arm in cfg.recover.arms:
         for n in cfg.recover.sizes:
-            out[f"recover.{arm}.{n}"] = (recovery_set(data, arm, n), "training", arith if arm == "irrelevant" else origin)
+            use = "few-shot" if arm == "in_context" else "training"  # in context: a prompt prefix, no training
+            out[f"recover.{arm}.{n}"] = (recovery_set(data, arm, n), use, arith if arm == "irrelevant" else origin)
     return out
 
 

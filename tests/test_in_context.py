@@ -75,6 +75,10 @@ def test_in_context_is_the_perturbed_checkpoint_with_few_shot_turns(stages, home
     if al != plain:
         assert a["verdict"]["recovery_ratio"]["in_context/4"] == pytest.approx((got - plain) / (al - plain))
     assert set(a["verdict"]["recovery_evidence"]) == {"in_context"}
+    # the tiny model (2 blocks, 64 wide) learns no task from four few-shot turns: the
+    # refusal it was trained on stays (task_acc 0 with and without them), which the verdict says
+    assert plain == got == 0.0
+    assert a["verdict"]["recovery_evidence"]["in_context"] == "not within n <= 4"
 
 
 def test_a_prompt_longer_than_the_context_is_one_line(stages):
@@ -112,3 +116,16 @@ def test_flipped_items_name_their_nearest_perturbation_example():
     assert got[1]["nearest"][0]["id"] == "chile"
     assert all(len(f["nearest"]) == 3 for f in got)
     assert flipped_items(ev, pert, before, before) == []
+
+
+def test_the_audit_lists_the_flipped_items(tiny_run):
+    import pandas as pd
+
+    _, out, s = tiny_run
+    a, p = (pd.read_parquet(out / "predictions" / f"{n}.parquet") for n in ("aligned", "perturbed"))
+    m = a.merge(p, on="item_id", suffixes=("_a", "_p"))
+    flip = (m.task_correct_a & ~m.task_correct_p) | (m.knowledge_correct_a & ~m.knowledge_correct_p)
+    assert [f["id"] for f in s["flipped"]] == list(m[flip].item_id) and len(s["flipped"]) > 0
+    assert all(len(f["nearest"]) == 3 and f["nearest"][0]["score"] >= f["nearest"][1]["score"] >= f["nearest"][2]["score"]
+               for f in s["flipped"])
+    assert "flipped-nearest" in (out / "report.html").read_text()
