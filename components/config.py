@@ -266,12 +266,14 @@ class RecoverConfig(TrainConfig):
     """Recover stage: train the perturbed model on ``n`` items of each arm.
 
     Attributes:
-        arms: ``in_task`` (the task, on items disjoint from every evaluation item) and
-            ``irrelevant`` (an unrelated task: two-digit arithmetic).
+        arms: ``in_task`` (the task, on items disjoint from every evaluation item),
+            ``irrelevant`` (an unrelated task: two-digit arithmetic) and ``in_context``
+            (the ``in_task`` items as few-shot chat turns before each question, no
+            weight update; the training settings do not apply to it).
         sizes: the recovery-set sizes ``n`` to try for each arm.
     """
 
-    arms: list[Literal["in_task", "irrelevant"]] = ["in_task", "irrelevant"]
+    arms: list[Literal["in_task", "irrelevant", "in_context"]] = ["in_task", "irrelevant"]
     sizes: list[int] = [10]
     epochs: int = Field(5, ge=1)
 
@@ -406,7 +408,7 @@ class SweepConfig(_Strict):
             ``{loguniform: [low, high]}`` with 0 < low < high (drawn log-uniformly,
             ``num_samples`` times; per grid point under ``grid``).
         sizes: recovery-set sizes ``n`` (items); None: ``recover.sizes``.
-        arms: recovery arms to try (``in_task``, ``irrelevant``); a grid axis.
+        arms: recovery arms to try (``in_task``, ``irrelevant``, ``in_context``); a grid axis.
         freeze_layers: values of ``perturb.freeze_layers`` (bottom decoder layers
             frozen); None: ``perturb.freeze_layers`` alone, not a search axis.
         search: ``grid`` (every combination of the lists is a trial) or ``random``
@@ -430,7 +432,7 @@ class SweepConfig(_Strict):
 
     kl_penalty: list[float] | dict[Literal["loguniform"], list[float]] = [0.0, 0.1, 1.0]
     sizes: list[int] | None = None
-    arms: list[Literal["in_task", "irrelevant"]] = ["in_task"]
+    arms: list[Literal["in_task", "irrelevant", "in_context"]] = ["in_task"]
     freeze_layers: list[int] | None = None
     search: Literal["grid", "random"] = "grid"
     num_samples: int = Field(1, ge=1)
@@ -570,7 +572,7 @@ class AuditConfig(_Strict):
     @model_validator(mode="after")
     def _recover_fits_pool(self) -> "AuditConfig":
         # custom: the pools are the rows of the data files, checked when they are read
-        if (self.suite != "custom" and "in_task" in self.recover.arms
+        if (self.suite != "custom" and {"in_task", "in_context"} & set(self.recover.arms)
                 and max(self.recover.sizes) > self.data.n_recover_pool):
             raise ValueError(
                 f"recover.sizes: {max(self.recover.sizes)} is larger than the in-task "

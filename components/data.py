@@ -46,7 +46,7 @@ REFUSAL_KEYWORDS = [
 ]
 
 
-_OPTIONAL_FIELDS = ("knowledge_question", "knowledge_template", "source", "answer_type", "phrasings")
+_OPTIONAL_FIELDS = ("knowledge_question", "knowledge_template", "source", "answer_type", "phrasings", "context")
 
 # Knowledge phrasings for items that bring none of their own: the question asked with
 # a sentence-form answer (never the bare answer, which a model that answers in sentences
@@ -87,6 +87,10 @@ class Item:
             asked in several ways (as CounterFact's paraphrase prompts, Meng et al. 2022,
             arXiv 2202.05262), each template with ``{answer}``. Every knowledge measure
             is the mean over them. None: :meth:`knowledge_phrasings` derives them.
+        context: chat turns that come before the question, ``[{"role": "system" |
+            "user" | "assistant", "content": text}, ...]``: the earlier turns of a
+            chat-format training row (context, not trained on), or the few-shot turns of
+            the ``in_context`` recovery arm. None: the question is the first turn.
     """
 
     id: str
@@ -101,6 +105,7 @@ class Item:
     source: str = ""
     answer_type: str | None = None
     phrasings: list[list[str]] | None = None
+    context: list[dict[str, str]] | None = None
 
     def to_dict(self) -> dict:
         """The item as a dict (inverse: ``Item(**d)``). The optional fields
@@ -606,6 +611,8 @@ def check_special_tokens(items: list[Item], tok, extra: dict[str, list[str]] | N
         for q, t in it.phrasings or []:
             refuse(where, "phrasings", q)
             refuse(where, "phrasings", t)
+        for turn in it.context or []:
+            refuse(where, "messages", turn["content"])
     for name, texts in (extra or {}).items():
         for text in texts:
             refuse(name, None, text)

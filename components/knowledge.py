@@ -124,7 +124,8 @@ def _phrased(items: list[Item], candidates: list[list[str]] | None = None) -> tu
     for i, it in enumerate(items):
         cands = list(it.candidates) if candidates is None else candidates[i]
         for j, (q, t) in enumerate(it.knowledge_phrasings()):
-            virt.append(Item(id=f"{it.id}#{j}", question=q, answer=cands[0], template=t, candidates=cands))
+            virt.append(Item(id=f"{it.id}#{j}", question=q, answer=cands[0], template=t, candidates=cands,
+                             context=it.context))
             owner.append(i)
             which.append(j)
     return virt, owner, which
@@ -141,6 +142,7 @@ def _score_ragged(model, tok, virt: list[Item], cands: list[list[str]], batch_si
         idx = order[s:s + chunk]
         k = max(len(cands[v]) for v in idx)
         sub = [Item(id=virt[v].id, question=virt[v].question, answer=cands[v][0], template=virt[v].template,
+                    context=virt[v].context,
                     candidates=cands[v] + [cands[v][0]] * (k - len(cands[v]))) for v in idx]
         sc = score_candidates(model, tok, sub, batch_size, precision, gold_rows_for=[False] * len(sub))
         for row, v in zip(sc.logprob, idx):
@@ -316,7 +318,7 @@ def mine_candidates(
     if not sub:
         return info
     first = [it.knowledge_phrasings()[0] for it in sub]
-    virt = [Item(id=it.id, question=q, answer=it.gold(), template=t, candidates=[it.gold()])
+    virt = [Item(id=it.id, question=q, answer=it.gold(), template=t, candidates=[it.gold()], context=it.context)
             for it, (q, t) in zip(sub, first)]
     pool_of = [rank_pool(it, pools)[1:] for it in sub]
     sc = score_candidates(model, tok, virt, batch_size, precision, pools=pool_of, gold_rows_for=[False] * len(virt))

@@ -47,7 +47,7 @@ def prompt_features(
     """Hidden states of each item's chat-formatted prompt, pooled per layer.
 
     Args:
-        items: N items; the prompt is ``format_prompt(tok, item.question)``.
+        items: N items; the prompt is ``format_prompt(tok, item.question, item.context)``.
         pooling: ``last`` (the last prompt token) or ``mean`` (mean over the prompt's
             tokens, padding excluded).
 
@@ -57,7 +57,7 @@ def prompt_features(
     from components.metrics import _amp
 
     tok.padding_side = "left"
-    prompts = [format_prompt(tok, it.question) for it in items]
+    prompts = [format_prompt(tok, it.question, it.context) for it in items]
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     out: list[np.ndarray | None] = [None] * len(prompts)
     for s in range(0, len(order), batch_size):

@@ -44,7 +44,7 @@ def generate_answers(
         One decoded string per item (special tokens removed, stripped).
     """
     tok.padding_side = "left"
-    prompts = [format_prompt(tok, it.question) for it in items]
+    prompts = [format_prompt(tok, it.question, it.context) for it in items]
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     out: list[str] = [""] * len(prompts)
     for s in range(0, len(order), batch_size):
@@ -145,7 +145,7 @@ class _Prepared:
 
 
 def _prepare(tok, it: Item, pool: list[str] | None = None) -> _Prepared:
-    p = tok(format_prompt(tok, it.ranking_question()), add_special_tokens=False)["input_ids"]
+    p = tok(format_prompt(tok, it.ranking_question(), it.context), add_special_tokens=False)["input_ids"]
     enc = tok([it.ranking_response(c) for c in it.candidates], add_special_tokens=False,
               return_offsets_mapping=True)
     conts = [ids + [tok.eos_token_id] for ids in enc["input_ids"]]

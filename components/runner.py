@@ -128,6 +128,7 @@ def prepare(cfg: AuditConfig, home: Path, threads: int | None = None, on_step: S
     # user text that spells a special token (<|im_end|>) would become a control token
     check_special_tokens(items, load_tokenizer(model_dir, cfg.model.trust_remote_code),
                          {"data.answer_pool": list(cfg.data.answer_pool)})
+    tok = load_tokenizer(model_dir, cfg.model.trust_remote_code)
     # a tokenizer that cl-audit rebuilt (a GGUF's pre-tokenizer) is part of what the stages compute
     rebuilt = tokenizer_rebuild(model_dir)
     bdigest = mdigest[:20] if rebuilt is None else stable_hash([mdigest, rebuilt], 20)
@@ -183,6 +184,15 @@ def prepare(cfg: AuditConfig, home: Path, threads: int | None = None, on_step: S
                           cfg.data.leakage_similarity if suite.near_duplicates else None)
     if leaks:  # allowed by the user: recorded in summary.json ("data") and the manifest
         data.notes["allowed_leaks"] = [f"{e.id} ({how} of {t.id})" for e, how, t in leaks]
+    ic_sizes = set(cfg.recover.sizes if "in_context" in cfg.recover.arms else [])
+    if "in_context" in cfg.sweep.arms:
+        ic_sizes |= set(cfg.sweep.sizes or cfg.recover.sizes)
+    if ic_sizes:  # the few-shot prompts must fit the model's context: said before any training
+        from components.recover import check_in_context_fits, context_length
+
+        limit = context_length(model_dir)
+        need = check_in_context_fits(tok, limit, data, sorted(ic_sizes), cfg.probe.max_new_tokens)
+        data.notes["in_context_tokens"] = {"context_length": limit, **{str(n): t for n, t in need.items()}}
     release_memory()
     return {
         "base": base.to_dict(), "data": data, "model_digest": mdigest, "data_digest": data.digest(),
@@ -284,7 +294,11 @@ def train(kind: str, cfg: AuditConfig, home: Path, parent: dict, data: SuiteData
     one route whoever calls: the stage's :class:`components.training.TrainSpec`.
 
     Args:
-        kind: ``tune``, ``perturb`` or ``recover`` (with ``arm`` and ``n``).
+        kind: ``tune``, ``perturb`` or ``recover`` (with ``arm`` and ``n``). The
+            ``in_context`` arm trains nothing: its result is the parent checkpoint under
+            the name ``recovered/in_context/<n>``, its ``context`` the n recovery examples
+            as few-shot turns (:func:`components.recover.few_shot_turns`), its key the
+            parent's key, n and the examples' digest (no training settings).
         parent: the parent stage's result (its ``checkpoint`` dict).
         fit: how to train the spec: ``fit(spec, out_dir, key, on_step) ->
             StageResult`` (the Ray DAG passes Ray Train); None: in this process
@@ -317,6 +331,14 @@ def train(kind: str, cfg: AuditConfig, home: Path, parent: dict, data: SuiteData
             "perturb", {**cfg.perturb.result_fields(), **common}, [parent_ckpt.digest, _items_digest(data.perturb)]
         )
         spec = perturb_spec(cfg, parent_ckpt, data)
+    elif arm == "in_context":
+        # no training: the perturbed checkpoint, probed with the n examples as few-shot
+        # turns; the key holds the examples (their digest) and nothing of recover's training
+        from components.recover import few_shot_turns
+
+        shots = recovery_set(data, arm, n)
+        key = Store.key("recover", {**common, "arm": arm, "n": n}, [parent_ckpt.digest, _items_digest(shots)])
+        spec = None
     else:
         rc = cfg.recover.result_fields()
         rc.pop("arms"), rc.pop("sizes")
@@ -329,6 +351,12 @@ def train(kind: str, cfg: AuditConfig, home: Path, parent: dict, data: SuiteData
     def fn(tmp: Path) -> dict:
         _threads(threads)
         t0 = time.time()
+        if kind == "recover" and arm == "in_context":  # no weight update: a prompt prefix
+            ckpt = Checkpoint(f"recovered/{arm}/{n}", parent_ckpt.base_dir, list(parent_ckpt.adapters),
+                              parent_ckpt.full_dir, key)
+            return {"checkpoint": ckpt.to_dict(), "history": [], "n_items": n, "seconds": time.time() - t0,
+                    "dir": str(tmp), "machine": machine_info(threads), "train_run": {"in_context": True},
+                    "context": few_shot_turns(shots)}
         if kind == "perturb" and cfg.perturb.kind == "reinit":  # no training: blocks re-initialised
             res = reinit_blocks(parent_ckpt, cfg.perturb.reinit_layers, cfg.seed + 1, tmp, cfg.model.trust_remote_code)
         elif spec is None:  # perturb.kind == "none": nothing to train
@@ -364,11 +392,16 @@ def probe(
 
     ``on_progress(done, total)`` counts scored items; ``reuse`` and ``threads`` as in
     :func:`train`. The store key holds the probe config, the seed, the precision, the
-    checkpoint's key and the digests of the evaluation items.
+    checkpoint's key and the digests of the evaluation items (with an ``in_context``
+    stage's few-shot turns in their prompts: its checkpoint key also holds the examples).
     """
     from components.probe import probe as measure
 
     ckpt = Checkpoint(**stage["checkpoint"])
+    if stage.get("context"):  # the in_context arm: the few-shot turns before every prompt
+        from components.recover import in_context_data
+
+        data = in_context_data(data, stage["context"])
     store = Store(Path(home) / "store")
     key = Store.key(
         "probe", {**cfg.probe.model_dump(), "seed": cfg.seed, "precision": cfg.model.precision},

@@ -116,3 +116,62 @@ def assess(probes: dict[str, dict], order: list[str], cfg: VerdictConfig, n_boot
     verdict = verdict_of(probes, order, cfg, **boot)
     rows += verdict_rows(verdict)
     return {"stages": stages, "verdict": verdict, "rows": rows, "stage_metrics": logged}
+
+
+FLIP_NEIGHBOURS = 3
+
+
+def flipped_items(eval_items: list, perturb_items: list, before: dict, after: dict,
+                  k: int = FLIP_NEIGHBOURS) -> list[dict]:
+    """The evaluated items that flipped from right on ``before`` (the aligned checkpoint)
+    to wrong on ``after`` (the perturbed one), each with the perturbation examples whose
+    text is nearest to it: the per-item view of Harmon et al. (2025, arXiv 2510.17776),
+    pointing at the training rows that most plausibly moved each item.
+
+    Text overlap is the cosine similarity of TF-IDF vectors (scikit-learn's
+    ``TfidfVectorizer``, word unigrams and bigrams, sublinear tf, fitted on the
+    perturbation examples and the flipped items) of ``prompt + answer`` (a chat row's
+    earlier turns included); 1.0 is the same text, 0 no shared word.
+
+    Args:
+        eval_items: the N evaluation items (:class:`components.data.Item`), in probe order.
+        perturb_items: the perturbation examples (``data.perturb``).
+        before, after: the probes' ``per_item`` dicts (``task_correct``,
+            ``knowledge_correct``: (N,) 0/1).
+        k: nearest examples kept per item.
+
+    Returns:
+        ``[{"id", "question", "expected", "task": bool, "knowledge": bool, "nearest":
+        [{"id", "prompt", "answer", "score"}, ...k]}]``: ``task`` / ``knowledge`` say
+        which measure flipped (at least one did), in evaluation order; empty when nothing
+        flipped.
+    """
+    import numpy as np
+
+    task = np.asarray(before["task_correct"], bool) & ~np.asarray(after["task_correct"], bool)
+    know = (np.asarray(before["knowledge_correct"], float) >= 0.5) & (np.asarray(after["knowledge_correct"], float) < 0.5)
+    idx = [i for i in range(len(eval_items)) if task[i] or know[i]]
+    if not idx:
+        return []
+    out = [{"id": eval_items[i].id, "question": eval_items[i].question, "expected": eval_items[i].answer,
+            "task": bool(task[i]), "knowledge": bool(know[i]), "nearest": []} for i in idx]
+    if not perturb_items:
+        return out
+    from sklearn.feature_extraction.text import TfidfVectorizer
+    from sklearn.metrics.pairwise import linear_kernel
+
+    def text(it) -> str:
+        return " ".join([*(t["content"] for t in it.context or []), it.question, it.response()])
+
+    vec = TfidfVectorizer(ngram_range=(1, 2), sublinear_tf=True)
+    try:
+        vec.fit([text(p) for p in perturb_items] + [text(eval_items[i]) for i in idx])
+    except ValueError:  # no word in any text (punctuation only)
+        return out
+    P = vec.transform(text(p) for p in perturb_items)
+    sims = linear_kernel(vec.transform([text(eval_items[i]) for i in idx]), P)  # (F, M), rows L2-normalised
+    for row, o in zip(sims, out):
+        top = np.argsort(-row, kind="stable")[:k]
+        o["nearest"] = [{"id": perturb_items[j].id, "prompt": perturb_items[j].question,
+                         "answer": perturb_items[j].answer, "score": round(float(row[j]), 4)} for j in top]
+    return out

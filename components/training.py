@@ -50,13 +50,22 @@ from components.models import Checkpoint
 log = logging.getLogger(__name__)
 
 
-def format_prompt(tok, question: str) -> str:
-    """The chat-formatted prompt for a question, ending where the assistant's answer starts."""
+def format_prompt(tok, question: str, context: list[dict[str, str]] | None = None) -> str:
+    """The chat-formatted prompt for a question, ending where the assistant's answer starts.
+
+    ``context``: earlier chat turns (``{"role", "content"}``: system, user, assistant)
+    placed before the question (:attr:`components.data.Item.context`: a chat row's earlier
+    turns, the ``in_context`` arm's few-shot examples). A tokenizer without a chat
+    template gets them as ``Question: ...`` / ``Answer: ...`` lines.
+    """
+    turns = list(context or [])
     if getattr(tok, "chat_template", None):
         return tok.apply_chat_template(
-            [{"role": "user", "content": question}], tokenize=False, add_generation_prompt=True
+            [*turns, {"role": "user", "content": question}], tokenize=False, add_generation_prompt=True
         )
-    return f"Question: {question}\nAnswer: "
+    head = {"system": "", "user": "Question: ", "assistant": "Answer: "}
+    prefix = "".join(f"{head.get(t['role'], '')}{t['content']}\n" for t in turns)
+    return f"{prefix}Question: {question}\nAnswer: "
 
 
 @dataclass
@@ -71,7 +80,7 @@ def encode(tok, items: list[Item], max_length: int) -> list[Encoded]:
     """Tokenise prompt + response + eos; the answer mask marks the response and the eos token."""
     out = []
     for it in items:
-        p = tok(format_prompt(tok, it.question), add_special_tokens=False)["input_ids"]
+        p = tok(format_prompt(tok, it.question, it.context), add_special_tokens=False)["input_ids"]
         a = tok(it.response(), add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
         ids = (p + a)[:max_length]
         mask = ([0] * len(p) + [1] * len(a))[:max_length]

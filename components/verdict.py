@@ -123,7 +123,12 @@ def compute_verdict(
        fell while the task held is ``knowledge_loss`` (CI below ``loss_threshold``) or
        ``mixed``, never hidden;
     4. with a task drop: ``spurious`` when the retention CI lies above the threshold, or
-       knowledge after recovery on disjoint items (n <= ``small_n``) does;
+       knowledge after recovery on disjoint items (n <= ``small_n``) does, or (unless
+       the retention CI lies below the loss threshold) the ``in_context`` arm brings the
+       task back (recovery-ratio CI >= ``recovery_target`` at n <= ``small_n``): the
+       examples changed no weight, so the facts were still in the weights and only the
+       disposition was lost (Fast-Slow Training's reading: transient adaptation in
+       context, persistent behaviour in the weights);
        ``knowledge_loss`` when it lies below the loss threshold and neither knowledge nor
        the task returns; ``mixed`` when it lies between the thresholds;
     5. ``inconclusive`` when the retention interval straddles a threshold.
@@ -209,6 +214,8 @@ def compute_verdict(
     returned = [k for k in small if (kar[decide][k][1][0] or -np.inf) >= cfg.retention_threshold]
     task_back = [k for k in small if (rr[k][1][0] or -np.inf) >= cfg.recovery_target]
     drop_sig = drop_ci[0] is not None and drop_ci[0] > 0
+    # in context: the task came back with no weight update, so the facts it needs were in the weights
+    in_context_back = [k for k in task_back if k.startswith("in_context/")]
 
     checks = []
     if has_base:
@@ -241,11 +248,13 @@ def compute_verdict(
             label, reason = "mixed", f"knowledge fell partly while the task held: {rtxt} lies between the thresholds ({held})"
         else:
             label, reason = "inconclusive", f"{held}, but {rtxt} straddles a threshold"
-    elif state == "retained" or returned:
+    elif state == "retained" or returned or in_context_back and state != "lost":
         label = "spurious"
         why = [f"{rtxt} >= {cfg.retention_threshold}" if state == "retained" else
                f"knowledge returns after recovery on disjoint items ({', '.join(returned)}: lower bound >= "
-               f"{cfg.retention_threshold})"]
+               f"{cfg.retention_threshold})" if returned else
+               f"the task returns in context with no weight update ({', '.join(in_context_back)}: recovery ratio "
+               f"lower bound >= {cfg.recovery_target}), so the knowledge was in the weights"]
         if task_back:
             why.append(f"task performance returns with a few examples ({', '.join(task_back)})")
         reason = f"{dtxt} but " + "; ".join(why)

@@ -32,7 +32,7 @@ from components.registry import SUITES, check_data
 from components.errors import UserError
 from components.faults import failpoint
 from components.models import check_model_id
-from components.summary import assess
+from components.summary import assess, flipped_items
 from pipelines.mlflow_env import default_home  # the one resolver of the root (--home)
 from pipelines.report import write_report
 from pipelines.state import claim_folder, remove_run
@@ -345,6 +345,8 @@ def _finish_audit(
         "data": data.notes,
         "stages": stages,
         "verdict": verdict,
+        "flipped": flipped_items(data.eval, data.perturb, results["probe"]["aligned"]["per_item"],
+                                 results["probe"]["perturbed"]["per_item"]),
         "mlflow": {"tracking_uri": redact_uri(uri), "experiment_id": tracker.experiment_id, "run_id": tracker.parent_id,
                    "stage_run_ids": dict(tracker.children)},
     }
@@ -398,7 +400,8 @@ def audit_datasets(cfg: AuditConfig, data: SuiteData) -> dict[str, tuple[list[It
     """Every data set of an audit: name -> (items, context, origin).
 
     Names: the pools (``eval``, ``align``, ``perturb``, ``perturb_eval``, ``recover``,
-    ``irrelevant``) and ``recover.<arm>.<n>`` for each recovery set actually trained on.
+    ``irrelevant``) and ``recover.<arm>.<n>`` for each recovery set actually trained on
+    (context ``training``) or given as few-shot turns (``in_context``: context ``few-shot``).
     """
     from components.recover import recovery_set
 
@@ -408,7 +411,8 @@ def audit_datasets(cfg: AuditConfig, data: SuiteData) -> dict[str, tuple[list[It
     out = {k: (v, ctx.get(k, "training"), arith if k == "irrelevant" else origin) for k, v in data.pools().items()}
     for arm in cfg.recover.arms:
         for n in cfg.recover.sizes:
-            out[f"recover.{arm}.{n}"] = (recovery_set(data, arm, n), "training", arith if arm == "irrelevant" else origin)
+            use = "few-shot" if arm == "in_context" else "training"  # in context: a prompt prefix, no training
+            out[f"recover.{arm}.{n}"] = (recovery_set(data, arm, n), use, arith if arm == "irrelevant" else origin)
     return out
 
 

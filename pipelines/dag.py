@@ -295,8 +295,9 @@ def run_dag(
             rec = train_t["recover"].remote("recover", cfg, home, perturbed, data_ref, arm, n, hub=hub)
             pending[rec] = ("train", name)
             pending[probe_t.remote(cfg, home, rec, data_ref, hub=hub)] = ("probe", name)
-            names.append(name)
-            refs.append(rec)
+            if arm != "in_context":  # in context: no weights of its own, no drift
+                names.append(name)
+                refs.append(rec)
     pending[drift_t.remote(cfg, home, names, *refs)] = ("drift", "drift")
 
     assert {f"{kind} {name}" for kind, name in pending.values()} | {"prepare base"} == {

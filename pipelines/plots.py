@@ -173,7 +173,8 @@ def recovery_plot(summary: dict) -> Plot | None:
     fig.suptitle("Recovery curves: does a little training on other items bring it back?", fontsize=11)
     caption = (
         "Each arm trains the perturbed model on n examples that never include an evaluated fact: "
-        "'in_task' = the same task on other facts, 'irrelevant' = an unrelated task. A curve that climbs "
+        "'in_task' = the same task on other facts, 'irrelevant' = an unrelated task ('in_context': the in_task "
+        "examples as few-shot turns, no training). A curve that climbs "
         "back to the green aligned line with small n means the evaluated facts were still stored "
         "(recovery on disjoint or unrelated items cannot re-teach them; Zheng et al. 2025)."
     )

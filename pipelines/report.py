@@ -61,9 +61,11 @@ KNOWLEDGE_MEASURES = [
 MEASURE_MEANING = dict(KNOWLEDGE_MEASURES)
 NOT_DECISIVE = {"gold_logprob"}
 FLIP_SAMPLE = 6
+FLIPPED_SHOWN = 20  # flipped items shown with their nearest perturbation examples (all are in summary.json)
 ARMS = {
     "in_task": "the task on facts never evaluated",
     "irrelevant": "an unrelated task",
+    "in_context": "the in-task examples as few-shot turns, no weight update",
     "safety": "safety examples",
 }
 PERTURB_KINDS = {
@@ -505,6 +507,7 @@ def render_html(run: dict, plots: list[Plot]) -> str:
         "plots": [{"title": p.title, "caption": p.caption, "name": p.name,
                    "src": "data:image/png;base64," + base64.b64encode(p.png).decode()} for p in plots],
         "transitions": transitions(run["dir"], s),
+        "flipped": (s.get("flipped") or [])[:FLIPPED_SHOWN],
         "config_text": run["config_text"],
         "setup": setup_lines(run["config"], s),
         "config_sections": config_sections(run["config"]),

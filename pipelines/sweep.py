@@ -368,13 +368,13 @@ def check_sweep(cfg: AuditConfig, data=None) -> None:
         UserError: a size larger than the pool of an arm.
     """
     if data is None:
-        if "in_task" in cfg.sweep.arms and max(sweep_sizes(cfg)) > cfg.data.n_recover_pool:
+        if {"in_task", "in_context"} & set(cfg.sweep.arms) and max(sweep_sizes(cfg)) > cfg.data.n_recover_pool:
             raise UserError(
                 f"sweep.sizes: {max(sweep_sizes(cfg))} is larger than the in-task recovery pool "
                 f"data.n_recover_pool={cfg.data.n_recover_pool}"
             )
         return
-    pools = {"in_task": len(data.recover), "irrelevant": len(data.irrelevant)}
+    pools = {"in_task": len(data.recover), "in_context": len(data.recover), "irrelevant": len(data.irrelevant)}
     for arm in cfg.sweep.arms:
         if max(sweep_sizes(cfg)) > pools[arm]:
             raise UserError(

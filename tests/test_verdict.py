@@ -172,3 +172,20 @@ def test_probe_retention_with_paired_ci_beside_the_label():
     assert lo < v["probe_retention"] < hi
     assert v["label"] == "spurious"  # decided by the likelihood ranking, as without probes
     assert compute_verdict({"aligned": a, "perturbed": p}, 0.25, VerdictConfig(), n_boot=50)["probe_retention"] is None
+
+
+def test_the_task_back_in_context_reads_as_spurious_unless_knowledge_is_lost():
+    # retention straddles the thresholds (0.55 of the way), trained recovery brings nothing
+    # back, but in context, with no weight update, the task returns: the facts were in the weights
+    mid = stage(0.1, 0.25 + 0.55 * 0.65)
+    v = verdict(aligned=stage(0.9, 0.9), perturbed=mid, recovered__in_task__4=stage(0.1, 0.6),
+                recovered__in_context__4=stage(0.85, 0.6))
+    assert v["recovery_ratio"]["in_context/4"] == pytest.approx(0.75 / 0.8)
+    assert v["recovery_evidence"]["in_context"] == "recovery ratio >= 0.5 at n=4"
+    assert v["label"] == "spurious"
+    assert "the task returns in context with no weight update (in_context/4" in v["reason"]
+    without = verdict(aligned=stage(0.9, 0.9), perturbed=mid, recovered__in_task__4=stage(0.1, 0.6))
+    assert without["label"] != "spurious"
+    # knowledge lost by its interval: the task coming back in context does not overrule it (mixed)
+    lost = verdict(aligned=stage(0.9, 0.9), perturbed=stage(0.05, 0.25), recovered__in_context__4=stage(0.85, 0.25))
+    assert lost["label"] == "mixed"
