@@ -166,7 +166,11 @@ def probe_step(config: dict, overrides: List[str], data_dir: str, base_dir: str,
     cfg, home = _setup(config, overrides, "probe")
     data = load_data(Path(data_dir))["data"]
     ckpt = import_checkpoint(Path(ckpt_dir), Path(base_dir))
-    result = probe(cfg, home, {"checkpoint": ckpt}, data)
+    stage = {"checkpoint": ckpt}
+    trained = Path(ckpt_dir) / "stage.json"  # absent on the base model's artifact
+    if trained.exists() and json.loads(trained.read_text()).get("context"):
+        stage["context"] = json.loads(trained.read_text())["context"]  # in_context: the few-shot turns
+    result = probe(cfg, home, stage, data)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     for f in sorted(Path(result["dir"]).iterdir()):  # predictions, log-probs, probe features
@@ -223,8 +227,10 @@ def verdict_step(config: dict, overrides: List[str], data_dir: str, base_dir: st
         # weight drift needs only the checkpoints: computed here, as the DAG's drift task does
         from components.runner import drift as weight_drift
 
-        stages = [{"checkpoint": base}] + [train[n] for n in order if n != "base"]
-        drift = weight_drift(cfg, home, list(order), *stages)
+        # an in_context stage has no weights of its own: no drift (as in the DAG)
+        names = [n for n in order if n == "base" or not train[n].get("context")]
+        stages = [{"checkpoint": base}] + [train[n] for n in names if n != "base"]
+        drift = weight_drift(cfg, home, names, *stages)
         on_event("drift", "drift", drift)
         return {"prepare": prep, "train": train, "probe": probe, "drift": {"drift": drift}}
 

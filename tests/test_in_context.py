@@ -129,3 +129,24 @@ def test_the_audit_lists_the_flipped_items(tiny_run):
     assert all(len(f["nearest"]) == 3 and f["nearest"][0]["score"] >= f["nearest"][1]["score"] >= f["nearest"][2]["score"]
                for f in s["flipped"])
     assert "flipped-nearest" in (out / "report.html").read_text()
+
+
+def test_kubeflow_probe_step_keeps_the_few_shot_turns(stages, home, tmp_path):
+    """A Kubeflow probe component reads the in_context stage from its checkpoint artifact
+    (stage.json carries the turns) and gives the Ray probe's values, not the bare
+    perturbed model's."""
+    from pipelines.kubeflow_steps import export_checkpoint, import_checkpoint, probe_step
+
+    cfg, prep, perturbed, ic, probes = stages
+    st = ic[4]
+    art = tmp_path / "ckpt"
+    export_checkpoint(st["checkpoint"], art, {k: v for k, v in st.items() if k not in ("checkpoint", "dir")})
+    data_dir = tmp_path / "data"
+    data_dir.mkdir()
+    import json
+
+    (data_dir / "data.json").write_text(json.dumps({"data": prep["data"].to_dict()}))
+    assert import_checkpoint(art, tmp_path)["adapters"]  # the artifact holds the perturbed adapters
+    got = probe_step(cfg.model_dump(mode="json", exclude_none=True), [], str(data_dir), str(tmp_path), str(art), str(tmp_path / "out"))
+    assert got["key"] == probes["recovered/in_context/4"]["key"]
+    assert got["metrics"] == probes["recovered/in_context/4"]["metrics"]
