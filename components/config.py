@@ -529,6 +529,40 @@ class BiographyConfig(_Strict):
     qa_in_pretraining: bool = False
 
 
+class GivenStage(_Strict):
+    """A checkpoint the user already has, standing in for a trained stage (issue 17).
+
+    Attributes:
+        from_: (key ``from``) where the checkpoint is: a local transformers directory
+            (safetensors weights), a ``.gguf`` file, a peft LoRA adapter directory
+            (applied to ``model.id``, or for ``perturbed`` to ``stages.aligned.from``
+            when that is given), an MLflow model URI (``runs:/<id>/<path>``,
+            ``models:/<name>/<version>``, ``models:/<name>@<alias>``, downloaded from the
+            audit's tracking store) or a hub id ``owner/name`` (only with
+            ``HF_HUB_OFFLINE=0``). None: the stage is trained as usual.
+            ``cl-audit run --aligned REF`` / ``--perturbed REF`` set it.
+    """
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, validate_by_name=True,
+                              validate_by_alias=True, serialize_by_alias=True)
+
+    from_: str | None = Field(None, alias="from", min_length=1)
+
+
+class StagesConfig(_Strict):
+    """Stages given as checkpoints instead of trained (:class:`GivenStage`). With
+    ``perturbed`` alone the aligned stage is the base model itself (no tune); with
+    ``aligned`` alone perturb trains from it. See docs/configuration.md, "Audit your own
+    fine-tune"."""
+
+    aligned: GivenStage = GivenStage()
+    perturbed: GivenStage = GivenStage()
+
+    def given(self) -> dict[str, str]:
+        """``{stage: REF}`` of the stages given (``aligned``, ``perturbed``)."""
+        return {k: v for k, v in (("aligned", self.aligned.from_), ("perturbed", self.perturbed.from_)) if v}
+
+
 class AuditConfig(_Strict):
     """The whole audit: suite, seed, model, data and one config per stage."""
 
@@ -545,17 +579,21 @@ class AuditConfig(_Strict):
     ray: RayConfig = RayConfig()
     sweep: SweepConfig = SweepConfig()
     biography: BiographyConfig = BiographyConfig()
+    stages: StagesConfig = StagesConfig()
 
     def science(self) -> dict:
         """This config without its orchestration settings: the ``sweep`` and ``ray``
         sections and each training stage's ``scaling`` (how many workers, CPUs and GPUs
         run a stage changes its speed, not what it computes), and without
         ``data.leakage_similarity`` (it decides whether an audit runs, not what it computes)."""
-        return self.model_dump(mode="json", exclude={
+        out = self.model_dump(mode="json", exclude={
             "sweep": True, "ray": True,
             "tune": {"scaling"}, "perturb": {"scaling"}, "recover": {"scaling"},
             "data": {"leakage_similarity"},  # whether the audit runs, not what it computes
         })
+        if not self.stages.given():  # no stage given: the digest of every earlier config stays
+            out.pop("stages")
+        return out
 
     def digest(self) -> str:
         """sha256 (hex, 16 chars) of the canonical JSON of :meth:`science`: the same

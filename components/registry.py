@@ -128,8 +128,8 @@ def absolute(path: str | Path, cwd: Path | None = None) -> Path:
 
 def absolute_paths(cfg: AuditConfig, cwd: Path | None = None) -> AuditConfig:
     """``cfg`` with every local path it names made absolute against ``cwd`` (default:
-    the current folder): ``data.files`` and a ``model.id`` that is a local model folder
-    or ``.gguf`` file. Stage tasks and Tune trials run in other working folders; an
+    the current folder): ``data.files``, a ``model.id`` that is a local model folder
+    or ``.gguf`` file, and a ``stages.<stage>.from`` that is an existing local path. Stage tasks and Tune trials run in other working folders; an
     absolute path means the same file there. A hub id, the built-in model ids and a
     path that does not exist (refused later, as given) are left alone.
 
@@ -144,6 +144,10 @@ def absolute_paths(cfg: AuditConfig, cwd: Path | None = None) -> AuditConfig:
     if cfg.model.id not in (SMOLLM2_ID, TINY_ID) and (
             model.is_dir() or (model.is_file() and model.suffix.lower() == ".gguf")):
         tree["model"]["id"] = str(model)
+    for stage, ref in cfg.stages.given().items():  # a local checkpoint given as a stage
+        path = absolute(ref, cwd)
+        if not ref.startswith(("runs:/", "models:/")) and path.exists():
+            tree["stages"][stage]["from"] = str(path)
     if tree == cfg.model_dump(mode="json"):
         return cfg
     return AuditConfig.model_validate(tree)

@@ -119,11 +119,13 @@ def prepare(cfg: AuditConfig, home: Path, threads: int | None = None, on_step: S
     models_dir = home / "cache" / "models"
     before = set(models_dir.iterdir()) if models_dir.is_dir() else set()
     step("model", "running", unit=_model_unit(cfg.model.id))
-    model_dir = resolve_model(
-        cfg.model, home / "cache", suite.tokenizer_texts(items, cfg), cfg.seed, suite.pretraining_items(items, cfg)
-    )
+    model_dir = base_model_dir(cfg, home, items)
     made = Path(model_dir).parent == models_dir and Path(model_dir) not in before
     step("model", "done", unit=_model_unit(cfg.model.id, made))
+    if cfg.stages.given():  # the user's checkpoints against this base, before any work on it
+        from components.given import resolve_all
+
+        resolve_all(cfg, home / "cache", Path(model_dir))
     mdigest = model_digest(model_dir)  # first: it refuses a folder without safetensors weights
     # user text that spells a special token (<|im_end|>) would become a control token
     check_special_tokens(items, load_tokenizer(model_dir, cfg.model.trust_remote_code),
@@ -199,6 +201,40 @@ def prepare(cfg: AuditConfig, home: Path, threads: int | None = None, on_step: S
         "model_dir": str(model_dir), "model_source": model_source(cfg.model, model_dir), "known": known,
         "machine": machine_info(),
     }
+
+
+def base_model_dir(cfg: AuditConfig, home: Path, items: list | None = None) -> Path:
+    """The base model's local transformers directory (built, converted or downloaded once
+    into ``home/cache``; :func:`components.base_model.resolve_model`); ``items``: the
+    suite's items when already read."""
+    suite = SUITES[cfg.suite]
+    items = suite.items(cfg) if items is None else items
+    return resolve_model(
+        cfg.model, Path(home) / "cache", suite.tokenizer_texts(items, cfg), cfg.seed,
+        suite.pretraining_items(items, cfg))
+
+
+def check_given(cfg: AuditConfig, home: Path) -> dict:
+    """Resolve the checkpoints given as stages (``stages.<stage>.from``) and check them
+    against the base model (resolved, or built, here), before any work: see
+    :func:`components.given.check_given`. Returns ``{stage: Given}`` ({} when none).
+
+    Raises:
+        UserError: one line naming the flag, the checkpoint and the base model.
+    """
+    if not cfg.stages.given():
+        return {}
+    from components.given import resolve_all
+
+    return resolve_all(cfg, Path(home) / "cache", base_model_dir(cfg, home))
+
+
+def given_stage(kind: str, cfg: AuditConfig) -> bool:
+    """True when the training stage ``kind`` (``tune``, ``perturb``) is not trained: its
+    checkpoint is given (``--aligned``, ``--perturbed``), or, for ``tune`` with only
+    ``--perturbed`` given, it is the base model itself."""
+    given = cfg.stages.given()
+    return (kind == "perturb" and "perturbed" in given) or (kind == "tune" and bool(given))
 
 
 def _model_unit(model_id: str, made: bool | None = None) -> str:
@@ -320,6 +356,13 @@ def train(kind: str, cfg: AuditConfig, home: Path, parent: dict, data: SuiteData
     from components.recover import recover_spec, recovery_set
     from components.tune import tune_spec
 
+    if kind in ("tune", "perturb") and given_stage(kind, cfg):  # not trained: the user's checkpoint
+        from components.given import given_result
+
+        t0 = time.time()
+        res = given_result("aligned" if kind == "tune" else "perturbed", cfg, Path(home) / "cache", parent)
+        res["seconds"] = time.time() - t0
+        return {**res, "machine": machine_info(threads), "key": res["checkpoint"]["digest"], "reused": False}
     parent_ckpt = Checkpoint(**parent["checkpoint"])
     store = Store(Path(home) / "store")
     common = {"seed": cfg.seed, "precision": cfg.model.precision}

@@ -136,6 +136,12 @@ def run_audit(
     uri = resolve_tracking_uri(tracking_uri, home)
     check_data(cfg)
     check_model_id(cfg.model, home / "cache")
+    if cfg.stages.given():  # the user's checkpoints: downloaded (MLflow URIs) and checked against the base
+        from components.runner import check_given
+        from pipelines.tracking import fetch_given
+
+        fetch_given(cfg, home / "cache", uri)
+        check_given(cfg, home)
     worker_allocator_env()  # a bad CL_AUDIT_MALLOC stops here, before any MLflow run
     if replaced:  # --force: the other config's run goes once this one's input is known to be good
         remove_run(out_dir, replaced)
@@ -352,6 +358,9 @@ def _finish_audit(
     }
     if registered:
         summary["registered_model"] = registered
+    given = {n: results["train"][n]["given"] for n in ("aligned", "perturbed") if results["train"][n].get("given")}
+    if given:  # stages not trained: what the user gave (kind, REF, path, weights sha256)
+        summary["given"] = given
 
     # Outputs: each file written to a temporary name, fsynced and renamed.
     metrics_df = pd.DataFrame(rows, columns=["stage", "metric", "layer", "value", "ci_low", "ci_high"])
@@ -549,6 +558,11 @@ def build_manifest(out_dir: Path, tracker: AuditTracker, logged: dict[str, dict[
 
 
 def _stage_params(cfg: AuditConfig, name: str) -> dict:
+    given = cfg.stages.given()
+    if name in given:
+        return {"stage": "given", "from": given[name]}
+    if name == "aligned" and given:
+        return {"stage": "given", "from": "the base model (no tune)"}
     if name == "aligned":
         return {"stage": "tune", **cfg.tune.model_dump()}
     if name == "perturbed":

@@ -152,6 +152,14 @@ def run(
         "downloaded only with HF_HUB_OFFLINE=0). Sets model.id."),
     data: list[Path] = typer.Option(
         [], "--data", help="A data file of the custom suite (JSONL, CSV or Parquet; repeat for more). Sets data.files."),
+    aligned: Optional[str] = typer.Option(
+        None, "--aligned", metavar="REF", help="Audit this checkpoint as the aligned model instead of tuning one: a "
+        "transformers directory, a peft adapter of --model, a .gguf file, an MLflow model URI (runs:/..., models:/...) "
+        "or a hub id. Sets stages.aligned.from."),
+    perturbed: Optional[str] = typer.Option(
+        None, "--perturbed", metavar="REF", help="Audit this checkpoint as the fine-tuned (perturbed) model instead of "
+        "training one; an adapter applies to --aligned if given, else to --model (then the aligned stage is the model "
+        "itself). Sets stages.perturbed.from."),
     allow_leakage: bool = typer.Option(
         False, "--allow-leakage", help="Run even if an evaluation item also occurs in a training set."),
     home_dir: Optional[Path] = _home_option(),
@@ -164,6 +172,8 @@ def run(
     Example: cl-audit run capitals --quick --set perturb.kl_penalty=0.1
 
     Example: cl-audit run custom --model ./my-model --data items.jsonl
+
+    Example: cl-audit run capitals --perturbed ./my-lora-adapter
     """
     from components.registry import absolute_paths, load_config
     from pipelines.audit import run_audit
@@ -183,6 +193,9 @@ def run(
         extra.append(f"data.files={json.dumps([str(p) for p in data])}")
     if allow_leakage:
         extra.append("data.allow_leakage=true")
+    for stage, ref in (("aligned", aligned), ("perturbed", perturbed)):
+        if ref is not None:
+            extra.append(f"stages.{stage}.from={json.dumps(str(ref))}")
     cfg = absolute_paths(load_config(suite or ("custom" if data else None), config, [*extra, *set_], quick))
     out_dir = out or home / "audits" / f"{cfg.suite}-{cfg.digest()[:12]}"
     if dry_run:

@@ -529,3 +529,43 @@ def download(client, run_id: str, artifact_path: str, dst: Path) -> Path | None:
         return Path(client.download_artifacts(run_id, artifact_path, str(dst)))
     except (MlflowException, OSError):
         return None
+
+
+def fetch_given(cfg, cache_dir: Path, uri: str) -> None:
+    """Download every MLflow model URI given as a stage (``--aligned`` / ``--perturbed``
+    ``runs:/<id>/<path>``, ``models:/<name>/<version>``, ``models:/<name>@<alias>``) from
+    the audit's tracking store (``uri``, also the registry) into
+    :func:`components.given.mlflow_dir`, replacing an earlier download (an alias may have
+    moved). Written to a temporary folder and renamed, so a stage task never reads half a
+    download.
+
+    Raises:
+        UserError: one line naming the flag and the URI: no such run, artifact, model,
+            version or alias, or the store cannot be reached.
+    """
+    import shutil
+    import uuid
+
+    from mlflow.artifacts import download_artifacts
+
+    from components.given import FLAGS, mlflow_dir, ref_kind
+
+    quiet_mlflow()
+    for stage, ref in cfg.stages.given().items():
+        if ref_kind(ref) != "mlflow":
+            continue
+        dest = mlflow_dir(cache_dir, ref)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        tmp = dest.parent / f".{dest.name}.tmp-{uuid.uuid4().hex[:8]}"
+        try:
+            download_artifacts(artifact_uri=ref, dst_path=str(tmp), tracking_uri=uri, registry_uri=uri)
+        except Exception as e:  # noqa: BLE001 - MlflowException, OSError, a bad URI: all "cannot get it"
+            shutil.rmtree(tmp, ignore_errors=True)
+            msg = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
+            raise UserError(f"{FLAGS[stage]} {ref}: cannot download it from the tracking store "
+                            f"{redact_uri(uri)} ({msg})") from None
+        old = dest.parent / f".{dest.name}.old-{uuid.uuid4().hex[:8]}"
+        if dest.exists():
+            dest.rename(old)
+        tmp.rename(dest)
+        shutil.rmtree(old, ignore_errors=True)
