@@ -558,7 +558,7 @@ def fetch_given(cfg, cache_dir: Path, uri: str) -> None:
         dest.parent.mkdir(parents=True, exist_ok=True)
         tmp = dest.parent / f".{dest.name}.tmp-{uuid.uuid4().hex[:8]}"
         try:
-            download_artifacts(artifact_uri=ref, dst_path=str(tmp), tracking_uri=uri, registry_uri=uri)
+            download_artifacts(artifact_uri=_registry_source(ref, uri), dst_path=str(tmp), tracking_uri=uri)
         except Exception as e:  # noqa: BLE001 - MlflowException, OSError, a bad URI: all "cannot get it"
             shutil.rmtree(tmp, ignore_errors=True)
             msg = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
@@ -569,3 +569,30 @@ def fetch_given(cfg, cache_dir: Path, uri: str) -> None:
             dest.rename(old)
         tmp.rename(dest)
         shutil.rmtree(old, ignore_errors=True)
+
+
+def _registry_source(ref: str, uri: str) -> str:
+    """``ref`` with a ``models:/<name>/<version>`` or ``models:/<name>@<alias>`` prefix
+    replaced by that version's artifact location, read from the registry of ``uri``
+    (mlflow's own ``models:/`` resolution reads the process's default registry, not the
+    one passed to it); ``runs:/`` URIs are returned as they are.
+
+    Raises:
+        MlflowException: no such model, version or alias.
+    """
+    if not ref.startswith("models:/"):
+        return ref
+    from mlflow import MlflowClient
+
+    name_ver, _, sub = ref[len("models:/"):].partition("/") if "@" in ref.split("/")[1] else (None, None, None)
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    if name_ver is not None:  # models:/<name>@<alias>[/path]
+        name, alias = name_ver.split("@", 1)
+        version = client.get_model_version_by_alias(name, alias).version
+    else:  # models:/<name>/<version>[/path]
+        parts = ref[len("models:/"):].split("/", 2)
+        if len(parts) < 2 or not parts[1]:
+            raise UserError(f"{ref}: expected models:/<name>/<version> or models:/<name>@<alias>")
+        name, version, sub = parts[0], parts[1], parts[2] if len(parts) > 2 else ""
+    base = client.get_model_version_download_uri(name, str(version)).rstrip("/")
+    return f"{base}/{sub}" if sub else base
