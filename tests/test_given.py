@@ -205,7 +205,7 @@ def test_trainer_lora_adapter_audits_like_the_pipelines_perturb_stage(pipeline, 
     assert s["given"]["perturbed"]["applied_to"] == "aligned"
 
 
-def test_mlflow_run_and_registered_model_uris(pipeline, trainer_adapter, home, tmp_path):
+def test_mlflow_run_and_registered_model_uris(pipeline, trainer_adapter, home, tmp_path, monkeypatch):
     """The Trainer adapter logged as a run's artifacts and registered as a model version
     in the audit's sqlite MLflow store: ``runs:/<id>/adapter``, ``models:/<name>/1`` and
     ``models:/<name>@<alias>`` audit the same weights (same digest, same key, same metrics) as the directory."""
@@ -215,9 +215,11 @@ def test_mlflow_run_and_registered_model_uris(pipeline, trainer_adapter, home, t
 
     aligned, adapter = trainer_adapter
     uri = resolve_tracking_uri(None, home)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)  # mlflow resolves the version's runs:/ source in the default store
+    monkeypatch.chdir(tmp_path)  # and nothing of mlflow's lands in the working folder
     client = MlflowClient(uri)
-    exp = client.get_experiment_by_name("external-fine-tunes") or client.get_experiment(
-        client.create_experiment("external-fine-tunes"))
+    exp = client.get_experiment_by_name("external-fine-tunes") or client.get_experiment(client.create_experiment(
+        "external-fine-tunes", artifact_location=(tmp_path / "artifacts").as_uri()))
     run = client.create_run(exp.experiment_id)
     client.log_artifacts(run.info.run_id, str(adapter), "adapter")
     client.set_terminated(run.info.run_id)
@@ -225,6 +227,7 @@ def test_mlflow_run_and_registered_model_uris(pipeline, trainer_adapter, home, t
     client.create_model_version("external-lora", f"runs:/{run.info.run_id}/adapter", run_id=run.info.run_id)
     client.set_registered_model_alias("external-lora", "champion", "1")
     by_dir = _audit(home, tmp_path / "dir", aligned=aligned, perturbed=adapter)
+    assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "mlruns").exists()
     for i, ref in enumerate((f"runs:/{run.info.run_id}/adapter", "models:/external-lora/1",
                              "models:/external-lora@champion")):
         s = _audit(home, tmp_path / str(i), aligned=aligned, perturbed=ref)
@@ -322,3 +325,27 @@ def test_checkpoint_that_does_not_fit_the_base_is_refused_in_one_line(check, mis
     if db.exists():
         with sqlite3.connect(db) as con:
             assert con.execute("select count(*) from runs").fetchone() == (0,)
+
+
+@pytest.mark.real_model
+def test_smollm2_external_refusal_adapter_is_spurious(home, ray_local, tmp_path):
+    """SmolLM2-135M-Instruct at the quick size: a LoRA adapter trained outside cl-audit
+    (Trainer + peft, a few steps) on the suite's refusal examples, given alone with
+    ``--perturbed``: the model refuses the evaluation questions (the task drops) while
+    the facts stay ranked first, so the verdict is ``spurious``."""
+    from components import runner
+    from components.registry import load_config
+    from pipelines.audit import run_audit
+
+    overrides = ["recover.arms=[in_task]", "recover.sizes=[4]"]
+    cfg = load_config("capitals", quick=True, overrides=overrides)
+    prep = runner.prepare(cfg, home)
+    adapter = trainer_lora(Path(prep["model_dir"]), prep["data"].perturb,
+                           cfg.perturb, cfg.seed + 1, tmp_path)
+    cfg = load_config("capitals", quick=True, overrides=[*overrides, f"stages.perturbed.from={adapter}"])
+    s = run_audit(cfg, tmp_path / "run", home)
+    v = s["verdict"]
+    assert s["given"]["perturbed"]["kind"] == "adapter" and s["given"]["aligned"]["kind"] == "base"
+    assert v["label"] == "spurious", v["reason"]
+    assert v["task_drop"] >= 0.5  # the refusals were learned: at least half of the answers became refusals
+    assert v["retention"]["knowledge_acc"]["ci"][0] >= cfg.verdict.retention_threshold
