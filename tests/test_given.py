@@ -67,7 +67,12 @@ def _merged(ckpt: dict, out: Path) -> Path:
 def test_pipeline_adapters_given_back_give_the_same_audit(pipeline, home, tmp_path):
     """--aligned and --perturbed with the adapters the pipeline saved: every stage's
     metrics and the verdict are those of the audit that trained them (bit for bit)."""
+    import jsonschema
+
+    from conftest import SCHEMA
+
     s = _audit(home, tmp_path, aligned=pipeline["tune_adapter"], perturbed=pipeline["perturb_adapter"])
+    jsonschema.validate(s, json.loads(SCHEMA.read_text()))
     ref = pipeline["summary"]
     for stage in ref["stages"]:
         assert _stage_scalars(s, stage) == _stage_scalars(ref, stage), stage
