@@ -59,7 +59,8 @@ class Given:
 
 
 def ref_kind(ref: str) -> str:
-    """What a REF names: ``mlflow``, ``adapter``, ``dir``, ``gguf``, ``hub`` or ``missing``."""
+    """What a REF names: ``mlflow``, ``adapter``, ``dir``, ``gguf``, ``hub``, ``file`` (another
+    file: refused) or ``missing``."""
     from components.models import HUB_ID
 
     if ref.startswith(MLFLOW_SCHEMES):
@@ -71,7 +72,7 @@ def ref_kind(ref: str) -> str:
         return "gguf"
     if not path.exists() and HUB_ID.match(ref) and not ref.startswith((".", "~", "/")):
         return "hub"
-    return "missing"
+    return "file" if path.exists() else "missing"
 
 
 def mlflow_dir(cache_dir: Path, ref: str) -> Path:
@@ -109,6 +110,9 @@ def resolve(stage: str, ref: str, cache_dir: Path, ) -> Given:
     if kind == "missing":
         raise UserError(f"{flag} {ref}: no such file or directory; expected a transformers model directory, a peft "
                         "adapter directory, a .gguf file, an MLflow model URI (runs:/..., models:/...) or a hub id")
+    if kind == "file":
+        raise UserError(f"{flag} {ref}: a file; expected a transformers model directory, a peft adapter directory "
+                        "or a .gguf file (give the folder that holds config.json or adapter_config.json)")
     if kind == "mlflow":
         found = _find_model_dir(mlflow_dir(cache_dir, ref))
         if found is None:

@@ -37,8 +37,8 @@ from pipelines.mlflow_env import default_home  # the one resolver of the root (-
 from pipelines.report import write_report
 from pipelines.state import claim_folder, remove_run
 from pipelines.tracking import (
-    JOURNAL, AuditTracker, DatasetRecord, check_model_name, read_state, redact_uri, resolve_tracking_uri, unreachable,
-    write_state,
+    JOURNAL, AuditTracker, DatasetRecord, check_given_stages, check_model_name, read_state, redact_uri,
+    resolve_tracking_uri, unreachable, write_state,
 )
 
 MANIFEST = "manifest.json"
@@ -136,12 +136,7 @@ def run_audit(
     uri = resolve_tracking_uri(tracking_uri, home)
     check_data(cfg)
     check_model_id(cfg.model, home / "cache")
-    if cfg.stages.given():  # the user's checkpoints: downloaded (MLflow URIs) and checked against the base
-        from components.runner import check_given
-        from pipelines.tracking import fetch_given
-
-        fetch_given(cfg, home / "cache", uri)
-        check_given(cfg, home)
+    check_given_stages(cfg, home, uri)  # the user's checkpoints (--aligned, --perturbed) against the base
     worker_allocator_env()  # a bad CL_AUDIT_MALLOC stops here, before any MLflow run
     if replaced:  # --force: the other config's run goes once this one's input is known to be good
         remove_run(out_dir, replaced)

@@ -421,7 +421,7 @@ def run_sweep(
     from pipelines.audit import check_writable, default_home, provenance_tags, versions
     from pipelines.dag import init_ray, new_task_state, prepare_task, wait_prepare, worker_allocator_env
     from pipelines.mlflow_env import absolute_env
-    from pipelines.tracking import AuditTracker, redact_uri, resolve_tracking_uri
+    from pipelines.tracking import AuditTracker, check_given_stages, redact_uri, resolve_tracking_uri
 
     # Every trial runs in its own working folder: the paths it is given (home, out_dir,
     # the tracking URI, the config's files) and the environment it inherits
@@ -439,6 +439,7 @@ def run_sweep(
     check_writable(out_dir)
     uri = resolve_tracking_uri(tracking_uri, home)
     check_model_id(cfg.model, home / "cache")
+    check_given_stages(cfg, home, uri)
     check_sweep(cfg)
     say = progress or (lambda msg: None)
     worker_allocator_env()  # a bad CL_AUDIT_MALLOC stops here, before any MLflow run

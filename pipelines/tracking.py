@@ -571,6 +571,22 @@ def fetch_given(cfg, cache_dir: Path, uri: str) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
+def check_given_stages(cfg, home: Path, uri: str) -> None:
+    """Before any work of an audit or a sweep: download the stages given as MLflow model
+    URIs (:func:`fetch_given`) and check every given checkpoint against the base model
+    (:func:`components.runner.check_given`); nothing when no stage is given.
+
+    Raises:
+        UserError: one line naming the flag, the checkpoint and what does not fit.
+    """
+    if not cfg.stages.given():
+        return
+    from components.runner import check_given
+
+    fetch_given(cfg, Path(home) / "cache", uri)
+    check_given(cfg, home)
+
+
 def _registry_source(ref: str, uri: str) -> str:
     """``ref`` with a ``models:/<name>/<version>`` or ``models:/<name>@<alias>`` prefix
     replaced by that version's artifact location, read from the registry of ``uri``

@@ -281,6 +281,8 @@ def _mismatches(base: Path, tmp: Path) -> dict[str, Path]:
     peft.save_pretrained(tmp / "other_adapter")
     out["adapter of another base"] = tmp / "other_adapter"
     out["missing path"] = tmp / "no-such-checkpoint"
+    out["hub id while offline"] = "someorg/some-finetune"
+    out["MLflow model not in the store"] = "models:/no-such-model/1"
     return out
 
 
@@ -298,6 +300,8 @@ MISMATCH = {  # check -> (flag, what the one line says)
     "adapter of another base": ("--perturbed", "{p}: adapter (for base 'someone/other-base') has input size 64 at "
                                                "model.layers.0.mlp.down_proj, but the base model tiny-llama has 128"),
     "missing path": ("--perturbed", "{p}: no such file or directory"),
+    "hub id while offline": ("--perturbed", "{p}: looks like a Hugging Face Hub id, but HF_HUB_OFFLINE is set"),
+    "MLflow model not in the store": ("--perturbed", "{p}: cannot download it from the tracking store sqlite:///"),
 }
 
 
@@ -335,9 +339,12 @@ def test_checkpoint_that_does_not_fit_the_base_is_refused_in_one_line(check, mis
 @pytest.mark.real_model
 def test_smollm2_external_refusal_adapter_is_spurious(home, ray_local, tmp_path):
     """SmolLM2-135M-Instruct at the quick size: a LoRA adapter trained outside cl-audit
-    (Trainer + peft, a few steps) on the suite's refusal examples, given alone with
-    ``--perturbed``: the model refuses the evaluation questions (the task drops) while
-    the facts stay ranked first, so the verdict is ``spurious``."""
+    (Trainer + peft, 6 steps) on the quick capitals audit's refusal examples, given alone
+    with ``--perturbed`` (the aligned stage is the model itself): the model refuses every
+    evaluation question, the facts keep most of their rank (retention 0.80 [0.65, 0.94]
+    when written) and four in-task examples bring the task and the facts back, so the
+    verdict is ``spurious``. The known-fact filter, the candidates and the base probe
+    are those of tests/test_real_model.py's quick audits (shared through the store)."""
     from components import runner
     from components.registry import load_config
     from pipelines.audit import run_audit
@@ -353,4 +360,7 @@ def test_smollm2_external_refusal_adapter_is_spurious(home, ray_local, tmp_path)
     assert s["given"]["perturbed"]["kind"] == "adapter" and s["given"]["aligned"]["kind"] == "base"
     assert v["label"] == "spurious", v["reason"]
     assert v["task_drop"] >= 0.5  # the refusals were learned: at least half of the answers became refusals
-    assert v["retention"]["knowledge_acc"]["ci"][0] >= cfg.verdict.retention_threshold
+    assert s["stages"]["perturbed"]["perturb_acc"] >= 0.5
+    # the facts were not lost (retention above the loss threshold), and 4 in-task examples bring them back
+    assert v["knowledge_retention_ci"][0] >= cfg.verdict.loss_threshold
+    assert v["knowledge_after_recovery_ci"]["in_task/4"][0] >= cfg.verdict.retention_threshold
