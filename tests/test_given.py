@@ -38,6 +38,26 @@ def pipeline(tiny_run, home):
             "perturb_adapter": Path(perturbed["checkpoint"]["adapters"][-1])}
 
 
+def test_stages_config_keys_round_trip_and_leave_other_digests_alone(tmp_path):
+    """``stages.<stage>.from`` is set by --set (and --aligned / --perturbed), written back
+    as ``from:`` in the resolved YAML, read again to the same digest; a config that gives
+    no stage keeps the digest it had before the section existed."""
+    import yaml
+
+    from components.config import AuditConfig, config_from_tree, dump_yaml
+    from components.errors import UserError
+
+    plain = tiny_config()
+    assert "stages" not in plain.science() and plain.stages.given() == {}
+    cfg = tiny_config("stages.perturbed.from=runs:/abc/adapter")
+    text = dump_yaml(cfg)
+    assert "perturbed:\n    from: runs:/abc/adapter" in text
+    again = AuditConfig.model_validate(yaml.safe_load(text))
+    assert again.stages.given() == {"perturbed": "runs:/abc/adapter"} and again.digest() == cfg.digest() != plain.digest()
+    with pytest.raises(UserError, match=r"config \+ --set: stages.aligned.form: unknown key"):
+        config_from_tree({}, ["stages.aligned.form=/x"])
+
+
 def _audit(home, tmp_path, **given):
     from pipelines.audit import run_audit
 
