@@ -44,7 +44,8 @@ def _encode(v: Any) -> Any:
     from mlflow.entities import DatasetInput, Metric, Param, RunTag
 
     if isinstance(v, Metric):
-        return {"__t": "Metric", "key": v.key, "value": v.value, "timestamp": v.timestamp, "step": v.step}
+        return {"__t": "Metric", "key": v.key, "value": v.value, "timestamp": v.timestamp, "step": v.step,
+                **({"model_id": v.model_id} if v.model_id else {})}
     if isinstance(v, Param):
         return {"__t": "Param", "key": v.key, "value": v.value}
     if isinstance(v, RunTag):
@@ -66,7 +67,7 @@ def _decode(v: Any) -> Any:
     if isinstance(v, dict) and "__t" in v:
         t = v["__t"]
         if t == "Metric":
-            return Metric(v["key"], v["value"], v["timestamp"], v["step"])
+            return Metric(v["key"], v["value"], v["timestamp"], v["step"], model_id=v.get("model_id"))
         if t == "Param":
             return Param(v["key"], v["value"])
         if t == "RunTag":

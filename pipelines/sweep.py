@@ -421,7 +421,7 @@ def run_sweep(
     from pipelines.audit import check_writable, default_home, provenance_tags, versions
     from pipelines.dag import init_ray, new_task_state, prepare_task, wait_prepare, worker_allocator_env
     from pipelines.mlflow_env import absolute_env
-    from pipelines.tracking import AuditTracker, redact_uri, resolve_tracking_uri
+    from pipelines.tracking import AuditTracker, applicable_params, redact_uri, resolve_tracking_uri, run_name, source_tags
 
     # Every trial runs in its own working folder: the paths it is given (home, out_dir,
     # the tracking URI, the config's files) and the environment it inherits
@@ -475,9 +475,9 @@ def run_sweep(
         tracker.attach(prev["run_id"], status="RUNNING")
     else:
         tracker.start(
-            f"sweep-{cfg.suite}-{digest[:8]}",
-            cfg.model_dump(mode="json"),
-            {"cl_audit.kind": "sweep", "cl_audit.suite": cfg.suite, "cl_audit.sweep_digest": digest,
+            tracker.unique_name(run_name("sweep", cfg)),
+            applicable_params(cfg, "sweep"),
+            {**source_tags("sweep"), "cl_audit.kind": "sweep", "cl_audit.suite": cfg.suite, "cl_audit.sweep_digest": digest,
              "cl_audit.config_digest": cfg.digest(), **provenance_tags(), "cl_audit.seed": str(cfg.seed),
              "model_digest": prep["model_digest"], "data_digest": prep["data_digest"],
              **{f"version.{k}": v for k, v in versions().items()}},
