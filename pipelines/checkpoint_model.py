@@ -34,6 +34,7 @@ CODE = Path(__file__).resolve().parent / "checkpoint_model_code.py"
 EMBED_BASE_MB = 64  # base weights up to this size travel inside each logged model
 FLAVOR = "python_function"
 MODEL_TYPE = "cl-audit-checkpoint"
+from pipelines.journal import LOG_MODEL as LOG_MODEL  # the journal's record of a logged model that waits
 
 
 class CheckpointModel(mlflow.pyfunc.PythonModel):
@@ -112,7 +113,8 @@ def save_checkpoint_model(path: Path, mlflow_model, checkpoint: dict, settings: 
     """Write the MLflow model folder of one checkpoint into ``path`` (must not exist).
 
     Args:
-        mlflow_model: the ``mlflow.models.Model`` carrying the logged model's id and run.
+        mlflow_model: the ``mlflow.models.Model`` to write (its run; the logged model's id
+            is filled in by :func:`upload_model`).
         checkpoint: the stage's :class:`components.models.Checkpoint` as a dict
             (``name``, ``base_dir``, ``adapters``, ``full_dir``).
         settings: ``model_id``, ``model_digest``, ``batch_size``, ``max_new_tokens``,
@@ -136,6 +138,13 @@ def save_checkpoint_model(path: Path, mlflow_model, checkpoint: dict, settings: 
         artifacts["base"] = str(base)
     for i, a in enumerate(adapters):
         artifacts[f"adapter_{i}"] = str(a)
+    # MLflow keeps each artifact under its folder's own name: every adapter folder is
+    # called "adapter", so each is copied to a folder named by its key first
+    for key, src in list(artifacts.items()):
+        if key != "tokenizer":
+            dst = Path(work) / key
+            shutil.copytree(src, dst, ignore=shutil.ignore_patterns(".*"))
+            artifacts[key] = str(dst)
     conf = {**settings, "checkpoint": checkpoint["name"], "n_adapters": len(adapters),
             "base_embedded": "base" in artifacts or "weights" in artifacts}
     mlflow.pyfunc.save_model(
@@ -143,6 +152,44 @@ def save_checkpoint_model(path: Path, mlflow_model, checkpoint: dict, settings: 
         pip_requirements=_requirements(),
     )
     (Path(path) / "cl_audit_checkpoint.json").write_text(json.dumps(conf, indent=1))
+
+
+def upload_model(client, run_id: str, name: str, local: str, settings: dict[str, str], tags: dict[str, str]) -> str:
+    """Log the saved model folder ``local`` of checkpoint ``name`` as an MLflow logged
+    model produced by run ``run_id``: created, listed among the run's outputs (step 0),
+    its ``MLmodel`` given the model's id, uploaded (also as the run's ``model``
+    artifact, for ``runs:/<run>/model``), marked READY. A READY logged model of the run
+    that exists already (a replayed journal) is kept and its id returned.
+
+    Returns:
+        The logged model's id.
+
+    Raises:
+        MlflowException: the store refused a record or could not be reached.
+    """
+    from mlflow.entities import LoggedModelOutput
+    from mlflow.models import Model
+
+    run = client.get_run(run_id)
+    exp = run.info.experiment_id
+    found = [m for m in client.search_logged_models([exp], f"tags.`cl_audit.stage_run_id` = '{run_id}'", max_results=10)
+             if str(m.status).endswith("READY")]
+    if found:
+        return found[0].model_id
+    lm = client.create_logged_model(
+        exp, name=name.replace("/", "-"), source_run_id=run_id, model_type=MODEL_TYPE, params=settings,
+        tags={"cl_audit.stage": name, "cl_audit.stage_run_id": run_id, "mlflow.loggedModel.flavor": FLAVOR, **tags})
+    client.log_outputs(run_id, [LoggedModelOutput(lm.model_id, step=0)])
+    path = Path(local) / "MLmodel"
+    mm = Model.load(str(path))
+    mm.model_id = mm.model_uuid = lm.model_id
+    mm.artifact_path = lm.artifact_location
+    mm.run_id = run_id
+    mm.save(str(path))
+    client.log_model_artifacts(lm.model_id, str(local))
+    client.log_artifacts(run_id, str(local), "model")
+    client.finalize_logged_model(lm.model_id, "READY")
+    return lm.model_id
 
 
 def _requirements() -> list[str]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,7 @@ from pipelines.mlflow_env import absolute_uri, quiet_mlflow, redact_uri, store_c
 from pipelines.state import STATE, read_state
 
 JOURNAL = ".mlflow-journal.jsonl"
+LOG_MODEL = "cl_audit.log_model"  # a logged model's record: pipelines.checkpoint_model.upload_model
 
 
 def unreachable(e: BaseException) -> bool:
@@ -130,7 +132,14 @@ class Journal:
         try:
             for line in lines:
                 rec = json.loads(line)
-                getattr(client, rec["method"])(*_decode(rec["args"]), **{k: _decode(v) for k, v in rec["kwargs"].items()})
+                if rec["method"] == LOG_MODEL:  # a checkpoint's logged model, saved in the run folder
+                    from pipelines.checkpoint_model import upload_model
+
+                    upload_model(client, *rec["args"])
+                    shutil.rmtree(rec["args"][2], ignore_errors=True)
+                else:
+                    getattr(client, rec["method"])(*_decode(rec["args"]),
+                                                   **{k: _decode(v) for k, v in rec["kwargs"].items()})
                 sent += 1
         except Exception as e:  # noqa: BLE001 - sorted by unreachable()
             if not unreachable(e):

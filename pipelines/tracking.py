@@ -35,6 +35,7 @@ from pipelines.journal import JOURNAL as JOURNAL
 from pipelines.state import read_state as read_state, write_state as write_state
 
 RUN_ID = re.compile(r"^[0-9a-f]{32}$")
+MODELS_DIR = ".mlflow-models"  # in a run folder: logged models that wait for the tracking server
 
 
 def resolve_tracking_uri(cli_uri: str | None, home: Path) -> str:
@@ -333,8 +334,9 @@ class AuditTracker:
         logged model, the run lists it among its outputs, and its artifact path
         ``model`` is a copy, so ``runs:/<run>/model`` loads as well.
 
-        A run that already has one (a resumed audit) keeps it. The tracking server not
-        answering: nothing is logged (the rest of the run's records wait in the journal).
+        A run that already has one (a resumed audit) keeps it. While the tracking server
+        does not answer, the model folder waits in ``<run folder>/.mlflow-models/`` and
+        the journal logs it when the server is back (its metrics then stay unlinked).
 
         Args:
             checkpoint: the stage's :class:`components.models.Checkpoint` as a dict.
@@ -342,44 +344,41 @@ class AuditTracker:
                 ``precision`` (see :func:`pipelines.checkpoint_model.save_checkpoint_model`).
 
         Returns:
-            The logged model's id (``m-...``), or None when the server did not answer.
+            The logged model's id (``m-...``), or None when it waits in the journal.
 
         Raises:
             MlflowException: the store refused a record.
         """
+        import shutil
         import tempfile
 
-        from mlflow.entities import LoggedModelOutput
         from mlflow.models import Model
 
-        from pipelines.checkpoint_model import FLAVOR, MODEL_TYPE, save_checkpoint_model
+        from pipelines.checkpoint_model import LOG_MODEL, save_checkpoint_model, upload_model
 
-        try:
-            found = self._logged_model_of(run_id)
-            if found is not None:
-                self.models[name] = found
-                return found
-            lm = self.client.create_logged_model(
-                self.experiment_id, name=_model_name(name), source_run_id=run_id, model_type=MODEL_TYPE,
-                params={k: str(v) for k, v in settings.items()},
-                tags={"cl_audit.stage": name, "cl_audit.stage_run_id": run_id, "mlflow.loggedModel.flavor": FLAVOR,
-                      **(tags or {})})
-            self.client.log_outputs(run_id, [LoggedModelOutput(lm.model_id, step=0)])
-            mm = Model(artifact_path=lm.artifact_location, model_uuid=lm.model_id, run_id=run_id,
-                       model_id=lm.model_id)
-            with tempfile.TemporaryDirectory(prefix="cl-audit-model-") as tmp:
-                local = Path(tmp) / "model"
-                save_checkpoint_model(local, mm, checkpoint, settings, Path(tmp) / "work")
-                self.client.log_model_artifacts(lm.model_id, str(local))
-                self.client.log_artifacts(run_id, str(local), "model")
-            self.client.finalize_logged_model(lm.model_id, "READY")
-        except Exception as e:  # noqa: BLE001 - sorted by unreachable()
-            if not unreachable(e) or self.journal is None:
-                raise
-            self.journal.failed()
+        with tempfile.TemporaryDirectory(prefix="cl-audit-model-") as tmp:
+            local = Path(tmp) / "model"
+            save_checkpoint_model(local, Model(run_id=run_id), checkpoint, settings, Path(tmp) / "work")
+            args = (run_id, name, str(local), {k: str(v) for k, v in settings.items()}, dict(tags or {}))
+            if self.journal is None or not self.journal.pending() or self.flush(quiet=True):
+                try:
+                    mid = upload_model(self.client, *args)
+                except Exception as e:  # noqa: BLE001 - sorted by unreachable()
+                    if not unreachable(e) or self.journal is None:
+                        raise
+                    self.journal.failed()
+                else:
+                    self.models[name] = mid
+                    return mid
+            # the server does not answer: the model folder waits beside the journal
+            keep = self.journal.path.parent / MODELS_DIR / _model_name(name)
+            part = keep.with_name(keep.name + ".part")
+            shutil.rmtree(part, ignore_errors=True)
+            shutil.copytree(local, part)
+            shutil.rmtree(keep, ignore_errors=True)
+            part.rename(keep)
+            self.journal.append(LOG_MODEL, (*args[:2], str(keep), *args[3:]), {})
             return None
-        self.models[name] = lm.model_id
-        return lm.model_id
 
     def _logged_model_of(self, run_id: str) -> str | None:
         """The id of the READY logged model that nested run ``run_id`` produced, if any."""

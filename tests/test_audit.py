@@ -159,7 +159,17 @@ def test_every_checkpoint_is_a_logged_model_that_answers_as_the_probe(tiny_run):
     _, out, s = tiny_run
     uri = s["mlflow"]["tracking_uri"]
     client = MlflowClient(uri)
-    mlflow.set_tracking_uri(uri)
+    prev = mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(uri)  # models:/ and runs:/ URIs are resolved in the global store
+    try:
+        _answers_as_the_probe(client, out, s)
+    finally:
+        mlflow.set_tracking_uri(prev)
+
+
+def _answers_as_the_probe(client, out, s) -> None:
+    import mlflow.pyfunc
+
     models = {m.tags["cl_audit.stage"]: m for m in client.search_logged_models([s["mlflow"]["experiment_id"]])
               if m.source_run_id in s["mlflow"]["stage_run_ids"].values()}
     assert set(models) == set(STAGES)
