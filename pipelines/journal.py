@@ -22,6 +22,7 @@ from pipelines.mlflow_env import absolute_uri, quiet_mlflow, redact_uri, store_c
 from pipelines.state import STATE, read_state
 
 JOURNAL = ".mlflow-journal.jsonl"
+TRIAL_JOURNALS = ".mlflow-journals"  # in a sweep folder: one journal per trial, <trial id>.jsonl
 LOG_MODEL = "cl_audit.log_model"  # a logged model's record: pipelines.checkpoint_model.upload_model
 
 
@@ -156,11 +157,19 @@ class Journal:
         return sent == len(lines)
 
 
+def journal_files(run_dir: Path) -> list[Path]:
+    """The journals of a run folder in the order to send them: a sweep's trial journals
+    (``.mlflow-journals/<trial id>.jsonl``, by name), then the folder's own."""
+    run_dir = Path(run_dir)
+    return [*sorted((run_dir / TRIAL_JOURNALS).glob("*.jsonl")), run_dir / JOURNAL]
+
+
 def sync(run_dir: Path, tracking_uri: str | None = None) -> tuple[int, int]:
     """Send the MLflow records a run folder kept while its tracking server was down.
 
     Args:
-        run_dir: the audit's output folder (holding ``.mlflow-journal.jsonl``).
+        run_dir: the audit's or sweep's output folder (holding ``.mlflow-journal.jsonl``;
+            a sweep's trials keep theirs in ``.mlflow-journals/``).
         tracking_uri: default: the one the audit used (``.cl-audit-state.json``); a
             relative local path in it is made absolute.
 
@@ -173,12 +182,12 @@ def sync(run_dir: Path, tracking_uri: str | None = None) -> tuple[int, int]:
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise UserError(f"{run_dir}: not a folder; expected the folder of an audit run")
-    journal = Journal(run_dir / JOURNAL)
-    n = journal.pending()
+    journals = [Journal(p) for p in journal_files(run_dir)]
+    n = sum(j.pending() for j in journals)
     if n == 0:
         return 0, 0
-    state = read_state(run_dir)
-    uri = tracking_uri or (state or {}).get("tracking_uri")
+    state = read_state(run_dir) or {}
+    uri = tracking_uri or state.get("tracking_uri") or (state.get("mlflow") or {}).get("tracking_uri")
     if not uri:
         raise UserError(f"{run_dir / STATE}: missing; pass --tracking-uri")
     quiet_mlflow()
@@ -186,8 +195,11 @@ def sync(run_dir: Path, tracking_uri: str | None = None) -> tuple[int, int]:
     if uri.startswith(("http://", "https://")):
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
-    journal.replay(store_client(uri))
-    left = journal.pending()
+    client = store_client(uri)
+    for j in journals:  # the trials' first (their runs), then the sweep's own (its end)
+        if not j.replay(client):
+            break
+    left = sum(j.pending() for j in journals)
     if left:
         raise UserError(f"--tracking-uri {redact_uri(uri)}: MLflow tracking server still not answering; "
                         f"{n - left} of {n} records sent, {left} kept in {run_dir / JOURNAL}")

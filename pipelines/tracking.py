@@ -113,6 +113,10 @@ class AuditTracker:
             relative local path in it is made absolute (:func:`absolute_uri`).
         experiment: experiment name (created when missing; for a sqlite store its
             artifacts live in ``mlartifacts/`` beside the database).
+        journal: the file of the offline journal (:mod:`pipelines.journal`); None: writes
+            go straight to the store.
+        experiment_id: the experiment's id when the caller knows it (a sweep trial): the
+            tracker is then made without a call to the store.
 
     Processes that open one sqlite store at the same moment take turns (a file lock
     ``<db>.lock`` beside it) to create or migrate it and to create the experiment.
@@ -121,7 +125,8 @@ class AuditTracker:
         UserError: the tracking store cannot be reached (one line).
     """
 
-    def __init__(self, tracking_uri: str, experiment: str, journal: Path | None = None):
+    def __init__(self, tracking_uri: str, experiment: str, journal: Path | None = None,
+                 experiment_id: str | None = None):
         from mlflow.tracking import MlflowClient
 
         quiet_mlflow()
@@ -140,7 +145,8 @@ class AuditTracker:
             with store_lock(tracking_uri):
                 ensure_sqlite_store(tracking_uri)  # whole or not at all, even if this process is killed
                 self.client = MlflowClient(tracking_uri=tracking_uri)
-                self.experiment_id = self._experiment(experiment)
+                # known (a sweep trial): nothing is asked of the store here
+                self.experiment_id = experiment_id or self._experiment(experiment)
         except Exception as e:  # noqa: BLE001 - any failure here means "store unreachable"
             msg = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
             raise UserError(f"--tracking-uri {redact_uri(tracking_uri)}: MLflow tracking store not reachable ({msg})"
@@ -246,6 +252,25 @@ class AuditTracker:
         self.parent_id = run_id
         if status:
             self._send("update_run", run_id, status=status)
+
+    def child_run(self, name: str, tag: str, value: str, tags: dict[str, str]) -> str:
+        """The nested run of the parent whose tag ``tag`` is ``value`` (a restarted sweep
+        trial keeps its run), created RUNNING with ``tags`` when there is none; its start
+        time is the timestamp of its metrics.
+
+        Raises:
+            MlflowException: the store is unreachable (a run id cannot wait in the journal).
+        """
+        rid = self.find_child(tag, value)
+        if rid is None:
+            run = self.client.create_run(
+                self.experiment_id, run_name=name,
+                tags={"mlflow.parentRunId": self.parent_id, "cl_audit.stage": name, tag: value, **tags})
+            rid = run.info.run_id
+            self._start[rid] = int(run.info.start_time)
+        else:
+            self._stamp(rid)
+        return rid
 
     def find_child(self, tag: str, value: str) -> str | None:
         """The id of a nested run of the parent whose tag ``tag`` equals ``value``, if any."""

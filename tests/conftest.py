@@ -142,7 +142,7 @@ class PostgresCluster:
         self.proc = None
         self.bin = self._bin_dir()
         self.user, self.uid, self.gid = self._run_as()
-        self.uri = f"postgresql://{self.user}@127.0.0.1:{self.port}/mlflow"
+        self.uri = f"postgresql+psycopg2://{self.user}@127.0.0.1:{self.port}/mlflow"
 
     @staticmethod
     def _bin_dir() -> Path | None:

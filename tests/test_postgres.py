@@ -1,9 +1,10 @@
 """The MLflow deployment of ``infra/mlflow/`` for real: a tracking server on PostgreSQL
 (Debian's package, a cluster of the test's own on 127.0.0.1) with artifacts proxied to
 a local folder. A quick tiny audit with ``--register`` (the server killed while it runs:
-the journal replays once) and a two-trial sweep with concurrent trials log to it; the run
-tree, metric histories, artifacts, logged models and registered versions are read back
-through the REST client."""
+the journal replays once) and a two-trial sweep with concurrent trials (the server
+killed before they log: their journals are sent once by ``cl-audit sync``) log to it;
+the run tree, metric histories, artifacts, logged models and registered versions are
+read back through the REST client."""
 
 from __future__ import annotations
 
@@ -71,15 +72,32 @@ def test_audit_and_sweep_on_a_postgres_tracking_server(pg_home, tmp_path):
         assert not (out / JOURNAL).exists() and not any((out / ".mlflow-models").iterdir())
         s = json.loads((out / "summary.json").read_text())
 
-        # two trials at once on the same server (recover n = 2 and 4 after the audit's perturb)
+        # two trials at once on the same server (recover n = 2 and 4 after the audit's perturb);
+        # both hold before they log, the server dies, they finish into their journals
         sweep_out = tmp_path / "sweep"
         slog = tmp_path / "sweep.log"
         sweep = _start(["sweep", "--config", str(TINY), "--out", str(sweep_out), "--tracking-uri", srv.uri,
                         "--max-concurrent", "2", "--set", "sweep.kl_penalty=[0.0]", "--set", "sweep.sizes=[2,4]",
-                        "--set", "sweep.arms=[in_task]"], _env(pg_home, marks), slog)
+                        "--set", "sweep.arms=[in_task]"], _env(pg_home, marks, "sweep_log:*=hold"), slog)
+        deadline = time.time() + 400
+        while len(list(marks.glob("sweep_log:*"))) < 2:  # both trials at once
+            assert sweep.poll() is None and time.time() < deadline, slog.read_text()[-3000:]
+            time.sleep(0.2)
+        srv.stop(signal.SIGKILL)
+        for m in marks.glob("sweep_log:*"):
+            m.unlink()
         sweep.wait(timeout=400)
-        assert sweep.returncode == 0, slog.read_text()[-3000:]
+        text = slog.read_text()
+        assert sweep.returncode == 0, text[-3000:]
+        assert "not answering" in text and f"cl-audit sync {sweep_out}" in text, text[-2000:]
+        assert len(list((sweep_out / ".mlflow-journals").glob("*.jsonl"))) == 2 and (sweep_out / JOURNAL).exists()
         ss = json.loads((sweep_out / "sweep_summary.json").read_text())
+        srv.start()
+        sync = [sys.executable, "-m", "pipelines.cli", "sync", str(sweep_out), "--tracking-uri", srv.uri]
+        r = subprocess.run(sync, cwd=ROOT, env=_env(pg_home, marks), capture_output=True, text=True, timeout=120)
+        assert r.returncode == 0 and "sent" in r.stdout, r.stdout + r.stderr
+        r = subprocess.run(sync, cwd=ROOT, env=_env(pg_home, marks), capture_output=True, text=True, timeout=120)
+        assert r.returncode == 0 and "nothing to send" in r.stdout, r.stdout + r.stderr  # replayed once
 
         client = MlflowClient(srv.uri)  # REST
         # the audit's run tree, every metric history once per step, the artifacts
