@@ -34,7 +34,7 @@ CODE = Path(__file__).resolve().parent / "checkpoint_model_code.py"
 EMBED_BASE_MB = 64  # base weights up to this size travel inside each logged model
 FLAVOR = "python_function"
 MODEL_TYPE = "cl-audit-checkpoint"
-from pipelines.journal import LOG_MODEL as LOG_MODEL  # the journal's record of a logged model that waits
+LOG_MODEL = "cl_audit.log_model"  # the journal's record of a logged model that waits (pipelines.journal)
 
 
 class CheckpointModel(mlflow.pyfunc.PythonModel):

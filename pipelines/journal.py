@@ -23,7 +23,6 @@ from pipelines.state import STATE, read_state
 
 JOURNAL = ".mlflow-journal.jsonl"
 TRIAL_JOURNALS = ".mlflow-journals"  # in a sweep folder: one journal per trial, <trial id>.jsonl
-LOG_MODEL = "cl_audit.log_model"  # a logged model's record: pipelines.checkpoint_model.upload_model
 
 
 def unreachable(e: BaseException) -> bool:
@@ -133,7 +132,7 @@ class Journal:
         try:
             for line in lines:
                 rec = json.loads(line)
-                if rec["method"] == LOG_MODEL:  # a checkpoint's logged model, saved in the run folder
+                if rec["method"] == "cl_audit.log_model":  # a checkpoint's logged model, saved in the run folder
                     from pipelines.checkpoint_model import upload_model
 
                     upload_model(client, *rec["args"])
