@@ -147,14 +147,10 @@ def save_checkpoint_model(path: Path, mlflow_model, checkpoint: dict, settings: 
             artifacts[key] = str(dst)
     conf = {**settings, "checkpoint": checkpoint["name"], "n_adapters": len(adapters),
             "base_embedded": "base" in artifacts or "weights" in artifacts}
-    import warnings
-
-    with warnings.catch_warnings():  # predict takes a list or a DataFrame: no type hints, no signature
-        warnings.filterwarnings("ignore", message=".*Add type hints to the `predict` method.*")
-        mlflow.pyfunc.save_model(
-            str(path), python_model=str(CODE), artifacts=artifacts, mlflow_model=mlflow_model, model_config=conf,
-            pip_requirements=_requirements(),
-        )
+    mlflow.pyfunc.save_model(
+        str(path), python_model=str(CODE), artifacts=artifacts, mlflow_model=mlflow_model, model_config=conf,
+        pip_requirements=_requirements(),
+    )
     (Path(path) / "cl_audit_checkpoint.json").write_text(json.dumps(conf, indent=1))
 
 
