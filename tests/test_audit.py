@@ -150,7 +150,7 @@ def test_mlflow_parent_and_nested_runs(tiny_run):
     assert parent.data.tags["mlflow.source.type"] == "LOCAL"
 
 
-def test_every_checkpoint_is_a_logged_model_that_answers_as_the_probe(tiny_run):
+def test_every_checkpoint_is_a_logged_model_that_answers_as_the_probe(tiny_run, monkeypatch):
     """Each checkpoint is a pyfunc logged model of its stage run, its metrics linked to it;
     loaded back (``models:/<id>`` and ``runs:/<run>/model``) it answers the evaluation
     questions exactly as the audit's predictions say."""
@@ -159,12 +159,8 @@ def test_every_checkpoint_is_a_logged_model_that_answers_as_the_probe(tiny_run):
     _, out, s = tiny_run
     uri = s["mlflow"]["tracking_uri"]
     client = MlflowClient(uri)
-    prev = mlflow.get_tracking_uri()
-    mlflow.set_tracking_uri(uri)  # models:/ and runs:/ URIs are resolved in the global store
-    try:
-        _answers_as_the_probe(client, out, s)
-    finally:
-        mlflow.set_tracking_uri(prev)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)  # models:/ and runs:/ URIs are resolved in the global store
+    _answers_as_the_probe(client, out, s)
 
 
 def _answers_as_the_probe(client, out, s) -> None:

@@ -39,7 +39,7 @@ def pg_home(home, tmp_path_factory):
     return h
 
 
-def test_audit_and_sweep_on_a_postgres_tracking_server(pg_home, tmp_path):
+def test_audit_and_sweep_on_a_postgres_tracking_server(pg_home, tmp_path, monkeypatch):
     t0 = time.time()
     pg = PostgresCluster().start()
     srv = MlflowServer(tmp_path / "server", backend=pg.uri)
@@ -137,13 +137,9 @@ def test_audit_and_sweep_on_a_postgres_tracking_server(pg_home, tmp_path):
             assert v.tags["cl_audit.audit_run_id"] == parent.info.run_id and v.source.startswith("models:/m-")
         import mlflow.pyfunc
 
-        prev = mlflow.get_tracking_uri()
-        mlflow.set_tracking_uri(srv.uri)
-        try:
-            pred = pd.read_parquet(out / "predictions" / "perturbed.parquet")
-            got = mlflow.pyfunc.load_model(f"models:/{REGISTERED}@perturbed").predict(pred["question"].tolist())
-        finally:
-            mlflow.set_tracking_uri(prev)
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", srv.uri)  # models:/ URIs are resolved in the global store
+        pred = pd.read_parquet(out / "predictions" / "perturbed.parquet")
+        got = mlflow.pyfunc.load_model(f"models:/{REGISTERED}@perturbed").predict(pred["question"].tolist())
         assert got == pred["response"].tolist()
 
         # the sweep: its parent, one finished nested run per trial with its curve

@@ -163,7 +163,7 @@ def test_verify_passes_untouched_and_names_a_changed_file(server, audits, home):
     assert f"FAILED: 1 of {len(manifest['files'])} files" in r.stdout
 
 
-def test_registered_versions_carry_stage_audit_and_verdict(server, audits):
+def test_registered_versions_carry_stage_audit_and_verdict(server, audits, monkeypatch):
     uri, _ = server
     a, out_a, b, _ = audits
     client = MlflowClient(uri)
@@ -191,12 +191,8 @@ def test_registered_versions_carry_stage_audit_and_verdict(server, audits):
     assert aliases == {"aligned": "aligned", "perturbed": "perturbed", "recovered-in_task-4": "recovered/in_task/4",
                        "recovered-irrelevant-4": "recovered/irrelevant/4", "best-recovery": f"recovered/{best}/4"}
     # the registered model holds the very adapter the manifest lists, and loads
-    prev = mlflow.get_tracking_uri()
-    mlflow.set_tracking_uri(uri)  # a models:/<id> URI is resolved in the global store, whatever tracking_uri says
-    try:
-        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=versions["perturbed"].source))
-    finally:
-        mlflow.set_tracking_uri(prev)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)  # a models:/<id> URI is resolved in the global store
+    local = Path(mlflow.artifacts.download_artifacts(artifact_uri=versions["perturbed"].source))
     want = next(f for f in json.loads((out_a / "manifest.json").read_text())["files"]
                 if f["path"] == "stages/perturbed/adapter/adapter_model.safetensors")
     assert (local / "MLmodel").exists()
