@@ -8,7 +8,7 @@ STAMP  := $(VENV)/.installed
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup audit quick test test-fast test-oldest docs clean chromium
+.PHONY: setup audit quick test test-fast test-oldest docs clean chromium postgresql
 
 setup: $(STAMP)
 
@@ -34,7 +34,15 @@ chromium:
 	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; } || \
 	  { echo "make test needs chromium (Debian: apt-get install chromium)"; exit 1; }
 
-test: setup chromium
+# tests/test_postgres.py starts its own cluster from Debian's postgresql package
+# (initdb and postgres from /usr/lib/postgresql/<version>/bin).
+postgresql:
+	@ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || command -v initdb >/dev/null || \
+	  { [ "$$(id -u)" = 0 ] && apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null; } || \
+	  { echo "make test needs PostgreSQL (Debian: apt-get install postgresql)"; exit 1; }
+
+test: setup chromium postgresql
 	$(BIN)/python -m pytest -q --durations=25
 
 # The oldest versions pyproject.toml allows (constraints/oldest.txt pins every lower bound)

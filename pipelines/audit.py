@@ -37,8 +37,8 @@ from pipelines.mlflow_env import default_home  # the one resolver of the root (-
 from pipelines.report import write_report
 from pipelines.state import claim_folder, remove_run
 from pipelines.tracking import (
-    JOURNAL, AuditTracker, DatasetRecord, check_given_stages, check_model_name, read_state, redact_uri,
-    resolve_tracking_uri, unreachable, write_state,
+    JOURNAL, AuditTracker, DatasetRecord, applicable_params, check_given_stages, check_model_name, ci_metrics,
+    read_state, redact_uri, resolve_tracking_uri, run_name, source_tags, unreachable, write_state,
 )
 
 MANIFEST = "manifest.json"
@@ -180,10 +180,10 @@ def run_audit(
                 say(f"continuing MLflow run {state['parent_run_id']} of the interrupted audit")
             else:
                 tracker.start(
-                    f"audit-{cfg.suite}-{cfg.digest()[:8]}",
-                    cfg.model_dump(mode="json"),
+                    tracker.unique_name(run_name("audit", cfg)),
+                    applicable_params(cfg, "audit"),
                     {**common, "cl_audit.kind": "audit", "data_digest": result["data_digest"],
-                     RUN_FOLDER_TAG: str(out_dir), **_machine_tags(machine_info())},
+                     RUN_FOLDER_TAG: str(out_dir), **_machine_tags(machine_info()), **source_tags("run")},
                 )
                 failpoint("parent_run_created")  # before the folder records it: found again by its tags
                 # at once: a kill from here on continues this run
@@ -227,10 +227,13 @@ def run_audit(
         tags.update(_machine_tags(t.get("machine") or p.get("machine") or {}))
         if name in tracker._done:  # logged before the interruption
             return
+        ckpt = (t or {}).get("checkpoint") or prep_box["base"]
         tracker.stage(
             name, params, t.get("history", []),
-            {k: v["value"] for k, v in p["metrics"].items()},
+            {**{k: v["value"] for k, v in p["metrics"].items()},
+             **ci_metrics({k: (v.get("ci_low"), v.get("ci_high")) for k, v in p["metrics"].items()})},
             arts, tags=tags,
+            model={"checkpoint": ckpt, "settings": _model_settings(cfg, prep_box)},
         )
         write_state(out_dir, _state(cfg, uri, tracker))
 
@@ -306,7 +309,7 @@ def _finish_audit(
     stages, verdict, rows = a["stages"], a["verdict"], a["rows"]
     for name, (scalars, per_layer) in a["stage_metrics"].items():
         if name in tracker.children:
-            tracker.extra_metrics(name, scalars, per_layer)
+            tracker.extra_metrics(name, scalars, per_layer, stages[name].get("ci"))
 
     # Links from each checkpoint's run to the runs whose outputs it consumed.
     for name in order:
@@ -322,10 +325,13 @@ def _finish_audit(
         chains = _update_chains(order, logged, tracker.children)
         stages_reg = [n for n in order if n != "base" and chains.get(n)]
         try:
+            kr, (kr_lo, kr_hi) = verdict["knowledge_retention"], verdict["knowledge_retention_ci"]
             mvs = tracker.register(register, stages_reg, {
                 "cl_audit.verdict": verdict["label"], "cl_audit.suite": cfg.suite,
+                "cl_audit.knowledge_retention": _fmt(kr),
+                "cl_audit.knowledge_retention_ci": f"[{_fmt(kr_lo)}, {_fmt(kr_hi)}]",
                 "model.source": prep["model_source"], "model_digest": prep["model_digest"],
-            }, chains)
+            }, chains, _recovery_tags(verdict, stages_reg), registry_aliases(stages_reg, verdict))
             registered = {"name": register, "versions": {n: str(mv.version) for n, mv in zip(stages_reg, mvs)}}
         except Exception as e:  # noqa: BLE001 - sorted by unreachable()
             if not unreachable(e):
@@ -471,7 +477,7 @@ def _lineage_tags(cfg: AuditConfig, prep: dict, vers: dict[str, str]) -> dict[st
     prov = provenance_tags()
     dirty = git_dirty()
     return {
-        **prov, "mlflow.source.git.commit": prov["git_commit"],
+        **prov, **({"mlflow.source.git.commit": prov["git_commit"]} if prov["git_commit"] != "unknown" else {}),
         "cl_audit.suite": cfg.suite, "cl_audit.config_digest": cfg.digest(), "cl_audit.seed": str(cfg.seed),
         "git_dirty": "unknown" if dirty is None else str(dirty).lower(),
         "model.id": cfg.model.id, "model.source": prep["model_source"], "model_digest": prep["model_digest"],
@@ -550,6 +556,65 @@ def build_manifest(out_dir: Path, tracker: AuditTracker, logged: dict[str, dict[
         "experiment_id": tracker.experiment_id, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "algorithm": "sha256", "files": files,
     }
+
+
+def _model_settings(cfg: AuditConfig, prep: dict) -> dict:
+    """What a checkpoint's logged model needs besides its weights to answer as the probe
+    did (:mod:`pipelines.checkpoint_model`)."""
+    return {"model_id": cfg.model.id, "model_digest": prep["model_digest"], "batch_size": cfg.probe.batch_size,
+            "max_new_tokens": cfg.probe.max_new_tokens, "precision": cfg.model.precision}
+
+
+def _fmt(x) -> str:
+    return "nan" if x is None else f"{float(x):.4f}"
+
+
+def _recovery_tags(verdict: dict, stages: list[str]) -> dict[str, dict[str, str]]:
+    """Per recovered checkpoint: its recovery ratio with CI and the knowledge after
+    recovery (the verdict's quantities for its ``arm/n``)."""
+    out = {}
+    for st in stages:
+        if not st.startswith("recovered/"):
+            continue
+        key = st.removeprefix("recovered/")
+        rr, ci = verdict["recovery_ratio"].get(key), verdict.get("recovery_ratio_ci", {}).get(key) or [None, None]
+        out[st] = {"cl_audit.recovery_ratio": _fmt(rr), "cl_audit.recovery_ratio_ci": f"[{_fmt(ci[0])}, {_fmt(ci[1])}]",
+                   "cl_audit.knowledge_after_recovery": _fmt(verdict.get("knowledge_after_recovery", {}).get(key))}
+    return out
+
+
+BEST_ALIAS = "best-recovery"
+
+
+def best_recovery(verdict: dict, stages: list[str]) -> str | None:
+    """The recovered checkpoint that brought back the largest share of the task drop
+    (the verdict's ``recovery_ratio``); ties go to the smaller n, then to the arm first
+    in alphabetical order (``in_task`` before ``irrelevant``). None when no recovered
+    checkpoint has a finite ratio (e.g. the task did not drop)."""
+    import math
+
+    best = None
+    for st in stages:
+        if not st.startswith("recovered/"):
+            continue
+        _, arm, n = st.split("/")
+        r = verdict["recovery_ratio"].get(f"{arm}/{n}")
+        if r is None or not math.isfinite(r):
+            continue
+        rank = (-r, int(n), arm)
+        if best is None or rank < best[0]:
+            best = (rank, st)
+    return best[1] if best else None
+
+
+def registry_aliases(stages: list[str], verdict: dict) -> dict[str, str]:
+    """Alias -> checkpoint of a registered audit: ``aligned``, ``perturbed``,
+    ``recovered-<arm>-<n>`` and ``best-recovery`` (:func:`best_recovery`)."""
+    out = {st.replace("/", "-"): st for st in stages}
+    best = best_recovery(verdict, stages)
+    if best is not None:
+        out[BEST_ALIAS] = best
+    return out
 
 
 def _stage_params(cfg: AuditConfig, name: str) -> dict:

@@ -471,14 +471,15 @@ def verify(
 
 @app.command()
 def sync(
-    run_dir: Path = typer.Argument(..., help="The folder of an audit run."),
+    run_dir: Path = typer.Argument(..., help="The folder of an audit run or a sweep."),
     tracking_uri: Optional[str] = typer.Option(None, "--tracking-uri", help="Default: the one the audit used."),
 ) -> None:
     """Send the MLflow records an audit kept locally while its tracking server was down.
 
     An audit never stops for an unreachable server: what it could not log is kept, in
-    order, in RUN_DIR/.mlflow-journal.jsonl and sent when the server answers again, by
-    the audit itself or by this command. Sending twice logs nothing twice.
+    order, in RUN_DIR/.mlflow-journal.jsonl (a sweep's trials: RUN_DIR/.mlflow-journals/)
+    and sent when the server answers again, by the audit itself or by this command.
+    Sending twice logs nothing twice.
 
     Example: cl-audit sync runs/audits/capitals-0123abcd
     """

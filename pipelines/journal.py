@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,7 @@ from pipelines.mlflow_env import absolute_uri, quiet_mlflow, redact_uri, store_c
 from pipelines.state import STATE, read_state
 
 JOURNAL = ".mlflow-journal.jsonl"
+TRIAL_JOURNALS = ".mlflow-journals"  # in a sweep folder: one journal per trial, <trial id>.jsonl
 
 
 def unreachable(e: BaseException) -> bool:
@@ -44,7 +46,8 @@ def _encode(v: Any) -> Any:
     from mlflow.entities import DatasetInput, Metric, Param, RunTag
 
     if isinstance(v, Metric):
-        return {"__t": "Metric", "key": v.key, "value": v.value, "timestamp": v.timestamp, "step": v.step}
+        return {"__t": "Metric", "key": v.key, "value": v.value, "timestamp": v.timestamp, "step": v.step,
+                **({"model_id": v.model_id} if v.model_id else {})}
     if isinstance(v, Param):
         return {"__t": "Param", "key": v.key, "value": v.value}
     if isinstance(v, RunTag):
@@ -66,7 +69,7 @@ def _decode(v: Any) -> Any:
     if isinstance(v, dict) and "__t" in v:
         t = v["__t"]
         if t == "Metric":
-            return Metric(v["key"], v["value"], v["timestamp"], v["step"])
+            return Metric(v["key"], v["value"], v["timestamp"], v["step"], model_id=v.get("model_id"))
         if t == "Param":
             return Param(v["key"], v["value"])
         if t == "RunTag":
@@ -129,7 +132,14 @@ class Journal:
         try:
             for line in lines:
                 rec = json.loads(line)
-                getattr(client, rec["method"])(*_decode(rec["args"]), **{k: _decode(v) for k, v in rec["kwargs"].items()})
+                if rec["method"] == "cl_audit.log_model":  # a checkpoint's logged model, saved in the run folder
+                    from pipelines.checkpoint_model import upload_model
+
+                    upload_model(client, *rec["args"])
+                    shutil.rmtree(rec["args"][2], ignore_errors=True)
+                else:
+                    getattr(client, rec["method"])(*_decode(rec["args"]),
+                                                   **{k: _decode(v) for k, v in rec["kwargs"].items()})
                 sent += 1
         except Exception as e:  # noqa: BLE001 - sorted by unreachable()
             if not unreachable(e):
@@ -146,11 +156,19 @@ class Journal:
         return sent == len(lines)
 
 
+def journal_files(run_dir: Path) -> list[Path]:
+    """The journals of a run folder in the order to send them: a sweep's trial journals
+    (``.mlflow-journals/<trial id>.jsonl``, by name), then the folder's own."""
+    run_dir = Path(run_dir)
+    return [*sorted((run_dir / TRIAL_JOURNALS).glob("*.jsonl")), run_dir / JOURNAL]
+
+
 def sync(run_dir: Path, tracking_uri: str | None = None) -> tuple[int, int]:
     """Send the MLflow records a run folder kept while its tracking server was down.
 
     Args:
-        run_dir: the audit's output folder (holding ``.mlflow-journal.jsonl``).
+        run_dir: the audit's or sweep's output folder (holding ``.mlflow-journal.jsonl``;
+            a sweep's trials keep theirs in ``.mlflow-journals/``).
         tracking_uri: default: the one the audit used (``.cl-audit-state.json``); a
             relative local path in it is made absolute.
 
@@ -163,12 +181,12 @@ def sync(run_dir: Path, tracking_uri: str | None = None) -> tuple[int, int]:
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise UserError(f"{run_dir}: not a folder; expected the folder of an audit run")
-    journal = Journal(run_dir / JOURNAL)
-    n = journal.pending()
+    journals = [Journal(p) for p in journal_files(run_dir)]
+    n = sum(j.pending() for j in journals)
     if n == 0:
         return 0, 0
-    state = read_state(run_dir)
-    uri = tracking_uri or (state or {}).get("tracking_uri")
+    state = read_state(run_dir) or {}
+    uri = tracking_uri or state.get("tracking_uri") or (state.get("mlflow") or {}).get("tracking_uri")
     if not uri:
         raise UserError(f"{run_dir / STATE}: missing; pass --tracking-uri")
     quiet_mlflow()
@@ -176,8 +194,11 @@ def sync(run_dir: Path, tracking_uri: str | None = None) -> tuple[int, int]:
     if uri.startswith(("http://", "https://")):
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
-    journal.replay(store_client(uri))
-    left = journal.pending()
+    client = store_client(uri)
+    for j in journals:  # the trials' first (their runs), then the sweep's own (its end)
+        if not j.replay(client):
+            break
+    left = sum(j.pending() for j in journals)
     if left:
         raise UserError(f"--tracking-uri {redact_uri(uri)}: MLflow tracking server still not answering; "
                         f"{n - left} of {n} records sent, {left} kept in {run_dir / JOURNAL}")

@@ -164,6 +164,7 @@ def sweep_trial(cell: dict, cfg: AuditConfig, prep: dict, home: str, out_dir: st
     from components.runner import train as run_train
     from components.summary import assess
     from pipelines.progress import TaskProgress, find_hub
+    from pipelines.journal import TRIAL_JOURNALS
     from pipelines.tracking import AuditTracker
 
     c = cell_config(cfg, cell)
@@ -200,6 +201,17 @@ def sweep_trial(cell: dict, cfg: AuditConfig, prep: dict, home: str, out_dir: st
         result = run_probe(cfg_, where_, stage, data_, on_progress=rep, reuse=reuse)
         rep.status("reused" if result["reused"] else "done", *rep.last)
         return result
+
+    # The trial's nested run is made (or found, for a restarted trial) now, while the
+    # server answers; what the trial logs at its end waits in its own journal if the
+    # server is down then (the driver, or `cl-audit sync`, sends it).
+    tracker = AuditTracker(mlflow_ctx["tracking_uri"], mlflow_ctx["experiment"],
+                           journal=Path(out_dir) / TRIAL_JOURNALS / f"{trial_id}.jsonl",
+                           experiment_id=mlflow_ctx.get("experiment_id"))
+    tracker.attach(mlflow_ctx["parent_run_id"])
+    rid = tracker.child_run(cell_name({"kl_penalty": c.perturb.kl_penalty, "n": n, "arm": arm,
+                                       "freeze_layers": c.perturb.freeze_layers}),
+                            "cl_audit.trial_id", trial_id, {})
 
     base = {"checkpoint": prep["base"], "history": []}
     aligned = note(train_stage("tune", c, where, base, data, reuse=reuse))
@@ -251,8 +263,7 @@ def sweep_trial(cell: dict, cfg: AuditConfig, prep: dict, home: str, out_dir: st
         "stages_computed": ",".join(computed),
     })
 
-    tracker = AuditTracker(mlflow_ctx["tracking_uri"], mlflow_ctx["experiment"])
-    tracker.attach(mlflow_ctx["parent_run_id"])
+    failpoint("sweep_log:" + trial_id)
     rid = tracker.stage(
         cell_name(cfg_cols),
         {**{f"recover.{k}": v for k, v in c.recover.model_dump(exclude={"arms", "sizes"}).items()},
@@ -264,7 +275,7 @@ def sweep_trial(cell: dict, cfg: AuditConfig, prep: dict, home: str, out_dir: st
               "cl_audit.drop_significant": str(metrics["drop_significant"]).lower(),
               "cl_audit.perturb_key": perturbed["key"], "cl_audit.recover_key": recovered["key"],
               "cl_audit.stages_computed": metrics["stages_computed"] or "none"},
-        run_id=tracker.find_child("cl_audit.trial_id", trial_id),
+        run_id=rid,
     )
     tune.report({**metrics, "mlflow_run_id": rid})
 
@@ -421,7 +432,9 @@ def run_sweep(
     from pipelines.audit import check_writable, default_home, provenance_tags, versions
     from pipelines.dag import init_ray, new_task_state, prepare_task, wait_prepare, worker_allocator_env
     from pipelines.mlflow_env import absolute_env
-    from pipelines.tracking import AuditTracker, check_given_stages, redact_uri, resolve_tracking_uri
+    from pipelines.journal import JOURNAL, Journal, journal_files
+    from pipelines.tracking import (AuditTracker, applicable_params, check_given_stages, redact_uri,
+                                    resolve_tracking_uri, run_name, source_tags)
 
     # Every trial runs in its own working folder: the paths it is given (home, out_dir,
     # the tracking URI, the config's files) and the environment it inherits
@@ -446,7 +459,7 @@ def run_sweep(
     if replaced:  # --force: the other config's run goes once this one's input is known to be good
         remove_run(out_dir, replaced)
         state = {}
-    tracker = AuditTracker(uri, cfg.experiment)
+    tracker = AuditTracker(uri, cfg.experiment, journal=out_dir / JOURNAL)
 
     init_ray()
     prep_t = ray.remote(num_cpus=cfg.ray.probe_cpus, max_retries=cfg.ray.max_retries)(prepare_task)
@@ -476,14 +489,15 @@ def run_sweep(
         tracker.attach(prev["run_id"], status="RUNNING")
     else:
         tracker.start(
-            f"sweep-{cfg.suite}-{digest[:8]}",
-            cfg.model_dump(mode="json"),
-            {"cl_audit.kind": "sweep", "cl_audit.suite": cfg.suite, "cl_audit.sweep_digest": digest,
+            tracker.unique_name(run_name("sweep", cfg)),
+            applicable_params(cfg, "sweep"),
+            {**source_tags("sweep"), "cl_audit.kind": "sweep", "cl_audit.suite": cfg.suite, "cl_audit.sweep_digest": digest,
              "cl_audit.config_digest": cfg.digest(), **provenance_tags(), "cl_audit.seed": str(cfg.seed),
              "model_digest": prep["model_digest"], "data_digest": prep["data_digest"],
              **{f"version.{k}": v for k, v in versions().items()}},
         )
-    mlflow_ctx = {"tracking_uri": uri, "experiment": cfg.experiment, "parent_run_id": tracker.parent_id}
+    mlflow_ctx = {"tracking_uri": uri, "experiment": cfg.experiment, "parent_run_id": tracker.parent_id,
+                  "experiment_id": tracker.experiment_id}
     atomic_write(state_path, json.dumps({"sweep_digest": digest, "mlflow": {
         "tracking_uri": redact_uri(uri), "experiment_id": tracker.experiment_id, "run_id": tracker.parent_id}},
         indent=1))
@@ -593,6 +607,31 @@ def run_sweep(
             tracker.client.log_artifact(tracker.parent_id, str(p))
         tracker.client.set_terminated(tracker.parent_id, status="KILLED")
     else:
+        # what the trials could not send comes first (their runs), then the sweep's end
+        trial_journals = [Journal(p) for p in journal_files(out_dir)[:-1]]
+        for j in trial_journals:
+            if not _replay(j, tracker):
+                break
         tracker.finish(metrics, arts, {"cl_audit.trials_finished": str(len(finished))})
+        tracker.flush()
+        left = sum(j.pending() for j in trial_journals) + (tracker.journal.pending() if tracker.journal else 0)
+        if left:
+            say(f"MLflow tracking server at {redact_uri(uri)} not answering: {left} records kept in {out_dir}; "
+                f"`cl-audit sync {out_dir}` sends them")
     return summary
+
+
+def _replay(journal, tracker) -> bool:
+    """Send a trial's journal through the sweep's tracker; False if the server does not
+    answer (the records stay; what the sweep logs next waits in its own journal)."""
+    if not journal.pending():
+        return True
+    try:
+        return journal.replay(tracker.client)
+    except Exception as e:  # noqa: BLE001 - sorted by unreachable()
+        from pipelines.journal import unreachable
+
+        if not unreachable(e):
+            raise
+        return False
 

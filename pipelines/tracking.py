@@ -35,6 +35,7 @@ from pipelines.journal import JOURNAL as JOURNAL
 from pipelines.state import read_state as read_state, write_state as write_state
 
 RUN_ID = re.compile(r"^[0-9a-f]{32}$")
+MODELS_DIR = ".mlflow-models"  # in a run folder: logged models that wait for the tracking server
 
 
 def resolve_tracking_uri(cli_uri: str | None, home: Path) -> str:
@@ -50,6 +51,60 @@ def resolve_tracking_uri(cli_uri: str | None, home: Path) -> str:
     return f"sqlite:///{(Path(home).resolve() / 'mlflow.db')}"
 
 
+def run_name(kind: str, cfg, when: float | None = None) -> str:
+    """A readable parent-run name: ``audit-capitals-smollm2-135m-instruct-1a2b3c4d-s0-1201-0153``
+    (kind, suite, the model's short name, the config digest's first 8 hex digits, the
+    seed, the start as month-day-hour-minute-second in UTC); :meth:`AuditTracker.unique_name`
+    adds a counter when another run of the experiment has it."""
+    model = Path(str(cfg.model.id)).name
+    model = model.removesuffix(".gguf").removesuffix(".GGUF")
+    model = re.sub(r"[^A-Za-z0-9_.-]+", "-", model).strip("-")[:40] or "model"
+    stamp = time.strftime("%m%d-%H%M%S", time.gmtime(time.time() if when is None else when))
+    return f"{kind}-{cfg.suite}-{model}-{cfg.digest()[:8]}-s{cfg.seed}-{stamp}"
+
+
+def applicable_params(cfg, kind: str) -> dict[str, Any]:
+    """The resolved config as a parent run's params, without the fields that do not
+    apply: ``model.tiny_*`` unless the model is ``tiny-llama``, ``biography.*`` unless
+    the suite is ``biography``, ``sweep.*`` unless ``kind`` is ``sweep``, ``data.files``
+    unless the suite is ``custom``.
+
+    Args:
+        cfg: an :class:`components.config.AuditConfig`.
+        kind: ``audit`` or ``sweep``.
+    """
+    from components.models import TINY_ID
+
+    tree = cfg.model_dump(mode="json")
+    if cfg.model.id != TINY_ID:
+        tree["model"] = {k: v for k, v in tree["model"].items() if not k.startswith("tiny_")}
+    if cfg.suite != "biography":
+        tree.pop("biography", None)
+    if kind != "sweep":
+        tree.pop("sweep", None)
+    if cfg.suite != "custom":
+        tree["data"].pop("files", None)
+    return tree
+
+
+def source_tags(command: str) -> dict[str, str]:
+    """MLflow's standard source tags for a run started by ``cl-audit <command>``:
+    ``mlflow.source.name`` (``cl-audit run``), ``mlflow.source.type`` (``LOCAL``) and
+    ``mlflow.user`` (the login name of the process; ``unknown`` when there is none),
+    and ``mlflow.source.git.commit`` when the commit is known."""
+    import getpass
+
+    try:
+        user = getpass.getuser()
+    except (KeyError, OSError):
+        user = "unknown"
+    from components.artifacts import git_commit
+
+    commit = git_commit()
+    return {"mlflow.source.name": f"cl-audit {command}", "mlflow.source.type": "LOCAL", "mlflow.user": user,
+            **({"mlflow.source.git.commit": commit} if commit != "unknown" else {})}
+
+
 class AuditTracker:
     """One audit's MLflow records.
 
@@ -58,6 +113,10 @@ class AuditTracker:
             relative local path in it is made absolute (:func:`absolute_uri`).
         experiment: experiment name (created when missing; for a sqlite store its
             artifacts live in ``mlartifacts/`` beside the database).
+        journal: the file of the offline journal (:mod:`pipelines.journal`); None: writes
+            go straight to the store.
+        experiment_id: the experiment's id when the caller knows it (a sweep trial): the
+            tracker is then made without a call to the store.
 
     Processes that open one sqlite store at the same moment take turns (a file lock
     ``<db>.lock`` beside it) to create or migrate it and to create the experiment.
@@ -66,7 +125,8 @@ class AuditTracker:
         UserError: the tracking store cannot be reached (one line).
     """
 
-    def __init__(self, tracking_uri: str, experiment: str, journal: Path | None = None):
+    def __init__(self, tracking_uri: str, experiment: str, journal: Path | None = None,
+                 experiment_id: str | None = None):
         from mlflow.tracking import MlflowClient
 
         quiet_mlflow()
@@ -85,7 +145,8 @@ class AuditTracker:
             with store_lock(tracking_uri):
                 ensure_sqlite_store(tracking_uri)  # whole or not at all, even if this process is killed
                 self.client = MlflowClient(tracking_uri=tracking_uri)
-                self.experiment_id = self._experiment(experiment)
+                # known (a sweep trial): nothing is asked of the store here
+                self.experiment_id = experiment_id or self._experiment(experiment)
         except Exception as e:  # noqa: BLE001 - any failure here means "store unreachable"
             msg = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
             raise UserError(f"--tracking-uri {redact_uri(tracking_uri)}: MLflow tracking store not reachable ({msg})"
@@ -94,6 +155,7 @@ class AuditTracker:
         self.children: dict[str, str] = {}
         self._done: set[str] = set()
         self._start: dict[str, int] = {}  # run id -> start time (ms): the timestamp of its metrics
+        self.models: dict[str, str] = {}  # checkpoint name -> the id of its MLflow logged model
 
     def _experiment(self, name: str) -> str:
         """The id of experiment ``name``, created when missing (for a sqlite store with
@@ -172,6 +234,17 @@ class AuditTracker:
         self._params(self.parent_id, params)
         return self.parent_id
 
+    def unique_name(self, name: str) -> str:
+        """``name``, or ``name-2``, ``name-3`` ... when a run of the experiment already
+        has it (two audits started within the same second)."""
+        taken = {r.info.run_name for r in self.client.search_runs(
+            [self.experiment_id], f"attributes.run_name LIKE '{_quote(name)}%'", max_results=200)}
+        k, out = 1, name
+        while out in taken:
+            k += 1
+            out = f"{name}-{k}"
+        return out
+
     def attach(self, run_id: str, status: str | None = None) -> None:
         """Continue an existing parent run (a resumed sweep, or a sweep trial that logs
         its nested run under the sweep's parent); ``status`` (e.g. ``RUNNING``) is set
@@ -179,6 +252,25 @@ class AuditTracker:
         self.parent_id = run_id
         if status:
             self._send("update_run", run_id, status=status)
+
+    def child_run(self, name: str, tag: str, value: str, tags: dict[str, str]) -> str:
+        """The nested run of the parent whose tag ``tag`` is ``value`` (a restarted sweep
+        trial keeps its run), created RUNNING with ``tags`` when there is none; its start
+        time is the timestamp of its metrics.
+
+        Raises:
+            MlflowException: the store is unreachable (a run id cannot wait in the journal).
+        """
+        rid = self.find_child(tag, value)
+        if rid is None:
+            run = self.client.create_run(
+                self.experiment_id, run_name=name,
+                tags={"mlflow.parentRunId": self.parent_id, "cl_audit.stage": name, tag: value, **tags})
+            rid = run.info.run_id
+            self._start[rid] = int(run.info.start_time)
+        else:
+            self._stamp(rid)
+        return rid
 
     def find_child(self, tag: str, value: str) -> str | None:
         """The id of a nested run of the parent whose tag ``tag`` equals ``value``, if any."""
@@ -206,10 +298,15 @@ class AuditTracker:
         artifacts: dict[str, Path],
         tags: dict[str, str] | None = None,
         run_id: str | None = None,
+        model: dict | None = None,
     ) -> str:
         """A nested run for one checkpoint (or one sweep trial): stage params, per-step
         training curves (``train/loss``, ``train/ce``, ``train/kl`` by step), probe
         metrics, artifacts (``{artifact_path: local file or dir}``).
+
+        ``model`` (``{"checkpoint": Checkpoint dict, "settings": {...}}``, see
+        :meth:`log_model`): the checkpoint is also logged as an MLflow logged model of
+        this run, and the run's metrics are linked to it (``model_id``).
 
         ``run_id`` logs into that existing nested run instead of creating one (a trial
         that is restarted after an interruption keeps a single run); a run created up
@@ -235,12 +332,13 @@ class AuditTracker:
             self._start[rid] = int(run.info.start_time)
         self.children[name] = rid
         self._params(rid, params)
+        mid = self.log_model(rid, name, **model) if model is not None else None
         now = self._stamp(rid)
         ms = []
         for rec in history:
             for k in ("loss", "ce", "kl"):
-                ms.append(Metric(f"train/{k}", float(rec[k]), now, int(rec["step"])))
-        ms += [Metric(k, float(v), now, 0) for k, v in metrics.items() if v is not None]
+                ms.append(Metric(f"train/{k}", float(rec[k]), now, int(rec["step"]), model_id=mid))
+        ms += [Metric(k, float(v), now, 0, model_id=mid) for k, v in metrics.items() if v is not None]
         for s in range(0, len(ms), 500):
             self._send("log_batch", rid, metrics=ms[s:s + 500])
         for apath, local in artifacts.items():
@@ -252,6 +350,67 @@ class AuditTracker:
         self._send("set_terminated", rid)
         self._done.add(name)
         return rid
+
+    def log_model(self, run_id: str, name: str, checkpoint: dict, settings: dict,
+                  tags: dict[str, str] | None = None) -> str | None:
+        """Log checkpoint ``name`` as an MLflow logged model (``python_function`` flavor,
+        :mod:`pipelines.checkpoint_model`) produced by the nested run ``run_id``: the
+        model's artifacts (``MLmodel``, the adapters in safetensors, ...) go to the
+        logged model, the run lists it among its outputs, and its artifact path
+        ``model`` is a copy, so ``runs:/<run>/model`` loads as well.
+
+        A run that already has one (a resumed audit) keeps it. While the tracking server
+        does not answer, the model folder waits in ``<run folder>/.mlflow-models/`` and
+        the journal logs it when the server is back (its metrics then stay unlinked).
+
+        Args:
+            checkpoint: the stage's :class:`components.models.Checkpoint` as a dict.
+            settings: ``model_id``, ``model_digest``, ``batch_size``, ``max_new_tokens``,
+                ``precision`` (see :func:`pipelines.checkpoint_model.save_checkpoint_model`).
+
+        Returns:
+            The logged model's id (``m-...``), or None when it waits in the journal.
+
+        Raises:
+            MlflowException: the store refused a record.
+        """
+        import shutil
+        import tempfile
+
+        from mlflow.models import Model
+
+        from pipelines.checkpoint_model import LOG_MODEL, save_checkpoint_model, upload_model
+
+        with tempfile.TemporaryDirectory(prefix="cl-audit-model-") as tmp:
+            local = Path(tmp) / "model"
+            save_checkpoint_model(local, Model(run_id=run_id), checkpoint, settings, Path(tmp) / "work")
+            args = (run_id, name, str(local), {k: str(v) for k, v in settings.items()}, dict(tags or {}))
+            if self.journal is None or not self.journal.pending() or self.flush(quiet=True):
+                try:
+                    mid = upload_model(self.client, *args)
+                except Exception as e:  # noqa: BLE001 - sorted by unreachable()
+                    if not unreachable(e) or self.journal is None:
+                        raise
+                    self.journal.failed()
+                else:
+                    self.models[name] = mid
+                    return mid
+            # the server does not answer: the model folder waits beside the journal
+            keep = self.journal.path.parent / MODELS_DIR / _model_name(name)
+            part = keep.with_name(keep.name + ".part")
+            shutil.rmtree(part, ignore_errors=True)
+            shutil.copytree(local, part)
+            shutil.rmtree(keep, ignore_errors=True)
+            part.rename(keep)
+            self.journal.append(LOG_MODEL, (*args[:2], str(keep), *args[3:]), {})
+            return None
+
+    def _logged_model_of(self, run_id: str) -> str | None:
+        """The id of the READY logged model that nested run ``run_id`` produced, if any."""
+        found = self.client.search_logged_models(
+            [self.experiment_id], f"tags.`cl_audit.stage_run_id` = '{run_id}'", max_results=10)
+        ready = [m for m in found if str(m.status).endswith("READY")]
+        return ready[0].model_id if ready else None
 
     def plan(self, names: list[str], upstream: dict[str, str], tags: dict[str, str]) -> None:
         """Create the nested run of every checkpoint up front (status RUNNING), so each
@@ -316,17 +475,37 @@ class AuditTracker:
         if self.parent_id is not None:
             self._send("set_terminated", self.parent_id, status="FAILED")
 
-    def extra_metrics(self, name: str, scalars: dict[str, float], per_layer: dict[str, dict]) -> None:
-        """Metrics of a checkpoint known only after the DAG: scalars (step 0) and per-layer
-        values (``{metric: {layer: value}}``, logged with ``step = layer``)."""
+    def extra_metrics(self, name: str, scalars: dict[str, float], per_layer: dict[str, dict],
+                      ci: dict[str, Any] | None = None) -> None:
+        """Metrics of a checkpoint known only after the DAG, at step 0: scalars, and
+        per-layer values (``{metric: {layer: value}}``) under :func:`layer_key` names
+        (``probe_acc/layer_07``); ``ci`` (``{metric: [low, high]}``, per layer
+        ``{metric: {layer: [low, high]}}``) adds ``<name>_ci_low`` / ``<name>_ci_high``
+        beside each. Linked to the checkpoint's logged model when it has one."""
         from mlflow.entities import Metric
 
-        now = self._stamp(self.children[name])
-        ms = [Metric(k, float(v), now, 0) for k, v in scalars.items() if v is not None]
+        ci = ci or {}
+        rid = self.children[name]
+        mid = self.models.get(name)
+        if mid is None and name != "base":  # logged before an interruption
+            try:
+                mid = self._logged_model_of(rid)
+            except Exception:  # noqa: BLE001 - unreachable: the metrics go unlinked to the journal
+                mid = None
+        now = self._stamp(rid)
+        vals = {k: v for k, v in scalars.items() if v is not None}
+        vals.update(ci_metrics({k: ci[k] for k in scalars if k in ci}))
         for k, by_layer in per_layer.items():
-            ms += [Metric(k, float(v), now, int(lay)) for lay, v in by_layer.items() if v is not None]
+            for lay, v in by_layer.items():
+                if v is None:
+                    continue
+                vals[layer_key(k, lay)] = v
+                bounds = (ci.get(k) or {}).get(str(lay)) if isinstance(ci.get(k), dict) else None
+                if bounds is not None:
+                    vals.update(ci_metrics({layer_key(k, lay): bounds}))
+        ms = [Metric(k, float(v), now, 0, model_id=mid) for k, v in vals.items() if v is not None]
         for s in range(0, len(ms), 500):
-            self._send("log_batch", self.children[name], metrics=ms[s:s + 500])
+            self._send("log_batch", rid, metrics=ms[s:s + 500])
 
     def finish(self, metrics: dict[str, float], artifacts: list[Path], tags: dict[str, str]) -> None:
         """Verdict metrics, output files and final tags on the parent run; mark it finished.
@@ -345,21 +524,32 @@ class AuditTracker:
                 self._send("log_artifact", self.parent_id, str(p))
         self._send("set_terminated", self.parent_id)
 
-    def register(self, name: str, stages: list[str], tags: dict[str, str], adapters: dict[str, list[str]]) -> list:
-        """Register checkpoints as versions of the MLflow registered model ``name``.
+    def register(self, name: str, stages: list[str], tags: dict[str, str], adapters: dict[str, list[str]],
+                 stage_tags: dict[str, dict[str, str]] | None = None, aliases: dict[str, str] | None = None) -> list:
+        """Register checkpoints as versions of the MLflow registered model ``name``, and
+        name their roles with aliases.
 
-        Each version's source is the checkpoint's logged update (``runs:/<stage run>/adapter``,
-        or ``/weights`` for full fine-tuning); it is tagged ``cl_audit.stage``,
-        ``cl_audit.audit_run_id``, ``cl_audit.stage_run_id`` plus ``tags`` (verdict, model
-        source and digest), and ``cl_audit.adapters``: the JSON list of the adapter
-        sources to merge, in order, onto the base model to rebuild the checkpoint.
+        Each version's source is the checkpoint's logged model (``models:/<model id>``,
+        :meth:`log_model`; without one, its logged update ``runs:/<stage run>/adapter``
+        or ``/weights``); it is tagged ``cl_audit.stage``, ``cl_audit.audit_run_id``,
+        ``cl_audit.stage_run_id`` plus ``tags`` (verdict, knowledge retention and its
+        CI, model source and digest) and ``stage_tags[stage]``, and
+        ``cl_audit.adapters``: the JSON list of the adapter sources to merge, in order,
+        onto the base model to rebuild the checkpoint.
+
+        Registering the same audit again adds no version: a checkpoint whose stage run
+        already has a version of ``name`` keeps it (its tags and the aliases are set
+        again).
 
         Args:
             stages: checkpoint names, e.g. ``["aligned", "perturbed", "recovered/in_task/10"]``.
             adapters: checkpoint name -> its adapter sources in merge order.
+            aliases: alias -> checkpoint name (``aligned``, ``perturbed``,
+                ``recovered-in_task-10``, ``best-recovery``); an alias moves to this
+                audit's version.
 
         Returns:
-            The created ``ModelVersion`` objects, in the order of ``stages``.
+            The ``ModelVersion`` objects, in the order of ``stages``.
 
         Raises:
             UserError: an invalid registered-model name.
@@ -369,24 +559,62 @@ class AuditTracker:
         check_model_name(name)
         try:
             self.client.create_registered_model(
-                name, description="Checkpoints of cl-audit audits (aligned, perturbed, recovered)")
+                name, description="Checkpoints of cl-audit audits (aligned, perturbed, recovered); "
+                                  "aliases name the roles of the latest audit registered")
         except MlflowException as e:
             if e.error_code != "RESOURCE_ALREADY_EXISTS":
                 raise
         out = []
         for stage in stages:
             rid = self.children[stage]
-            top = {f.path for f in self.client.list_artifacts(rid)}
-            source = f"runs:/{rid}/{'adapter' if 'adapter' in top else 'weights'}"
-            mv = self.client.create_model_version(
-                name, source, run_id=rid,
-                tags={"cl_audit.stage": stage, "cl_audit.audit_run_id": self.parent_id,
-                      "cl_audit.stage_run_id": rid, "cl_audit.adapters": json.dumps(adapters.get(stage, [])),
-                      **tags},
-                description=f"{stage} checkpoint of audit run {self.parent_id}",
-            )
+            vtags = {"cl_audit.stage": stage, "cl_audit.audit_run_id": self.parent_id, "cl_audit.stage_run_id": rid,
+                     "cl_audit.adapters": json.dumps(adapters.get(stage, [])), **tags,
+                     **(stage_tags or {}).get(stage, {})}
+            have = [v for v in self.client.search_model_versions(f"name = '{_quote(name)}' and run_id = '{rid}'")
+                    if v.tags.get("cl_audit.stage") == stage]
+            if have:
+                mv = min(have, key=lambda v: int(v.version))
+                for k, v in vtags.items():
+                    self.client.set_model_version_tag(name, mv.version, k, str(v))
+            else:
+                mid = self.models.get(stage) or self._logged_model_of(rid)
+                if mid is not None:
+                    source = f"models:/{mid}"
+                else:
+                    top = {f.path for f in self.client.list_artifacts(rid)}
+                    source = f"runs:/{rid}/{'adapter' if 'adapter' in top else 'weights'}"
+                mv = self.client.create_model_version(
+                    name, source, run_id=rid, model_id=mid, tags={k: str(v) for k, v in vtags.items()},
+                    description=f"{stage} checkpoint of audit run {self.parent_id}",
+                )
             out.append(mv)
+        by_stage = {s: mv for s, mv in zip(stages, out)}
+        for alias, stage in (aliases or {}).items():
+            if stage in by_stage:
+                self.client.set_registered_model_alias(name, alias, by_stage[stage].version)
         return out
+
+
+def layer_key(metric: str, layer: int | str) -> str:
+    """The MLflow metric name of a per-layer value: ``probe_acc/layer_07`` (two digits,
+    so names sort by layer; layer 0 is the embeddings' output)."""
+    return f"{metric}/layer_{int(layer):02d}"
+
+
+def ci_metrics(ci: dict[str, Any]) -> dict[str, float]:
+    """``{metric: [low, high]}`` -> ``{<metric>_ci_low: low, <metric>_ci_high: high}``
+    (an interval with a missing bound is left out)."""
+    out = {}
+    for k, bounds in ci.items():
+        if isinstance(bounds, (list, tuple)) and len(bounds) == 2 and None not in bounds:
+            out[f"{k}_ci_low"], out[f"{k}_ci_high"] = float(bounds[0]), float(bounds[1])
+    return out
+
+
+def _model_name(stage: str) -> str:
+    """A logged model's name for checkpoint ``stage``: ``recovered/in_task/10`` ->
+    ``recovered-in_task-10`` (MLflow names may not hold ``/``)."""
+    return stage.replace("/", "-")
 
 
 @dataclass

@@ -352,11 +352,28 @@ def history(uri: str, suite: str | None = None, model: str | None = None, limit:
 def differing_params(rows: list[dict]) -> list[str]:
     """The params (resolved config fields) whose value is not the same in every row of
     :func:`history` (missing in some counts as different), in name order, without
-    ``seed`` and ``model.id`` (columns of their own). Empty for fewer than two rows."""
+    ``seed`` and ``model.id`` (columns of their own). Empty for fewer than two rows.
+
+    A field that is logged only where it applies (:data:`APPLIES_ONLY`: ``sweep.*`` on a
+    sweep, ``model.tiny_*`` for ``tiny-llama`` ...) is compared among the rows that
+    have it: its absence says the field does not apply, not that it differs."""
     if len(rows) < 2:
         return []
     names = sorted({k for r in rows for k in r["params"]} - set(OWN_COLUMNS))
-    return [k for k in names if len({r["params"].get(k) for r in rows}) > 1]
+    out = []
+    for k in names:
+        have = [r["params"][k] for r in rows if k in r["params"]]
+        if k.startswith(APPLIES_ONLY):
+            differs = len(set(have)) > 1
+        else:
+            differs = len({r["params"].get(k) for r in rows}) > 1
+        if differs:
+            out.append(k)
+    return out
+
+
+# params a run logs only where they apply (pipelines.tracking.applicable_params)
+APPLIES_ONLY = ("sweep.", "biography.", "model.tiny_", "data.files")
 
 
 # ----------------------------------------------------------------------------- compare

@@ -63,9 +63,10 @@ class MlflowServer:
     """A real ``mlflow server`` on 127.0.0.1 (sqlite backend, served artifacts) that a
     test can kill and start again on the same port and store."""
 
-    def __init__(self, root: Path):
+    def __init__(self, root: Path, backend: str | None = None):
         import socket
 
+        self.backend = backend  # default: sqlite:///<root>/mlflow.db
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
         with socket.socket() as s:
@@ -83,7 +84,8 @@ class MlflowServer:
 
         log = open(self.root / "server.log", "a")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{self.root / 'mlflow.db'}",
+            [sys.executable, "-m", "mlflow", "server",
+             "--backend-store-uri", self.backend or f"sqlite:///{self.root / 'mlflow.db'}",
              "--artifacts-destination", str(self.artifacts), "--serve-artifacts",
              "--host", "127.0.0.1", "--port", str(self.port), "--workers", "1"],
             stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
@@ -114,3 +116,117 @@ class MlflowServer:
         except subprocess.TimeoutExpired:
             os.killpg(self.proc.pid, signal.SIGKILL)
             self.proc.wait()
+
+
+class PostgresCluster:
+    """A throwaway PostgreSQL cluster from Debian's ``postgresql`` package: ``initdb`` in
+    a fresh folder under the system temp folder, ``postgres`` listening on a free port of
+    127.0.0.1 only (no Unix socket outside its folder), trust authentication, one
+    database ``mlflow``. As root (initdb refuses root) the server runs as the ``postgres``
+    user of the package, else as ``nobody``. :meth:`stop` ends the server and removes
+    the folder.
+
+    Raises (``start``):
+        pytest.skip.Exception: no PostgreSQL binaries (``make test`` installs them).
+    """
+
+    def __init__(self):
+        import socket
+        import tempfile
+
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        self.root = Path(tempfile.mkdtemp(prefix="cl-audit-pg-"))
+        self.data = self.root / "data"
+        self.proc = None
+        self.bin = self._bin_dir()
+        self.user, self.uid, self.gid = self._run_as()
+        self.uri = f"postgresql+psycopg2://{self.user}@127.0.0.1:{self.port}/mlflow"
+
+    @staticmethod
+    def _bin_dir() -> Path | None:
+        import glob
+        import shutil
+
+        found = shutil.which("initdb")
+        if found:
+            return Path(found).resolve().parent
+        dirs = sorted(glob.glob("/usr/lib/postgresql/*/bin"), key=lambda d: int(Path(d).parent.name))
+        return Path(dirs[-1]) if dirs else None
+
+    @staticmethod
+    def _run_as() -> tuple[str, int | None, int | None]:
+        import getpass
+        import pwd
+
+        if os.geteuid() != 0:
+            return getpass.getuser(), None, None
+        for name in ("postgres", "nobody"):
+            try:
+                pw = pwd.getpwnam(name)
+            except KeyError:
+                continue
+            return name, pw.pw_uid, pw.pw_gid
+        pytest.fail("running as root and neither the postgres nor the nobody user exists")
+
+    def _run(self, *args: str) -> None:
+        import subprocess
+
+        r = subprocess.run([str(self.bin / args[0]), *args[1:]], capture_output=True, text=True, timeout=120,
+                           user=self.uid, group=self.gid, extra_groups=[] if self.uid is not None else None,
+                           cwd=self.root)
+        if r.returncode != 0:
+            pytest.fail(f"{args[0]} failed: {r.stdout[-1000:]}{r.stderr[-1000:]}")
+
+    def version(self) -> str:
+        import subprocess
+
+        return subprocess.run([str(self.bin / "postgres"), "--version"], capture_output=True, text=True).stdout.strip()
+
+    def start(self, timeout: float = 60) -> "PostgresCluster":
+        import subprocess
+        import time
+
+        if self.bin is None:
+            pytest.skip("PostgreSQL is not installed (Debian: apt-get install postgresql; `make test` does it)")
+        if self.uid is not None:
+            os.chown(self.root, self.uid, self.gid)
+        self._run("initdb", "-D", str(self.data), "-U", self.user, "--auth=trust", "--no-sync", "-E", "UTF8",
+                  "--locale=C")
+        log = open(self.root / "postgres.log", "a")
+        if self.uid is not None:
+            os.chown(self.root / "postgres.log", self.uid, self.gid)
+        self.proc = subprocess.Popen(
+            [str(self.bin / "postgres"), "-D", str(self.data), "-p", str(self.port), "-c", "listen_addresses=127.0.0.1",
+             "-c", f"unix_socket_directories={self.data}", "-c", "fsync=off", "-c", "max_connections=200"],
+            stdout=log, stderr=subprocess.STDOUT, start_new_session=True, user=self.uid, group=self.gid,
+            extra_groups=[] if self.uid is not None else None, cwd=self.root)
+        log.close()
+        deadline = time.time() + timeout
+        while True:
+            if self.proc.poll() is not None:
+                pytest.fail(f"postgres exited: {(self.root / 'postgres.log').read_text()[-2000:]}")
+            try:
+                self._run("pg_isready", "-h", "127.0.0.1", "-p", str(self.port), "-q")
+                break
+            except pytest.fail.Exception:
+                if time.time() > deadline:
+                    pytest.fail(f"postgres did not answer within {timeout} s")
+                time.sleep(0.3)
+        self._run("createdb", "-h", "127.0.0.1", "-p", str(self.port), "-U", self.user, "mlflow")
+        return self
+
+    def stop(self) -> None:
+        import shutil
+        import signal
+        import subprocess
+
+        if self.proc is not None and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)  # smart shutdown of the postmaster and its backends
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+        shutil.rmtree(self.root, ignore_errors=True)

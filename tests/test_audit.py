@@ -132,10 +132,55 @@ def test_mlflow_parent_and_nested_runs(tiny_run):
     assert "adapter/adapter_model.safetensors" in arts
     assert by_name["perturbed"].data.metrics["kl_to_aligned"] == pytest.approx(
         s["stages"]["perturbed"]["kl_to_aligned"])
-    # per-layer metrics are logged with step = layer
-    probe = client.get_metric_history(by_name["aligned"].info.run_id, "probe_acc")
-    assert {m.step: m.value for m in probe} == pytest.approx(
-        {int(k): v for k, v in s["stages"]["aligned"]["probe_acc"].items()})
+    # per-layer metrics under names that say layer, each with its interval beside it
+    am = aligned.data.metrics
+    for k, v in s["stages"]["aligned"]["probe_acc"].items():
+        key = f"probe_acc/layer_{int(k):02d}"
+        assert am[key] == pytest.approx(v)
+        assert [am[f"{key}_ci_low"], am[f"{key}_ci_high"]] == pytest.approx(s["stages"]["aligned"]["ci"]["probe_acc"][k])
+        assert [m.step for m in client.get_metric_history(aligned.info.run_id, key)] == [0]
+    assert "probe_acc" not in am and "weight_drift/layer_01" in am
+    for k in ("task_acc", "knowledge_acc", "kl_to_aligned"):
+        assert [am[f"{k}_ci_low"], am[f"{k}_ci_high"]] == pytest.approx(s["stages"]["aligned"]["ci"][k])
+    # params that apply only: no sweep.*, no biography.* on capitals; model.tiny_* for the tiny model
+    params = parent.data.params
+    assert not any(k.startswith(("sweep.", "biography.")) for k in params) and "model.tiny_layers" in params
+    assert parent.info.run_name.startswith(f"audit-capitals-tiny-llama-{s['config_digest'][:8]}-s0-")
+    assert parent.data.tags["mlflow.source.name"] == "cl-audit run" and parent.data.tags["mlflow.user"]
+    assert parent.data.tags["mlflow.source.type"] == "LOCAL"
+
+
+def test_every_checkpoint_is_a_logged_model_that_answers_as_the_probe(tiny_run, monkeypatch):
+    """Each checkpoint is a pyfunc logged model of its stage run, its metrics linked to it;
+    loaded back (``models:/<id>`` and ``runs:/<run>/model``) it answers the evaluation
+    questions exactly as the audit's predictions say."""
+    import mlflow.pyfunc
+
+    _, out, s = tiny_run
+    uri = s["mlflow"]["tracking_uri"]
+    client = MlflowClient(uri)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)  # models:/ and runs:/ URIs are resolved in the global store
+    _answers_as_the_probe(client, out, s)
+
+
+def _answers_as_the_probe(client, out, s) -> None:
+    import mlflow.pyfunc
+
+    models = {m.tags["cl_audit.stage"]: m for m in client.search_logged_models([s["mlflow"]["experiment_id"]])
+              if m.source_run_id in s["mlflow"]["stage_run_ids"].values()}
+    assert set(models) == set(STAGES)
+    for name, m in models.items():
+        assert m.source_run_id == s["mlflow"]["stage_run_ids"][name] and str(m.status).endswith("READY")
+    perturbed = models["perturbed"]
+    linked = {x.key for x in perturbed.metrics}
+    assert {"task_acc", "task_acc_ci_low", "knowledge_acc", "probe_acc/layer_01"} <= linked
+    pred = pd.read_parquet(out / "predictions" / "perturbed.parquet")
+    got = mlflow.pyfunc.load_model(f"models:/{perturbed.model_id}").predict(pred["question"].tolist())
+    assert got == pred["response"].tolist()
+    rid = s["mlflow"]["stage_run_ids"]["recovered/in_task/4"]
+    pred = pd.read_parquet(out / "predictions" / "recovered" / "in_task" / "4.parquet")
+    got = mlflow.pyfunc.load_model(f"runs:/{rid}/model").predict(pred[["question"]])
+    assert got == pred["response"].tolist()
 
 
 def test_rerun_reuses_every_stage(tiny_run, home, tmp_path):

@@ -163,7 +163,7 @@ def test_verify_passes_untouched_and_names_a_changed_file(server, audits, home):
     assert f"FAILED: 1 of {len(manifest['files'])} files" in r.stdout
 
 
-def test_registered_versions_carry_stage_audit_and_verdict(server, audits):
+def test_registered_versions_carry_stage_audit_and_verdict(server, audits, monkeypatch):
     uri, _ = server
     a, out_a, b, _ = audits
     client = MlflowClient(uri)
@@ -171,18 +171,51 @@ def test_registered_versions_carry_stage_audit_and_verdict(server, audits):
     versions = {v.tags["cl_audit.stage"]: v for v in client.search_model_versions(f"name='{REGISTERED}'")}
     assert set(versions) == {"aligned", "perturbed", "recovered/in_task/4", "recovered/irrelevant/4"}
     assert a["registered_model"] == {"name": REGISTERED, "versions": {k: v.version for k, v in versions.items()}}
-    for stage, v in versions.items():
-        assert v.tags["cl_audit.audit_run_id"] == a["mlflow"]["run_id"] != b["mlflow"]["run_id"]
-        assert v.tags["cl_audit.verdict"] == a["verdict"]["label"]
-        assert v.source == f"runs:/{runs[stage]}/adapter" and v.run_id == runs[stage]
+    v = a["verdict"]
+    for stage, mv in versions.items():
+        assert mv.tags["cl_audit.audit_run_id"] == a["mlflow"]["run_id"] != b["mlflow"]["run_id"]
+        assert mv.tags["cl_audit.verdict"] == v["label"]
+        assert float(mv.tags["cl_audit.knowledge_retention"]) == pytest.approx(v["knowledge_retention"], abs=1e-4)
+        assert json.loads(mv.tags["cl_audit.knowledge_retention_ci"]) == pytest.approx(v["knowledge_retention_ci"],
+                                                                                       abs=1e-4)
+        assert mv.source.startswith("models:/m-") and mv.run_id == runs[stage]
+        assert client.get_logged_model(mv.source.removeprefix("models:/")).source_run_id == runs[stage]
+    rr = versions["recovered/in_task/4"].tags
+    assert float(rr["cl_audit.recovery_ratio"]) == pytest.approx(v["recovery_ratio"]["in_task/4"], abs=1e-4)
     chain = json.loads(versions["recovered/in_task/4"].tags["cl_audit.adapters"])
     assert chain == [f"runs:/{runs[s]}/adapter" for s in ("aligned", "perturbed", "recovered/in_task/4")]
-    # the registered source holds the very adapter the manifest lists
-    local = mlflow.artifacts.download_artifacts(artifact_uri=versions["perturbed"].source, tracking_uri=uri)
+    # aliases name the roles; best-recovery is the largest recovery ratio (ties: smaller n, then arm)
+    model = client.get_registered_model(REGISTERED)
+    aliases = {al: versions_by_number(versions)[ver] for al, ver in model.aliases.items()}
+    best = max(("in_task", "irrelevant"), key=lambda arm: (v["recovery_ratio"][f"{arm}/4"], arm == "in_task"))
+    assert aliases == {"aligned": "aligned", "perturbed": "perturbed", "recovered-in_task-4": "recovered/in_task/4",
+                       "recovered-irrelevant-4": "recovered/irrelevant/4", "best-recovery": f"recovered/{best}/4"}
+    # the registered model holds the very adapter the manifest lists, and loads
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)  # a models:/<id> URI is resolved in the global store
+    local = Path(mlflow.artifacts.download_artifacts(artifact_uri=versions["perturbed"].source))
     want = next(f for f in json.loads((out_a / "manifest.json").read_text())["files"]
                 if f["path"] == "stages/perturbed/adapter/adapter_model.safetensors")
-    got = hashlib.sha256((Path(local) / "adapter_model.safetensors").read_bytes()).hexdigest()
+    assert (local / "MLmodel").exists()
+    got = hashlib.sha256((local / "artifacts" / "adapter_1" / "adapter_model.safetensors").read_bytes()).hexdigest()
     assert got == want["sha256"]
+
+    # registering the same audit again adds no version; the aliases stay
+    from pipelines.audit import registry_aliases
+    from pipelines.tracking import AuditTracker
+
+    t = AuditTracker(uri, "cl-audit")
+    t.attach(a["mlflow"]["run_id"])
+    t.children.update(runs)
+    stages = list(versions)
+    chains = {st: json.loads(versions[st].tags["cl_audit.adapters"]) for st in stages}
+    again = t.register(REGISTERED, stages, {"cl_audit.verdict": v["label"]}, chains, None, registry_aliases(stages, v))
+    assert [mv.version for mv in again] == [versions[st].version for st in stages]
+    assert len(client.search_model_versions(f"name='{REGISTERED}'")) == len(versions)
+    assert client.get_registered_model(REGISTERED).aliases == model.aliases
+
+
+def versions_by_number(versions: dict) -> dict[str, str]:
+    return {mv.version: stage for stage, mv in versions.items()}
 
 
 def test_history_lists_both_audits_newest_first(server, audits, home):
