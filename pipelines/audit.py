@@ -233,7 +233,8 @@ def run_audit(
             {**{k: v["value"] for k, v in p["metrics"].items()},
              **ci_metrics({k: (v.get("ci_low"), v.get("ci_high")) for k, v in p["metrics"].items()})},
             arts, tags=tags,
-            model={"checkpoint": ckpt, "settings": _model_settings(cfg, prep_box)},
+            model={"checkpoint": ckpt, "settings": {**_model_settings(cfg, prep_box),
+                                                    **({"context": t["context"]} if t.get("context") else {})}},
         )
         write_state(out_dir, _state(cfg, uri, tracker))
 

@@ -69,8 +69,9 @@ class CheckpointModel(mlflow.pyfunc.PythonModel):
         from components.metrics import generate_answers
 
         questions = _questions(model_input)
-        items = [SimpleNamespace(question=q) for q in questions]
         c = self.conf
+        # an in_context checkpoint: the audit's few-shot turns before every question
+        items = [SimpleNamespace(question=q, context=list(c.get("context") or []) or None) for q in questions]
         return generate_answers(self.model, self.tok, items, int(c["batch_size"]), int(c["max_new_tokens"]),
                                 c.get("precision", "fp32"))
 
@@ -118,7 +119,8 @@ def save_checkpoint_model(path: Path, mlflow_model, checkpoint: dict, settings: 
         checkpoint: the stage's :class:`components.models.Checkpoint` as a dict
             (``name``, ``base_dir``, ``adapters``, ``full_dir``).
         settings: ``model_id``, ``model_digest``, ``batch_size``, ``max_new_tokens``,
-            ``precision`` (the audit's), written to the model config.
+            ``precision`` (the audit's), and for an ``in_context`` stage its few-shot
+            ``context`` turns, written to the model config.
         work: a scratch folder (the tokenizer folder is assembled there).
     """
     import mlflow

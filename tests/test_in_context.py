@@ -150,3 +150,26 @@ def test_kubeflow_probe_step_keeps_the_few_shot_turns(stages, home, tmp_path):
     got = probe_step(cfg.model_dump(mode="json", exclude_none=True), [], str(data_dir), str(tmp_path), str(art), str(tmp_path / "out"))
     assert got["key"] == probes["recovered/in_context/4"]["key"]
     assert got["metrics"] == probes["recovered/in_context/4"]["metrics"]
+
+
+def test_the_in_context_logged_model_answers_with_its_few_shot_turns(stages, home, tmp_path, monkeypatch):
+    """The audit logs the in_context checkpoint as a pyfunc model whose config holds the
+    few-shot turns: loaded back, it answers the evaluation questions as the probe did
+    with those turns (not as the bare perturbed model)."""
+    import mlflow.pyfunc
+    import pandas as pd
+    from mlflow import MlflowClient
+
+    from pipelines.audit import run_audit
+
+    cfg = stages[0]
+    s = run_audit(cfg, tmp_path / "run", home)  # every stage reused from the fixture's store
+    uri = s["mlflow"]["tracking_uri"]
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    rid = s["mlflow"]["stage_run_ids"]["recovered/in_context/4"]
+    (m,) = [m for m in MlflowClient(uri).search_logged_models([s["mlflow"]["experiment_id"]])
+            if m.source_run_id == rid]
+    pred = pd.read_parquet(tmp_path / "run" / "predictions" / "recovered" / "in_context" / "4.parquet")
+    model = mlflow.pyfunc.load_model(f"models:/{m.model_id}")
+    assert model.unwrap_python_model().conf["context"] == stages[3][4]["context"]
+    assert model.predict(pred["question"].tolist()) == pred["response"].tolist()
