@@ -174,8 +174,6 @@ def sweep_trial(cell: dict, cfg: AuditConfig, prep: dict, home: str, out_dir: st
     data = prep["data"]
     arm, n = c.recover.arms[0], c.recover.sizes[0]
     rec_name = f"recovered/{arm}/{n}"
-    failpoint("sweep_" + cell_name({"kl_penalty": c.perturb.kl_penalty, "n": n, "arm": arm,
-                                    "freeze_layers": c.perturb.freeze_layers}))
     boot = (c.verdict, c.probe.n_bootstrap, c.probe.ci_level, c.seed)
     computed: list[str] = []
 
@@ -213,71 +211,82 @@ def sweep_trial(cell: dict, cfg: AuditConfig, prep: dict, home: str, out_dir: st
                                        "freeze_layers": c.perturb.freeze_layers}),
                             "cl_audit.trial_id", trial_id, {})
 
-    base = {"checkpoint": prep["base"], "history": []}
-    aligned = note(train_stage("tune", c, where, base, data, reuse=reuse))
-    # The two shared probes are independent: odd trials take them in the other order,
-    # so two trials starting together compute one each instead of one waiting.
-    probes: dict[str, dict] = {}
-    order = [("base", base), ("aligned", aligned)]
-    odd = trial_id[-1:].isdigit() and int(trial_id[-1]) % 2 == 1
-    for name, stage in order[::-1] if odd else order:
-        probes[name] = note(probe_stage(c, where, stage, data, reuse=reuse))
-    perturbed = note(train_stage("perturb", c, where, aligned, data, reuse=reuse))
-    probes["perturbed"] = note(probe_stage(c, where, perturbed, data, reuse=reuse))
+    try:
+        failpoint("sweep_" + cell_name({"kl_penalty": c.perturb.kl_penalty, "n": n, "arm": arm,
+                                        "freeze_layers": c.perturb.freeze_layers}))
+        base = {"checkpoint": prep["base"], "history": []}
+        aligned = note(train_stage("tune", c, where, base, data, reuse=reuse))
+        # The two shared probes are independent: odd trials take them in the other order,
+        # so two trials starting together compute one each instead of one waiting.
+        probes: dict[str, dict] = {}
+        order = [("base", base), ("aligned", aligned)]
+        odd = trial_id[-1:].isdigit() and int(trial_id[-1]) % 2 == 1
+        for name, stage in order[::-1] if odd else order:
+            probes[name] = note(probe_stage(c, where, stage, data, reuse=reuse))
+        perturbed = note(train_stage("perturb", c, where, aligned, data, reuse=reuse))
+        probes["perturbed"] = note(probe_stage(c, where, perturbed, data, reuse=reuse))
 
-    cfg_cols = {"kl_penalty": c.perturb.kl_penalty, "n": n, "arm": arm, "freeze_layers": c.perturb.freeze_layers}
-    a = assess(probes, ["base", "aligned", "perturbed"], *boot)
-    st, v = a["stages"], a["verdict"]
-    metrics = {
-        **cfg_cols,
-        "task_drop": _num(v["task_drop"]),
-        "task_drop_ci_low": _num(v["task_drop_ci"][0]), "task_drop_ci_high": _num(v["task_drop_ci"][1]),
-        "drop_significant": bool(v["task_drop_significant"]),
-        "knowledge_retention": _num(v["knowledge_retention"]),
-        "perturb_acc": st["perturbed"]["perturb_acc"],
-        "kl_to_aligned": st["perturbed"]["kl_to_aligned"],
-        "aligned_task_acc": st["aligned"]["task_acc"],
-        "perturbed_task_acc": st["perturbed"]["task_acc"],
-        "perturbed_knowledge_acc": st["perturbed"]["knowledge_acc"],
-    }
-    # Every report carries every metric (Tune checks the objective in each); the
-    # recovery quantities are NaN until the recover stage has run.
-    tune.report({**{k: float("nan") for k in METRIC_COLUMNS}, **metrics})
+        cfg_cols = {"kl_penalty": c.perturb.kl_penalty, "n": n, "arm": arm, "freeze_layers": c.perturb.freeze_layers}
+        a = assess(probes, ["base", "aligned", "perturbed"], *boot)
+        st, v = a["stages"], a["verdict"]
+        metrics = {
+            **cfg_cols,
+            "task_drop": _num(v["task_drop"]),
+            "task_drop_ci_low": _num(v["task_drop_ci"][0]), "task_drop_ci_high": _num(v["task_drop_ci"][1]),
+            "drop_significant": bool(v["task_drop_significant"]),
+            "knowledge_retention": _num(v["knowledge_retention"]),
+            "perturb_acc": st["perturbed"]["perturb_acc"],
+            "kl_to_aligned": st["perturbed"]["kl_to_aligned"],
+            "aligned_task_acc": st["aligned"]["task_acc"],
+            "perturbed_task_acc": st["perturbed"]["task_acc"],
+            "perturbed_knowledge_acc": st["perturbed"]["knowledge_acc"],
+        }
+        # Every report carries every metric (Tune checks the objective in each); the
+        # recovery quantities are NaN until the recover stage has run.
+        tune.report({**{k: float("nan") for k in METRIC_COLUMNS}, **metrics})
 
-    recovered = note(train_stage("recover", c, where, perturbed, data, arm, n, reuse=reuse))
-    probes[rec_name] = note(probe_stage(c, where, recovered, data, reuse=reuse))
-    a = assess(probes, ["base", "aligned", "perturbed", rec_name], *boot)
-    st, v = a["stages"], a["verdict"]
-    key = f"{arm}/{n}"
-    metrics.update({
-        "recovery_ratio": _num(v["recovery_ratio"][key]),
-        "recovery_ratio_ci_low": _num(v["recovery_ratio_ci"][key][0]),
-        "recovery_ratio_ci_high": _num(v["recovery_ratio_ci"][key][1]),
-        "knowledge_after_recovery": _num(v["knowledge_after_recovery"][key]),
-        "recovered_task_acc": st[rec_name]["task_acc"],
-        "recovered_task_acc_ci_low": _num(st[rec_name]["ci"]["task_acc"][0]),
-        "recovered_task_acc_ci_high": _num(st[rec_name]["ci"]["task_acc"][1]),
-        "recovered_knowledge_acc": st[rec_name]["knowledge_acc"],
-        "recovered_kl_to_aligned": st[rec_name]["kl_to_aligned"],
-        "label": v["label"],
-        "stages_computed": ",".join(computed),
-    })
+        recovered = note(train_stage("recover", c, where, perturbed, data, arm, n, reuse=reuse))
+        probes[rec_name] = note(probe_stage(c, where, recovered, data, reuse=reuse))
+        a = assess(probes, ["base", "aligned", "perturbed", rec_name], *boot)
+        st, v = a["stages"], a["verdict"]
+        key = f"{arm}/{n}"
+        metrics.update({
+            "recovery_ratio": _num(v["recovery_ratio"][key]),
+            "recovery_ratio_ci_low": _num(v["recovery_ratio_ci"][key][0]),
+            "recovery_ratio_ci_high": _num(v["recovery_ratio_ci"][key][1]),
+            "knowledge_after_recovery": _num(v["knowledge_after_recovery"][key]),
+            "recovered_task_acc": st[rec_name]["task_acc"],
+            "recovered_task_acc_ci_low": _num(st[rec_name]["ci"]["task_acc"][0]),
+            "recovered_task_acc_ci_high": _num(st[rec_name]["ci"]["task_acc"][1]),
+            "recovered_knowledge_acc": st[rec_name]["knowledge_acc"],
+            "recovered_kl_to_aligned": st[rec_name]["kl_to_aligned"],
+            "label": v["label"],
+            "stages_computed": ",".join(computed),
+        })
 
-    failpoint("sweep_log:" + trial_id)
-    rid = tracker.stage(
-        cell_name(cfg_cols),
-        {**{f"recover.{k}": v for k, v in c.recover.model_dump(exclude={"arms", "sizes"}).items()},
-         **cfg_cols, "trial_id": trial_id, "stage": "sweep_trial"},
-        recovered.get("history", []),
-        {k: v for k, v in metrics.items() if isinstance(v, float) and math.isfinite(v)},
-        {"": Path(probes[rec_name]["dir"]) / "predictions.parquet"},
-        tags={"cl_audit.trial_id": trial_id, "cl_audit.label": v["label"],
-              "cl_audit.drop_significant": str(metrics["drop_significant"]).lower(),
-              "cl_audit.perturb_key": perturbed["key"], "cl_audit.recover_key": recovered["key"],
-              "cl_audit.stages_computed": metrics["stages_computed"] or "none"},
-        run_id=rid,
-    )
-    tune.report({**metrics, "mlflow_run_id": rid})
+        failpoint("sweep_log:" + trial_id)
+        rid = tracker.stage(
+            cell_name(cfg_cols),
+            {**{f"recover.{k}": v for k, v in c.recover.model_dump(exclude={"arms", "sizes"}).items()},
+             **cfg_cols, "trial_id": trial_id, "stage": "sweep_trial"},
+            recovered.get("history", []),
+            {k: v for k, v in metrics.items() if isinstance(v, float) and math.isfinite(v)},
+            {"": Path(probes[rec_name]["dir"]) / "predictions.parquet"},
+            tags={"cl_audit.trial_id": trial_id, "cl_audit.label": v["label"],
+                  "cl_audit.drop_significant": str(metrics["drop_significant"]).lower(),
+                  "cl_audit.perturb_key": perturbed["key"], "cl_audit.recover_key": recovered["key"],
+                  "cl_audit.stages_computed": metrics["stages_computed"] or "none"},
+            run_id=rid,
+        )
+        tune.report({**metrics, "mlflow_run_id": rid})
+    except BaseException:
+        # the nested run of a trial that raised is FAILED, not left RUNNING; a retry of
+        # the trial finds it again and its end marks it FINISHED
+        try:
+            tracker._send("set_terminated", rid, status="FAILED")
+        except Exception:  # noqa: BLE001 - the trial's own error is the one to report
+            pass
+        raise
 
 
 def _trial_dirname(trial) -> str:

@@ -270,6 +270,7 @@ class AuditTracker:
             self._start[rid] = int(run.info.start_time)
         else:
             self._stamp(rid)
+            self._send("update_run", rid, status="RUNNING")  # a retried trial's run, FAILED by its last try
         return rid
 
     def find_child(self, tag: str, value: str) -> str | None:

@@ -375,6 +375,12 @@ def test_failing_sweep_trial_is_retried_then_reported_while_the_others_finish(fa
     # the failing trial ran 1 + max_failures times
     assert (marks / "sweep_trial_kl=0_in_task_n=4").read_text().count("\n") == 2
     assert table.loc[table["n"] == 2, "recovery_ratio"].notna().all()
+    # its nested MLflow run (made when the trial started) ends FAILED, the other's FINISHED: none left RUNNING
+    client = MlflowClient(f"sqlite:///{fault_home / 'mlflow.db'}")
+    runs = client.search_runs([summary["mlflow"]["experiment_id"]],
+                              f"tags.mlflow.parentRunId = '{summary['mlflow']['run_id']}'")
+    assert sorted((r.data.tags["cl_audit.stage"], r.info.status) for r in runs) == [
+        ("trial/kl=0/in_task/n=2", "FINISHED"), ("trial/kl=0/in_task/n=4", "FAILED")]
 
 
 def test_mlflow_server_killed_mid_audit(fault_home, tmp_path):
