@@ -369,7 +369,7 @@ def test_smollm2_external_refusal_adapter_is_spurious(home, ray_local, tmp_path)
     from components.registry import load_config
     from pipelines.audit import run_audit
 
-    overrides = ["recover.arms=[in_task]", "recover.sizes=[4]"]
+    overrides = ["recover.arms=[in_task,in_context]", "recover.sizes=[4]"]
     cfg = load_config("capitals", quick=True, overrides=overrides)
     prep = runner.prepare(cfg, home)
     adapter = trainer_lora(Path(prep["model_dir"]), prep["data"].perturb,
@@ -384,3 +384,8 @@ def test_smollm2_external_refusal_adapter_is_spurious(home, ray_local, tmp_path)
     # the facts were not lost (retention above the loss threshold), and 4 in-task examples bring them back
     assert v["knowledge_retention_ci"][0] >= cfg.verdict.loss_threshold
     assert v["knowledge_after_recovery_ci"]["in_task/4"][0] >= cfg.verdict.retention_threshold
+    # and four examples as few-shot turns, with no weight update, bring a significant share of
+    # the task back (0.69 [0.44, 0.88] when written: the interval excludes 0 but not the 0.5
+    # target, so it is shown as evidence and does not decide the label here)
+    ic, ic_ci = v["recovery_ratio"]["in_context/4"], v["recovery_ratio_ci"]["in_context/4"]
+    assert ic >= 0.5 and ic_ci[0] > 0, (ic, ic_ci)
