@@ -35,7 +35,8 @@ def probe(
     phrasings, knowledge_correct (right in at least half of them), every knowledge
     measure of :mod:`components.knowledge`, first_token_prob),
     ``ref_logprobs.safetensors`` (the (P, V) teacher-forced log-probs of the gold
-    answers in each item's first knowledge phrasing, for KL drift) and
+    answers in each item's first knowledge phrasing, for KL drift; written batch by
+    batch, so the probe's memory does not grow with P x V) and
     ``features.safetensors`` (the (N, L+1, H) pooled prompt hidden states the linear
     probes were fitted on).
 
