@@ -159,7 +159,7 @@ def _strictly_first(scores: np.ndarray) -> np.ndarray:
 
 def measure_knowledge(
     model, tok, items: list[Item], pools: dict[str, list[str]], batch_size: int, precision: str = "fp32",
-    depth: int | None = 20, budget: int = 64,
+    depth: int | None = 20, budget: int = 64, gold_file=None,
 ) -> KnowledgeScores:
     """Every knowledge measure of one checkpoint on ``items`` (module docstring).
 
@@ -173,6 +173,8 @@ def measure_knowledge(
         budget: at most this many answers per item and phrasing are scored in full,
             in the order of their bounds; where it runs out first the rank is a lower
             bound (``rank_exact`` says how often).
+        gold_file: where to write the KL reference rows (``score_candidates``'s
+            ``gold_file``: memory O(batch x V)); None: keep them in ``gold_logprobs``.
 
     Returns:
         :class:`KnowledgeScores`.
@@ -184,7 +186,7 @@ def measure_knowledge(
     rpool = [rank_pool(items[i], pools) for i in range(len(items))]
     vpools = [rpool[owner[v]][1:] if rpool[owner[v]] else None for v in range(len(virt))]
     sc = score_candidates(model, tok, virt, batch_size, precision, pools=vpools,
-                          gold_rows_for=[j == 0 for j in which])
+                          gold_rows_for=[j == 0 for j in which], gold_file=gold_file)
     S = sc.logprob  # (V, K)
     nbytes = np.array([[len(v.ranking_response(c).encode()) for c in v.candidates] for v in virt], dtype=float)
     with np.errstate(invalid="ignore", divide="ignore"):

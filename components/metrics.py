@@ -14,8 +14,11 @@ Sources (DESIGN.md, "Metrics"):
 
 from __future__ import annotations
 
+import json
+import struct
 from contextlib import nullcontext
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable
 
 import numpy as np
@@ -169,6 +172,7 @@ def _prepare(tok, it: Item, pool: list[str] | None = None) -> _Prepared:
 def score_candidates(
     model, tok, items: list[Item], batch_size: int, precision: str = "fp32",
     pools: list[list[str] | None] | None = None, gold_rows_for: list[bool] | None = None,
+    gold_file: str | Path | None = None,
 ) -> CandidateScores:
     """Log-likelihood of every candidate continuation of every item, prefix-cached.
 
@@ -206,6 +210,10 @@ def score_candidates(
         pools: per item, the answers to bound (None: no pool for that item).
         gold_rows_for: per item, whether to keep its gold rows for KL drift
             (default: every item).
+        gold_file: write the gold rows into this safetensors file (tensor
+            ``logprobs``, (P, V) float32, :class:`RowFile`) as each batch is scored
+            instead of keeping them: memory O(batch x V), not O(items x V);
+            ``CandidateScores.gold_logprobs`` is then an empty (0, V) tensor.
 
     Returns:
         :class:`CandidateScores` (log-probs in nats).
@@ -231,6 +239,10 @@ def score_candidates(
     bounds: list[np.ndarray | None] = [None] * N
     gold_rows: list[torch.Tensor | None] = [None] * N
     per_batch = max(1, batch_size // K)
+    # rows of each kept item's gold continuation, in item order (the layout of gold_logprobs)
+    glen = [len(prep[n].shared) - prep[n].plen + len(prep[n].rest[0]) if keep[n] else 0 for n in range(N)]
+    goff = np.concatenate([[0], np.cumsum(glen)]).astype(int)
+    sink: RowFile | None = None
     order = sorted(range(N), key=lambda n: (len(prep[n].shared), max(map(len, prep[n].rest))))
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     for s in range(0, N, per_batch):
@@ -300,13 +312,92 @@ def score_candidates(
                 ntok[n, k] = len(common) + len(r)
                 if k == 0 and keep[n]:
                     g = torch.cat([shared_rows, last[None, :], rows], dim=0)  # (len(continuation), V)
-                    gold_rows[n] = g.clone()
+                    if gold_file is not None:
+                        if sink is None:
+                            sink = RowFile(gold_file, int(goff[-1]), g.shape[1])
+                        sink.write(int(goff[n]), g)
+                    else:
+                        gold_rows[n] = g.clone()
                     target = P.shared[P.plen:] + r
                     ftp[n] = float(g[P.j0, target[P.j0]].exp())
-    lengths = np.array([0 if gold_rows[n] is None else gold_rows[n].shape[0] for n in range(N)])
-    kept = [g for g in gold_rows if g is not None]
-    gold = torch.cat(kept, dim=0) if kept else torch.zeros((0, 0))
+    if gold_file is not None:
+        if sink is None:  # no gold rows at all
+            sink = RowFile(gold_file, 0, 0)
+        sink.close()
+        lengths = np.array(glen)
+        gold = torch.zeros((0, sink.width))
+    else:
+        lengths = np.array([0 if gold_rows[n] is None else gold_rows[n].shape[0] for n in range(N)])
+        kept = [g for g in gold_rows if g is not None]
+        gold = torch.cat(kept, dim=0) if kept else torch.zeros((0, 0))
     return CandidateScores(logprob, ftp, gold, lengths, ntok, bounds)
+
+
+class RowFile:
+    """A (P, V) float32 tensor ``logprobs`` in a safetensors file, written row block by
+    row block through a memory map (the format :func:`safetensors.torch.load_file`
+    and ``safe_open(...).get_slice`` read; no pickle).
+
+    Args:
+        path: the file (created, or overwritten).
+        rows, width: P and V.
+    """
+
+    def __init__(self, path: str | Path, rows: int, width: int):
+        header = json.dumps({"logprobs": {"dtype": "F32", "shape": [rows, width],
+                                          "data_offsets": [0, rows * width * 4]}}).encode()
+        header += b" " * (-len(header) % 8)  # the data starts 8-byte aligned
+        with open(path, "wb") as f:
+            f.write(struct.pack("<Q", len(header)))
+            f.write(header)
+            f.truncate(8 + len(header) + rows * width * 4)
+        self.width = width
+        self.rows = np.memmap(path, dtype="<f4", mode="r+", offset=8 + len(header), shape=(rows, width)) \
+            if rows * width else None
+
+    def write(self, at: int, block: torch.Tensor) -> None:
+        """Rows ``at .. at + len(block) - 1`` (float32, (R, V))."""
+        self.rows[at:at + block.shape[0]] = block.float().numpy()
+
+    def close(self) -> None:
+        if self.rows is not None:
+            self.rows.flush()
+            self.rows = None
+
+
+def drift_kl_files(ref_files: list[str | Path], path: str | Path, lengths: np.ndarray,
+                   max_rows: int = 256) -> list[np.ndarray]:
+    """:func:`drift_kl` of one checkpoint's rows against several references, read from
+    safetensors files (``ref_logprobs.safetensors`` of the probes) a block of whole items
+    at a time: memory O(max_rows x V), not O(P x V). The values are those of
+    :func:`drift_kl` on the whole tensors (the same rows, the same per-row sums).
+
+    Args:
+        ref_files: the references' files; path: the checkpoint's file; each holds a
+            (P, V) tensor ``logprobs``.
+        lengths: (N,) rows per item.
+        max_rows: rows read per block (an item longer than that is read whole).
+
+    Returns:
+        One (N,) array (nats per token) per reference, in the order of ``ref_files``.
+    """
+    from safetensors import safe_open
+
+    handles = [safe_open(str(f), framework="pt") for f in [*ref_files, path]]
+    slices = [h.get_slice("logprobs") for h in handles]
+    out = [np.zeros(len(lengths)) for _ in ref_files]
+    bounds = np.concatenate([[0], np.cumsum(lengths)]).astype(int)
+    i = 0
+    while i < len(lengths):
+        j = i + 1
+        while j < len(lengths) and bounds[j + 1] - bounds[i] <= max_rows:
+            j += 1
+        a, b = int(bounds[i]), int(bounds[j])
+        lp = slices[-1][a:b]
+        for r, sl in enumerate(slices[:-1]):
+            out[r][i:j] = drift_kl(sl[a:b], lp, lengths[i:j])
+        i = j
+    return out
 
 
 def drift_kl(ref_logprobs: torch.Tensor, logprobs: torch.Tensor, lengths: np.ndarray) -> np.ndarray:

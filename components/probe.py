@@ -35,7 +35,8 @@ def probe(
     phrasings, knowledge_correct (right in at least half of them), every knowledge
     measure of :mod:`components.knowledge`, first_token_prob),
     ``ref_logprobs.safetensors`` (the (P, V) teacher-forced log-probs of the gold
-    answers in each item's first knowledge phrasing, for KL drift) and
+    answers in each item's first knowledge phrasing, for KL drift; written batch by
+    batch, so the probe's memory does not grow with P x V) and
     ``features.safetensors`` (the (N, L+1, H) pooled prompt hidden states the linear
     probes were fitted on).
 
@@ -72,8 +73,10 @@ def probe(
     )
     task_match = MATCHERS[data.task_matcher]
     task_correct = np.array([task_match(a, it.answer) for a, it in zip(answers, data.eval)], dtype=float)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    # the KL reference rows go to disk batch by batch: memory O(batch x vocabulary)
     scores = measure_knowledge(model, tok, data.eval, data.answer_pools, pc.batch_size, cfg.model.precision,
-                               pc.rank_depth, pc.rank_budget)
+                               pc.rank_depth, pc.rank_budget, gold_file=out_dir / "ref_logprobs.safetensors")
     tick(len(data.eval))
     failpoint(f"probe:{ckpt.name}")
     knowledge = scores.per_item
@@ -122,7 +125,6 @@ def probe(
     })
     out_dir.mkdir(parents=True, exist_ok=True)
     preds.to_parquet(out_dir / "predictions.parquet", index=False)
-    save_file({"logprobs": scores.gold_logprobs.contiguous()}, str(out_dir / "ref_logprobs.safetensors"))
     save_file({"features": torch.from_numpy(features).contiguous()}, str(out_dir / "features.safetensors"))
     result = {
         "checkpoint": ckpt.name,

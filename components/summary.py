@@ -47,15 +47,14 @@ def assess(probes: dict[str, dict], order: list[str], cfg: VerdictConfig, n_boot
     """
     # torch (through components.metrics and components.probe) is imported here: a
     # driver that only orchestrates does not hold it while the stage workers run.
-    from components.metrics import drift_kl, summarise, transitions
-    from components.probe import load_ref_logprobs
+    from components.metrics import drift_kl_files, summarise, transitions
     from components.runner import parent_stage
 
     boot = dict(n_boot=n_boot, level=level, seed=seed)
     chance = probes["base"]["knowledge_chance"]
-    # The (P, V) reference log-probs: base and aligned are the KL references, the others
-    # are read one at a time (each is P x vocabulary floats).
-    refs = {name: load_ref_logprobs(Path(probes[name]["dir"])) for name in ("base", "aligned")}
+    # The (P, V) log-probs of base and aligned are the KL references; every checkpoint's
+    # rows are read against them a block of items at a time (never P x vocabulary floats).
+    refs = [Path(probes[name]["dir"]) / "ref_logprobs.safetensors" for name in ("base", "aligned")]
     lengths = np.array(probes["base"]["answer_tokens"])
     stages, rows, logged = {}, [], {}
 
@@ -66,10 +65,9 @@ def assess(probes: dict[str, dict], order: list[str], cfg: VerdictConfig, n_boot
     for name in order:
         p = probes[name]
         m = dict(p["metrics"])
-        lp = refs[name] if name in refs else load_ref_logprobs(Path(p["dir"]))
-        m["kl_to_base"] = summarise(drift_kl(refs["base"], lp, lengths), **boot)
-        m["kl_to_aligned"] = summarise(drift_kl(refs["aligned"], lp, lengths), **boot)
-        del lp
+        kl_base, kl_aligned = drift_kl_files(refs, Path(p["dir"]) / "ref_logprobs.safetensors", lengths)
+        m["kl_to_base"] = summarise(kl_base, **boot)
+        m["kl_to_aligned"] = summarise(kl_aligned, **boot)
         parent = parent_stage(name)
         if parent is not None and parent in probes:
             before, after = probes[parent]["per_item"], p["per_item"]

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from components.registry import SUITES
 from components.data import Item, is_refusal, match_contains, match_exact, normalise, suite_texts
-from components.metrics import drift_kl, score_candidates
+from components.metrics import drift_kl, drift_kl_files, score_candidates
 from components.stats import bootstrap_ci
 from components.base_model import build_tiny_model
 from components.models import Checkpoint, load_checkpoint
@@ -53,6 +53,35 @@ def test_batched_scores_equal_unbatched(tiny):
                 assert sc.first_token_prob[n] == pytest.approx(ftp, abs=1e-5)
         assert sc.gold_logprobs.shape[0] == int(sc.gold_lengths.sum())
         assert sc.gold_logprobs.shape[1] == model.config.vocab_size
+
+
+def test_gold_rows_streamed_to_file_equal_kept_rows_and_kl(tiny, tmp_path):
+    """The KL reference rows written batch by batch into a safetensors file are the
+    rows kept in memory, bit for bit, and the block-wise KL read from the files equals
+    drift_kl on the whole tensors (issue 21: memory O(batch x V), not O(items x V))."""
+    from safetensors.torch import load_file
+
+    model, tok, items = tiny
+    sub = items[:7]
+    keep = [n != 2 for n in range(len(sub))]
+    mem = score_candidates(model, tok, sub, batch_size=8, gold_rows_for=keep)
+    disk = score_candidates(model, tok, sub, batch_size=8, gold_rows_for=keep, gold_file=tmp_path / "a.safetensors")
+    rows = load_file(str(tmp_path / "a.safetensors"))["logprobs"]
+    assert rows.shape == mem.gold_logprobs.shape and torch.equal(rows, mem.gold_logprobs)
+    assert disk.gold_logprobs.shape == (0, rows.shape[1])
+    assert np.array_equal(disk.gold_lengths, mem.gold_lengths) and disk.gold_lengths[2] == 0
+    assert np.array_equal(disk.logprob, mem.logprob)
+    # a second "checkpoint": other rows of the same shape
+    torch.manual_seed(0)
+    other = F.log_softmax(rows + torch.randn_like(rows), -1)
+    from safetensors.torch import save_file
+    save_file({"logprobs": other}, str(tmp_path / "b.safetensors"))
+    lengths = mem.gold_lengths[np.array(keep)]
+    for max_rows in (1, 5, 10_000):
+        kl_a, kl_b = drift_kl_files([tmp_path / "a.safetensors", tmp_path / "b.safetensors"],
+                                    tmp_path / "b.safetensors", lengths, max_rows=max_rows)
+        assert np.array_equal(kl_a, drift_kl(rows, other, lengths))
+        assert np.all(kl_a > 0) and np.array_equal(kl_b, np.zeros(len(lengths)))
 
 
 def test_pretrained_tiny_model_ranks_gold_first(tiny):
