@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import warnings
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -37,43 +38,48 @@ MODEL_TYPE = "cl-audit-checkpoint"
 LOG_MODEL = "cl_audit.log_model"  # the journal's record of a logged model that waits (pipelines.journal)
 
 
-class CheckpointModel(mlflow.pyfunc.PythonModel):
-    """An audited checkpoint that answers questions greedily, as the audit's probe does.
+# MLflow asks, when a PythonModel subclass is defined, for type hints on ``predict`` (they
+# would switch on its input validation, which the list-or-DataFrame input here does not
+# want); it resets the warning filters to say so, which a filter cannot silence, and the
+# request would reach every audit's terminal: what it says while the class is made is dropped.
+with warnings.catch_warnings(record=True):
+    class CheckpointModel(mlflow.pyfunc.PythonModel):
+        """An audited checkpoint that answers questions greedily, as the audit's probe does.
 
-    ``predict(context, model_input)``: ``model_input`` is a list of question strings, a
-    pandas DataFrame with a ``question`` column, or a single string; returns one greedy
-    answer (str, special tokens removed, stripped) per question, in order. Batches of
-    ``probe.batch_size`` questions sorted by prompt length, as in the audit, so the
-    same list of questions gives the same answers (Zheng et al. 2025, exact match).
+        ``predict(context, model_input)``: ``model_input`` is a list of question strings, a
+        pandas DataFrame with a ``question`` column, or a single string; returns one greedy
+        answer (str, special tokens removed, stripped) per question, in order. Batches of
+        ``probe.batch_size`` questions sorted by prompt length, as in the audit, so the
+        same list of questions gives the same answers (Zheng et al. 2025, exact match).
 
-    Raises (at load):
-        ValueError: the rebuilt base model's weights differ from the audited ones.
-    """
+        Raises (at load):
+            ValueError: the rebuilt base model's weights differ from the audited ones.
+        """
 
-    def load_context(self, context) -> None:
-        from components.models import Checkpoint, load_checkpoint
+        def load_context(self, context) -> None:
+            from components.models import Checkpoint, load_checkpoint
 
-        conf = context.model_config
-        arts = context.artifacts
-        base = arts.get("base") or _resolve_base(conf)
-        tok_dir = arts.get("tokenizer") or base
-        adapters = [arts[f"adapter_{i}"] for i in range(int(conf.get("n_adapters", 0)))]
-        ckpt = Checkpoint(conf.get("checkpoint", ""), str(base), adapters, arts.get("weights"))
-        self.model, _ = load_checkpoint(ckpt, trust_remote_code=False)
-        from components.models import load_tokenizer
+            conf = context.model_config
+            arts = context.artifacts
+            base = arts.get("base") or _resolve_base(conf)
+            tok_dir = arts.get("tokenizer") or base
+            adapters = [arts[f"adapter_{i}"] for i in range(int(conf.get("n_adapters", 0)))]
+            ckpt = Checkpoint(conf.get("checkpoint", ""), str(base), adapters, arts.get("weights"))
+            self.model, _ = load_checkpoint(ckpt, trust_remote_code=False)
+            from components.models import load_tokenizer
 
-        self.tok = load_tokenizer(tok_dir, trust_remote_code=False)
-        self.conf = conf
+            self.tok = load_tokenizer(tok_dir, trust_remote_code=False)
+            self.conf = conf
 
-    def predict(self, context, model_input, params: dict[str, Any] | None = None) -> list[str]:
-        from components.metrics import generate_answers
+        def predict(self, context, model_input, params: dict[str, Any] | None = None) -> list[str]:
+            from components.metrics import generate_answers
 
-        questions = _questions(model_input)
-        c = self.conf
-        # an in_context checkpoint: the audit's few-shot turns before every question
-        items = [SimpleNamespace(question=q, context=list(c.get("context") or []) or None) for q in questions]
-        return generate_answers(self.model, self.tok, items, int(c["batch_size"]), int(c["max_new_tokens"]),
-                                c.get("precision", "fp32"))
+            questions = _questions(model_input)
+            c = self.conf
+            # an in_context checkpoint: the audit's few-shot turns before every question
+            items = [SimpleNamespace(question=q, context=list(c.get("context") or []) or None) for q in questions]
+            return generate_answers(self.model, self.tok, items, int(c["batch_size"]), int(c["max_new_tokens"]),
+                                    c.get("precision", "fp32"))
 
 
 def _questions(model_input) -> list[str]:
