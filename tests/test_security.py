@@ -85,7 +85,7 @@ def test_artifact_names_cannot_escape_the_run_folder(tmp_path):
         with pytest.raises(UserError, match="escapes its folder"):
             inside(tmp_path, bad)
     # stage names come from validated config only: a recovery arm named like a path is refused
-    with pytest.raises(UserError, match=r"recover\.arms\.0: Input should be 'in_task' or 'irrelevant'"):
+    with pytest.raises(UserError, match=r"recover\.arms\.0: Input should be 'in_task', 'irrelevant' or 'in_context'"):
         load_config(config_file=TINY, overrides=["recover.arms=[../../evil]"])
 
 
