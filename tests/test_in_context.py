@@ -162,8 +162,11 @@ def test_the_in_context_logged_model_answers_with_its_few_shot_turns(stages, hom
 
     from pipelines.audit import run_audit
 
-    cfg = stages[0]
-    s = run_audit(cfg, tmp_path / "run", home)  # every stage reused from the fixture's store
+    # the in_context arm alone: every stage is reused from the fixture's store, and no
+    # in-task recovery is trained into the session's store (tests/test_progress_cli.py
+    # counts on recovery with n=2 being new there)
+    cfg = tiny_config("recover.arms=[in_context]", "recover.sizes=[2,4]")
+    s = run_audit(cfg, tmp_path / "run", home)
     uri = s["mlflow"]["tracking_uri"]
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     rid = s["mlflow"]["stage_run_ids"]["recovered/in_context/4"]
