@@ -199,12 +199,13 @@ def compute_verdict(
     kar = {m: {st.removeprefix("recovered/"): val[(st, f"after_recovery:{m}")] for st in recovered} for m in measures}
     rr = {st.removeprefix("recovered/"): val[(st, "recovery_ratio")] for st in recovered}
 
-    # recovery evidence per arm: the smallest n whose recovery ratio reaches the target
+    # recovery evidence per arm: the smallest n whose recovery-ratio interval reaches the
+    # target with its lower bound (as the label reads it, not the point estimate)
     evidence = {}
     for arm in sorted({k.split("/")[0] for k in rr}):
         sizes = sorted(int(k.split("/")[1]) for k in rr if k.startswith(arm + "/"))
-        hit = next((n for n in sizes if (rr[f"{arm}/{n}"][0] or -1) >= cfg.recovery_target), None)
-        evidence[arm] = (f"recovery ratio >= {cfg.recovery_target} at n={hit}" if hit is not None
+        hit = next((n for n in sizes if (rr[f"{arm}/{n}"][1][0] or -1) >= cfg.recovery_target), None)
+        evidence[arm] = (f"recovery ratio lower bound >= {cfg.recovery_target} at n={hit}" if hit is not None
                          else f"not within n <= {max(sizes)}")
 
     small = [k for k in rr if int(k.split("/")[1]) <= cfg.small_n]

@@ -34,7 +34,11 @@ def test_spurious_when_knowledge_is_retained_and_task_returns():
     assert v["knowledge_retention"] == pytest.approx((0.85 - 0.25) / (0.9 - 0.25))
     assert v["recovery_ratio"]["in_task/10"] == pytest.approx(0.7 / 0.8)
     assert v["recovery_ratio"]["irrelevant/10"] == pytest.approx(0.5 / 0.8)
-    assert v["recovery_evidence"]["irrelevant"] == "recovery ratio >= 0.5 at n=10"
+    # the evidence reads the interval as the rule does: in_task's lower bound reaches 0.5,
+    # irrelevant's point 0.625 does, its lower bound does not
+    assert v["recovery_evidence"]["in_task"] == "recovery ratio lower bound >= 0.5 at n=10"
+    assert v["recovery_ratio_ci"]["irrelevant/10"][0] < 0.5
+    assert v["recovery_evidence"]["irrelevant"] == "not within n <= 10"
     lo, hi = v["task_drop_ci"]
     assert lo <= 0.8 <= hi and lo > 0
 
@@ -181,7 +185,7 @@ def test_the_task_back_in_context_reads_as_spurious_unless_knowledge_is_lost():
     v = verdict(aligned=stage(0.9, 0.9), perturbed=mid, recovered__in_task__4=stage(0.1, 0.6),
                 recovered__in_context__4=stage(0.85, 0.6))
     assert v["recovery_ratio"]["in_context/4"] == pytest.approx(0.75 / 0.8)
-    assert v["recovery_evidence"]["in_context"] == "recovery ratio >= 0.5 at n=4"
+    assert v["recovery_evidence"]["in_context"] == "recovery ratio lower bound >= 0.5 at n=4"
     assert v["label"] == "spurious"
     assert "the task returns in context with no weight update (in_context/4" in v["reason"]
     without = verdict(aligned=stage(0.9, 0.9), perturbed=mid, recovered__in_task__4=stage(0.1, 0.6))
