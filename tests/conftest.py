@@ -189,7 +189,8 @@ class PostgresCluster:
         import time
 
         if self.bin is None:
-            pytest.skip("PostgreSQL is not installed (Debian: apt-get install postgresql; `make test` does it)")
+            # `make test` installs it (the postgresql target): its absence is a failure, never a skip
+            pytest.fail("PostgreSQL is not installed (Debian: apt-get install postgresql; `make test` does it)")
         if self.uid is not None:
             os.chown(self.root, self.uid, self.gid)
         self._run("initdb", "-D", str(self.data), "-U", self.user, "--auth=trust", "--no-sync", "-E", "UTF8",
