@@ -59,6 +59,24 @@ def tiny_run(home, ray_local, tmp_path_factory):
     return cfg, out, summary
 
 
+def wait_until_ready(proc, log: Path, what: str, ready, not_yet, timeout: float, every: float) -> None:
+    """Poll ``ready()`` until it returns without raising ``not_yet``; fail with the last of
+    ``log`` when ``proc`` exits first, or when ``timeout`` seconds pass."""
+    import time
+
+    deadline = time.time() + timeout
+    while True:
+        if proc.poll() is not None:
+            pytest.fail(f"{what} exited: {log.read_text()[-2000:]}")
+        try:
+            ready()
+            return
+        except not_yet:
+            if time.time() > deadline:
+                pytest.fail(f"{what} did not answer within {timeout} s")
+            time.sleep(every)
+
+
 class MlflowServer:
     """A real ``mlflow server`` on 127.0.0.1 (sqlite backend, served artifacts) that a
     test can kill and start again on the same port and store."""
@@ -79,7 +97,6 @@ class MlflowServer:
     def start(self, timeout: float = 180) -> "MlflowServer":
         import subprocess
         import sys
-        import time
         import urllib.request
 
         log = open(self.root / "server.log", "a")
@@ -91,17 +108,9 @@ class MlflowServer:
             stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
         )
         log.close()
-        deadline = time.time() + timeout
-        while True:
-            if self.proc.poll() is not None:
-                pytest.fail(f"mlflow server exited: {(self.root / 'server.log').read_text()[-2000:]}")
-            try:
-                urllib.request.urlopen(f"{self.uri}/health", timeout=2)
-                return self
-            except OSError:
-                if time.time() > deadline:
-                    pytest.fail(f"mlflow server did not answer /health within {timeout} s")
-                time.sleep(0.5)
+        wait_until_ready(self.proc, self.root / "server.log", "mlflow server",
+                         lambda: urllib.request.urlopen(f"{self.uri}/health", timeout=2), OSError, timeout, 0.5)
+        return self
 
     def stop(self, sig: int | None = None) -> None:
         """Stop the server and its workers (SIGTERM, or ``sig``, e.g. SIGKILL)."""
@@ -186,7 +195,6 @@ class PostgresCluster:
 
     def start(self, timeout: float = 60) -> "PostgresCluster":
         import subprocess
-        import time
 
         if self.bin is None:
             # `make test` installs it (the postgresql target): its absence is a failure, never a skip
@@ -204,17 +212,9 @@ class PostgresCluster:
             stdout=log, stderr=subprocess.STDOUT, start_new_session=True, user=self.uid, group=self.gid,
             extra_groups=[] if self.uid is not None else None, cwd=self.root)
         log.close()
-        deadline = time.time() + timeout
-        while True:
-            if self.proc.poll() is not None:
-                pytest.fail(f"postgres exited: {(self.root / 'postgres.log').read_text()[-2000:]}")
-            try:
-                self._run("pg_isready", "-h", "127.0.0.1", "-p", str(self.port), "-q")
-                break
-            except pytest.fail.Exception:
-                if time.time() > deadline:
-                    pytest.fail(f"postgres did not answer within {timeout} s")
-                time.sleep(0.3)
+        wait_until_ready(self.proc, self.root / "postgres.log", "postgres",
+                         lambda: self._run("pg_isready", "-h", "127.0.0.1", "-p", str(self.port), "-q"),
+                         pytest.fail.Exception, timeout, 0.3)
         self._run("createdb", "-h", "127.0.0.1", "-p", str(self.port), "-U", self.user, "mlflow")
         return self
 
